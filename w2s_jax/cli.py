@@ -1,0 +1,62 @@
+"""The `w2s` command line: one subcommand per pipeline stage.
+
+Each subcommand is a module `w2s_jax.commands.<name>` whose docstring's first
+line is its help text and which exposes `add_arguments(parser)` and
+`run(args) -> int`. Command modules import JAX and models inside `run`, so
+`w2s --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from w2s_jax import __version__, commands
+from w2s_jax.config import apply_config_file
+
+# Pipeline order for `w2s --help`; commands not listed here come after, sorted.
+ORDER = ("sample", "train", "export", "eval", "demo", "devices")
+
+
+def _command_names() -> list[str]:
+    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
+    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and the parser of each subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="w2s", description="Weak-to-strong training in JAX (LightReasoner and friends)."
+    )
+    parser.add_argument("--version", action="version", version=f"w2s_jax {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    by_name = {}
+    for name in _command_names():
+        module = importlib.import_module(f"w2s_jax.commands.{name}")
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        sub = subparsers.add_parser(name, help=summary, description=module.__doc__)
+        sub.add_argument(
+            "--config", metavar="FILE", help="JSON or TOML file of option values; flags win."
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+        by_name[name] = sub
+    return parser, by_name
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, subparsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    command_argv = argv[argv.index(args.command) + 1 :]
+    args = apply_config_file(subparsers[args.command], command_argv, args)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

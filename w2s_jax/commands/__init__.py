@@ -1,0 +1,1 @@
+"""One module per `w2s` subcommand: `add_arguments(parser)` and `run(args)`."""

@@ -1,0 +1,1 @@
+"""Data sources (JSONL, TFDS) and the synthetic reasoning task."""

@@ -1,0 +1,144 @@
+"""Tiny Hugging Face checkpoints and tokenizers, made offline for tests.
+
+Everything here is built from scratch with `tokenizers`, `transformers` and
+`torch` (random weights, fixed seeds), so tests never download anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS_WORDS = (
+    "question answer step reason think add subtract multiply divide total each more less "
+    "apples oranges books pens coins boxes students tickets price cost sum difference "
+    "the a of and is are has have how many much what if then so therefore final"
+).split()
+
+
+def _training_corpus(lines: int = 400) -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    corpus = []
+    for _ in range(lines):
+        words = [rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(4, 14))]
+        numbers = [str(rng.randint(0, 9999)) for _ in range(rng.randint(1, 3))]
+        corpus.append(" ".join(words + numbers) + ". The answer is \\boxed{" + numbers[0] + "}.")
+    return corpus
+
+
+def make_tiny_tokenizer(folder: str | Path, *, vocab_size: int = 300):
+    """Train a byte-level BPE tokenizer with a chat template; save it as a HF folder.
+
+    Returns the loaded `PreTrainedTokenizerFast`. Ids of the special tokens are
+    0, 1, 2 (<|endoftext|>, <|im_start|>, <|im_end|>).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def make_tiny_model(
+    folder: str | Path,
+    *,
+    family: str = "qwen2",
+    tokenizer_folder: str | Path | None = None,
+    vocab_size: int = 320,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    tie_word_embeddings: bool = True,
+    attention_bias: bool | None = None,
+    rope_parameters: dict | None = None,
+    initializer_range: float = 0.02,
+    seed: int = 0,
+):
+    """Save a tiny random `family` ("qwen2" or "llama") causal LM to `folder`.
+
+    `vocab_size` may exceed the tokenizer's size (padded logit rows, as in Qwen).
+    A larger `initializer_range` gives peakier, more distinct next-token
+    distributions. The tokenizer of `tokenizer_folder`, if given, is copied in.
+    Returns the PyTorch model in eval mode (float32).
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if rope_parameters is not None:
+        common["rope_parameters"] = rope_parameters
+    if family == "qwen2":
+        config, model_cls = Qwen2Config(**common), Qwen2ForCausalLM
+    elif family == "llama":
+        config = LlamaConfig(**common, attention_bias=bool(attention_bias), mlp_bias=False)
+        model_cls = LlamaForCausalLM
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    if family == "qwen2" and attention_bias is not False:
+        # HF initialises q/k/v biases to zero; random biases make the test meaningful.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
+                    proj.bias.normal_(0.0, 0.5)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(str(folder))
+    if tokenizer_folder is not None:
+        AutoTokenizer.from_pretrained(str(tokenizer_folder)).save_pretrained(str(folder))
+    return model

@@ -1,0 +1,249 @@
+"""The toy arithmetic world: determinism, correct answers, consistent solutions, disjoint splits."""
+
+import ast
+import operator
+import re
+from fractions import Fraction
+
+import pytest
+
+from w2s_jax.data.arithmetic import (
+    SPLITS,
+    TaskConfig,
+    generate_problem,
+    generate_split,
+    problem_stream,
+    split_of,
+    write_split,
+)
+from w2s_jax.data.sources import load_questions
+
+N_PER_SPLIT = 300
+
+
+@pytest.fixture(scope="module")
+def problems_by_split():
+    return {split: generate_split(split, N_PER_SPLIT, seed=0) for split in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def all_problems(problems_by_split):
+    return [p for split in SPLITS for p in problems_by_split[split]]
+
+
+# --- Independent references -------------------------------------------------
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: None}
+
+
+def eval_exact(expression: str) -> Fraction:
+    """Evaluate + - * / over integer literals with exact rational arithmetic."""
+
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            left, right = walk(node.left), walk(node.right)
+            return (
+                left / right
+                if isinstance(node.op, ast.Div)
+                else _BINOPS[type(node.op)](left, right)
+            )
+        raise AssertionError(f"unexpected node {ast.dump(node)} in {expression!r}")
+
+    return walk(ast.parse(expression, mode="eval"))
+
+
+def interpret_question(question: str) -> int:
+    """Read the question's English sentence by sentence and compute the answer."""
+    sentences = re.split(r"(?<=[.?]) ", question)
+    first = re.fullmatch(r"([A-Z][a-z]+) has (\d+) ([a-z]+)\.", sentences[0])
+    assert first, sentences[0]
+    name, item = first.group(1), first.group(3)
+    value = Fraction(int(first.group(2)))
+    assert sentences[-1] == f"How many {item} does {name} have now?"
+    for sentence in sentences[1:-1]:
+        if m := re.fullmatch(rf"(?:He|She) finds (\d+) more {item}\.", sentence):
+            value += int(m.group(1))
+        elif m := re.fullmatch(rf"(?:He|She) gives away (\d+) {item}\.", sentence):
+            value -= int(m.group(1))
+        elif m := re.fullmatch(rf"The number of {item} (doubles|triples)\.", sentence):
+            value *= {"doubles": 2, "triples": 3}[m.group(1)]
+        elif m := re.fullmatch(
+            rf"(?:He|She) puts the {item} into (\d+) equal piles and keeps one pile\.", sentence
+        ):
+            value /= int(m.group(1))
+        elif m := re.fullmatch(
+            rf"(?:He|She) (buys|sells) (\d+) bags with (\d+) {item} in each bag\.", sentence
+        ):
+            sign = 1 if m.group(1) == "buys" else -1
+            value += sign * int(m.group(2)) * int(m.group(3))
+        else:
+            raise AssertionError(f"unrecognised sentence {sentence!r}")
+        assert value.denominator == 1 and value >= 1, (sentence, value)
+    return int(value)
+
+
+def column_carries(a: int, b: int, sign: str) -> int:
+    """Carries (for +) or borrows (for -) done on decimal digit strings, right to left."""
+    da, db = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0")
+    count = carry = 0
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        carry = int(x + y + carry >= 10) if sign == "+" else int(x - y - carry < 0)
+        count += carry
+    return count
+
+
+_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+_PY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+# --- Tests ------------------------------------------------------------------
+
+
+def test_deterministic_per_seed():
+    a = generate_split("train", 50, seed=3)
+    b = generate_split("train", 50, seed=3)
+    c = generate_split("train", 50, seed=4)
+    assert a == b
+    assert [p.question for p in a] != [p.question for p in c]
+    stream = problem_stream("validation", seed=3)
+    assert [next(stream) for _ in range(20)] == generate_split("validation", 20, seed=3)
+
+
+def test_answers_match_independent_evaluators(all_problems):
+    for p in all_problems:
+        exact = eval_exact(p.expression)
+        assert exact.denominator == 1 and exact == p.value, p.expression
+        assert interpret_question(p.question) == p.value, p.question
+        lines = p.answer.split("\n")
+        assert lines[-1] == f"#### {p.value}"
+        assert lines[-2] == f"The answer is \\boxed{{{p.value}}}."
+        assert p.answer.split("####")[-1].strip() == str(p.value)
+
+
+def test_worked_solution_is_a_consistent_chain(all_problems):
+    for p in all_problems:
+        start = int(re.search(r"\d+", p.question).group())
+        step_lines = p.answer.split("\n")[:-2]
+        assert len(step_lines) == p.steps
+        value, carries = start, 0
+        for line in step_lines:
+            equations = _EQUATION.findall(line)
+            assert 1 <= len(equations) <= 2, line
+            for a, sign, b, c in map(lambda e: (int(e[0]), e[1], int(e[2]), int(e[3])), equations):
+                if sign == "/":
+                    assert a % b == 0 and a // b == c, line
+                else:
+                    assert _PY[sign](a, b) == c, line
+            # The last equation of each line continues from the previous result.
+            a, sign, b, c = equations[-1]
+            assert int(a) == value, (line, value)
+            if len(equations) == 2:  # bags: the product feeds the update
+                assert equations[0][3] == b, line
+            if sign in "+-":
+                carries += column_carries(int(a), int(b), sign)
+            value = int(c)
+        assert value == p.value
+        assert carries == p.carries, p.answer
+
+
+def test_splits_never_overlap_across_seeds(problems_by_split):
+    other_seed = {split: generate_split(split, 100, seed=1) for split in SPLITS}
+    keys = {
+        split: {p.canonical for p in problems_by_split[split] + other_seed[split]}
+        for split in SPLITS
+    }
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1 :]:
+            assert not keys[a] & keys[b], (a, b)
+    for split, problems in problems_by_split.items():
+        assert len({p.canonical for p in problems}) == len(problems)  # deduplicated
+        assert len({p.question for p in problems}) == len(problems)
+        assert len({p.id for p in problems}) == len(problems)
+        assert all(split_of(p.canonical) == split for p in problems)
+        assert problems[0].id == f"{split}-00000"
+
+
+def test_split_shares_follow_fractions():
+    import random
+
+    rng = random.Random(0)
+    owners = [split_of(generate_problem(rng).canonical) for _ in range(4000)]
+    shares = {s: owners.count(s) / len(owners) for s in SPLITS}
+    assert abs(shares["train"] - 0.8) < 0.03, shares
+    assert abs(shares["validation"] - 0.1) < 0.02, shares
+    assert abs(shares["test"] - 0.1) < 0.02, shares
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TaskConfig(),
+        TaskConfig(min_steps=5, max_steps=6, digits=3),
+        TaskConfig(min_steps=1, max_steps=2, digits=1, operations=("add", "sub")),
+        TaskConfig(min_steps=3, max_steps=3, digits=2, max_value=150),
+    ],
+)
+def test_difficulty_knobs(config):
+    problems = generate_split("train", 200, seed=0, config=config)
+    assert {p.steps for p in problems} == set(range(config.min_steps, config.max_steps + 1))
+    top = 10**config.digits - 1
+    for p in problems:
+        assert eval_exact(p.expression) == p.value == interpret_question(p.question)
+        numbers = [int(x) for x in re.findall(r"\d+", p.answer)]
+        assert all(1 <= x <= config.value_cap for x in numbers), p.answer
+        operands = [int(x) for x in re.findall(r"(?:finds|away) (\d+)", p.question)]
+        assert all(x <= top for x in operands), p.question
+        kinds = {
+            op.split(":")[0] for op in p.canonical.split("|")[1:]
+        }  # canonical lists the operations used
+        assert kinds <= set(config.operations)
+    assert max(p.carries for p in problems) >= 1 or config.digits == 1
+
+
+def test_more_steps_means_more_equations():
+    easy = generate_split("test", 100, config=TaskConfig(min_steps=2, max_steps=2))
+    hard = generate_split("test", 100, config=TaskConfig(min_steps=6, max_steps=6))
+    count = lambda ps: sum(len(_EQUATION.findall(p.answer)) for p in ps) / len(ps)
+    assert count(hard) >= 2.5 * count(easy)
+
+
+def test_write_split_round_trips_through_load_questions(tmp_path):
+    path = tmp_path / "nested" / "test.jsonl"
+    problems = write_split(path, "test", 25, seed=7)
+    questions = load_questions(str(path), require_answer=True)
+    assert [(q.id, q.question, q.answer) for q in questions] == [
+        (p.id, p.question, p.answer) for p in problems
+    ]
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(min_steps=3, max_steps=2), "min_steps"),
+        (dict(min_steps=0), "min_steps"),
+        (dict(digits=0), "digits"),
+        (dict(digits=2, max_value=50), "max_value"),
+        (dict(operations=("add", "pow")), "operations"),
+        (dict(operations=("sub", "div")), "grow"),
+    ],
+)
+def test_bad_config_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TaskConfig(**kwargs)
+
+
+def test_bad_split_and_exhausted_space_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        generate_split("dev", 1)
+    with pytest.raises(ValueError, match="n must be"):
+        generate_split("train", -1)
+    tiny = TaskConfig(min_steps=1, max_steps=1, digits=1, operations=("add",))
+    with pytest.raises(ValueError, match="ran out of new problems"):
+        generate_split("test", 200, config=tiny)

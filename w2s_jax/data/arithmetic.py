@@ -1,0 +1,334 @@
+"""The toy reasoning world: seeded multi-step arithmetic word problems.
+
+A problem follows one quantity through a chain of dependent steps (find more,
+give away, buy or sell bags of n, double or triple, keep one of k equal piles).
+Every step starts from the previous result, so a single slip anywhere spoils
+the answer; difficulty comes from the number of steps and the digits of the
+operands (carries and borrows happen naturally). The worked solution writes
+one equation per step and ends GSM8K-style::
+
+    The answer is \\boxed{57}.
+    #### 57
+
+Splits are decided by a hash of the problem's arithmetic alone (start value and
+operations, not the names or items), so train / validation / test never share
+a chain of computations, whatever the seed. Each split is a deduplicated stream,
+deterministic per seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from w2s_jax.files import atomic_write_jsonl
+
+SPLITS = ("train", "validation", "test")
+# Share of the problem space owned by each split (by hash of the arithmetic).
+SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
+OPERATIONS = ("add", "sub", "mul", "div", "buy", "sell")
+
+NAMES = (
+    ("Tom", "he"),
+    ("Ben", "he"),
+    ("Sam", "he"),
+    ("Mia", "she"),
+    ("Ana", "she"),
+    ("Lea", "she"),
+)
+ITEMS = ("apples", "coins", "books", "stamps", "marbles", "shells", "cards", "pens")
+_MULTIPLIER_WORDS = {2: "double", 3: "triple"}
+_MAX_BAGS = 5
+_MAX_BAG_SIZE = 12
+_MAX_PILES = 5
+_HASH_SALT = "w2s-arithmetic-v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Difficulty knobs of the generator.
+
+    Each problem has between `min_steps` and `max_steps` dependent operations.
+    Amounts found or given away have up to `digits` digits; the start amount has
+    `digits` digits; bags hold at most 12 items (so multiplications stay within
+    times tables) and every intermediate quantity stays within 1..`max_value`
+    (default 10**(digits+1) - 1). `operations` picks which step kinds may occur.
+    """
+
+    min_steps: int = 2
+    max_steps: int = 4
+    digits: int = 2
+    max_value: int | None = None
+    operations: tuple[str, ...] = OPERATIONS
+
+    def __post_init__(self):
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(
+                f"need 1 <= min_steps <= max_steps, got min_steps={self.min_steps}, "
+                f"max_steps={self.max_steps}"
+            )
+        if not 1 <= self.digits <= 6:
+            raise ValueError(f"digits must be in 1..6, got {self.digits}")
+        if self.max_value is not None and self.max_value < 10**self.digits:
+            raise ValueError(
+                f"max_value must be at least 10**digits = {10**self.digits}, got {self.max_value}"
+            )
+        unknown = sorted(set(self.operations) - set(OPERATIONS))
+        if unknown or not self.operations:
+            raise ValueError(
+                f"operations must be a non-empty subset of {OPERATIONS}, got {self.operations}"
+            )
+        if not {"add", "buy", "mul"} & set(self.operations):
+            raise ValueError("operations need at least one of add, buy, mul to grow the quantity")
+
+    @property
+    def value_cap(self) -> int:
+        return self.max_value if self.max_value is not None else 10 ** (self.digits + 1) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One operation: `op` in OPERATIONS with its operands (amount; or count, size)."""
+
+    op: str
+    args: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A generated problem with its worked solution and the structure it came from.
+
+    `answer` is the full worked solution ending in "#### N"; `value` is N;
+    `expression` is the fully parenthesized arithmetic of the chain (evaluates to
+    N with exact division); `canonical` is the name-free key used for splitting
+    and deduplication; `carries` counts column carries of additions and borrows
+    of subtractions along the chain.
+    """
+
+    id: str
+    question: str
+    answer: str
+    value: int
+    expression: str
+    canonical: str
+    steps: int
+    carries: int
+
+    def record(self) -> dict:
+        """The JSONL record {"id", "question", "answer"} read by `load_questions`."""
+        return {"id": self.id, "question": self.question, "answer": self.answer}
+
+
+def _column_carries(a: int, b: int) -> int:
+    """Number of carries when adding a and b column by column."""
+    carries = carry = 0
+    while a or b:
+        carry = 1 if a % 10 + b % 10 + carry >= 10 else 0
+        carries += carry
+        a, b = a // 10, b // 10
+    return carries
+
+
+def _column_borrows(a: int, b: int) -> int:
+    """Number of borrows when subtracting b from a (a >= b) column by column."""
+    borrows = borrow = 0
+    while a or b:
+        borrow = 1 if a % 10 - b % 10 - borrow < 0 else 0
+        borrows += borrow
+        a, b = a // 10, b // 10
+    return borrows
+
+
+def _candidate_steps(value: int, config: TaskConfig, rng: random.Random) -> list[Step]:
+    """One random valid step of each allowed kind from `value` (kinds that cannot apply: none)."""
+    cap, top = config.value_cap, 10**config.digits - 1
+    steps = []
+    for op in config.operations:
+        if op == "add" and value + 2 <= cap:
+            steps.append(Step(op, (rng.randint(2, min(top, cap - value)),)))
+        elif op == "sub" and value >= 3:
+            steps.append(Step(op, (rng.randint(2, min(top, value - 1)),)))
+        elif op == "mul":
+            factors = [k for k in _MULTIPLIER_WORDS if value * k <= cap]
+            if factors:
+                steps.append(Step(op, (rng.choice(factors),)))
+        elif op == "div":
+            divisors = [k for k in range(2, _MAX_PILES + 1) if value % k == 0]
+            if divisors:
+                steps.append(Step(op, (rng.choice(divisors),)))
+        elif op in ("buy", "sell"):
+            room = cap - value if op == "buy" else value - 1
+            bags = rng.randint(2, _MAX_BAGS)
+            size_top = min(_MAX_BAG_SIZE, top, room // bags)
+            if size_top >= 2:
+                steps.append(Step(op, (bags, rng.randint(2, size_top))))
+    return steps
+
+
+def _apply(value: int, step: Step) -> int:
+    if step.op == "add":
+        return value + step.args[0]
+    if step.op == "sub":
+        return value - step.args[0]
+    if step.op == "mul":
+        return value * step.args[0]
+    if step.op == "div":
+        return value // step.args[0]
+    total = step.args[0] * step.args[1]
+    return value + total if step.op == "buy" else value - total
+
+
+def _sample_chain(rng: random.Random, config: TaskConfig) -> tuple[int, list[Step]]:
+    n_steps = rng.randint(config.min_steps, config.max_steps)
+    start = rng.randint(
+        10 ** (config.digits - 1) if config.digits > 1 else 2, 10**config.digits - 1
+    )
+    value, steps = start, []
+    while len(steps) < n_steps:
+        step = rng.choice(_candidate_steps(value, config, rng))
+        steps.append(step)
+        value = _apply(value, step)
+    return start, steps
+
+
+def canonical_key(start: int, steps: list[Step]) -> str:
+    """The name-free description of a chain, e.g. "23|add:15|buy:3,12"."""
+    return "|".join([str(start)] + [f"{s.op}:{','.join(map(str, s.args))}" for s in steps])
+
+
+def split_of(canonical: str) -> str:
+    """The split that owns a canonical chain, from a salted SHA-256 of it."""
+    digest = hashlib.sha256(f"{_HASH_SALT}|{canonical}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    edge = 0.0
+    for split in SPLITS:
+        edge += SPLIT_FRACTIONS[split]
+        if u < edge:
+            return split
+    return SPLITS[-1]
+
+
+def _render(
+    start: int, steps: list[Step], name: str, pronoun: str, item: str
+) -> tuple[str, str, str, int]:
+    """Question text, worked solution, expression and carry count of a chain."""
+    subject = pronoun.capitalize()
+    question = [f"{name} has {start} {item}."]
+    solution = []
+    expression, value, carries = str(start), start, 0
+    for step in steps:
+        new = _apply(value, step)
+        if step.op == "add":
+            (x,) = step.args
+            question.append(f"{subject} finds {x} more {item}.")
+            solution.append(f"{subject} finds {x} more: {value} + {x} = {new}.")
+            expression = f"({expression} + {x})"
+            carries += _column_carries(value, x)
+        elif step.op == "sub":
+            (x,) = step.args
+            question.append(f"{subject} gives away {x} {item}.")
+            solution.append(f"{subject} gives away {x}: {value} - {x} = {new}.")
+            expression = f"({expression} - {x})"
+            carries += _column_borrows(value, x)
+        elif step.op == "mul":
+            (k,) = step.args
+            word = _MULTIPLIER_WORDS[k]
+            question.append(f"The number of {item} {word}s.")
+            solution.append(f"The {item} {word}: {value} * {k} = {new}.")
+            expression = f"({expression} * {k})"
+        elif step.op == "div":
+            (k,) = step.args
+            question.append(f"{subject} puts the {item} into {k} equal piles and keeps one pile.")
+            solution.append(f"One of {k} piles: {value} / {k} = {new}.")
+            expression = f"({expression} / {k})"
+        else:
+            bags, size = step.args
+            total = bags * size
+            verb, sign = ("buys", "+") if step.op == "buy" else ("sells", "-")
+            question.append(f"{subject} {verb} {bags} bags with {size} {item} in each bag.")
+            solution.append(
+                f"{subject} {verb} {bags} * {size} = {total}, so {value} {sign} {total} = {new}."
+            )
+            expression = f"({expression} {sign} {bags} * {size})"
+            carries += (_column_carries if sign == "+" else _column_borrows)(value, total)
+        value = new
+    question.append(f"How many {item} does {name} have now?")
+    solution.append(f"The answer is \\boxed{{{value}}}.")
+    solution.append(f"#### {value}")
+    return " ".join(question), "\n".join(solution), expression, carries
+
+
+def generate_problem(
+    rng: random.Random, config: TaskConfig = TaskConfig(), *, id: str = ""
+) -> Problem:
+    """Draw one problem (any split) from `rng`."""
+    start, steps = _sample_chain(rng, config)
+    name, pronoun = rng.choice(NAMES)
+    item = rng.choice(ITEMS)
+    question, answer, expression, carries = _render(start, steps, name, pronoun, item)
+    value = start
+    for step in steps:
+        value = _apply(value, step)
+    return Problem(
+        id=id,
+        question=question,
+        answer=answer,
+        value=value,
+        expression=expression,
+        canonical=canonical_key(start, steps),
+        steps=len(steps),
+        carries=carries,
+    )
+
+
+def _split_rng(split: str, seed: int) -> random.Random:
+    digest = hashlib.sha256(f"{_HASH_SALT}|rng|{split}|{seed}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def problem_stream(
+    split: str, *, seed: int = 0, config: TaskConfig = TaskConfig()
+) -> Iterator[Problem]:
+    """An endless, deduplicated stream of problems owned by `split`, deterministic per seed.
+
+    Ids are "{split}-{index:05d}" in stream order.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    rng = _split_rng(split, seed)
+    seen: set[str] = set()
+    misses = 0
+    while True:
+        problem = generate_problem(rng, config)
+        if problem.canonical in seen or split_of(problem.canonical) != split:
+            misses += 1
+            if misses > 10_000 + 100 * len(seen):
+                raise ValueError(
+                    f"the {split} split of {config} ran out of new problems after "
+                    f"{len(seen)}; raise digits or max_steps"
+                )
+            continue
+        seen.add(problem.canonical)
+        yield dataclasses.replace(problem, id=f"{split}-{len(seen) - 1:05d}")
+
+
+def generate_split(
+    split: str, n: int, *, seed: int = 0, config: TaskConfig = TaskConfig()
+) -> list[Problem]:
+    """The first `n` problems of `problem_stream(split, seed=seed, config=config)`."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    stream = problem_stream(split, seed=seed, config=config)
+    return [next(stream) for _ in range(n)]
+
+
+def write_split(
+    path: str | Path, split: str, n: int, *, seed: int = 0, config: TaskConfig = TaskConfig()
+) -> list[Problem]:
+    """Write `n` problems of `split` to `path` as JSONL {"id","question","answer"}, atomically."""
+    problems = generate_split(split, n, seed=seed, config=config)
+    atomic_write_jsonl(path, (p.record() for p in problems))
+    return problems

@@ -1,0 +1,238 @@
+"""Batched decoding with a preallocated KV cache: one jitted prefill, one jitted while_loop.
+
+Prompts of different lengths are left-padded; RoPE positions count real tokens only,
+so every row decodes exactly as it would alone. Greedy (temperature 0) or sampled
+(temperature, top-k, top-p) with an explicit PRNG key; several stop ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from w2s_jax import sharding
+from w2s_jax.models.decoder import default_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """tokens: i32[B, max_new_tokens], pad_id after a row stopped. lengths: i32[B], the
+    number of generated tokens per row including its stop token."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+
+def sample_logits(logits_bv, key, *, temperature, top_k=None, top_p=None, greedy=False):
+    """Next token ids [B] from float32 logits [B, V].
+
+    greedy: argmax. Otherwise softmax(logits / temperature), restricted to the top_k
+    tokens and then to the smallest prefix of them (by probability) whose mass reaches
+    top_p (the most likely token is always kept).
+    """
+    if greedy:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    scaled_bv = logits_bv.astype(jnp.float32) / temperature
+    if top_k is None and top_p is None:
+        return jax.random.categorical(key, scaled_bv, axis=-1).astype(jnp.int32)
+    if top_k is not None:
+        values_bk, ids_bk = jax.lax.top_k(scaled_bv, top_k)
+    else:
+        ids_bk = jnp.argsort(-scaled_bv, axis=-1)
+        values_bk = jnp.take_along_axis(scaled_bv, ids_bk, axis=-1)
+    if top_p is not None:
+        probs_bk = jax.nn.softmax(values_bk, axis=-1)
+        mass_before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk
+        values_bk = jnp.where(mass_before_bk < top_p, values_bk, -jnp.inf)
+    choice_b = jax.random.categorical(key, values_bk, axis=-1)
+    return jnp.take_along_axis(ids_bk, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampler"))
+def _prefill(graphdef, state, ids_bp, mask_bp, temperature, top_p, key, *, cache_len, sampler):
+    model = nnx.merge(graphdef, state)
+    b, p = ids_bp.shape
+    cache = model.init_cache(b, cache_len)
+    slots_s = jnp.arange(cache_len)
+    mask_bps = (slots_s[None, :] <= jnp.arange(p)[:, None])[None] & (
+        jnp.pad(mask_bp, ((0, 0), (0, cache_len - p)))[:, None, :] != 0
+    )
+    hidden_bpd, cache = model.forward(ids_bp, default_positions(mask_bp), mask_bps, cache, 0)
+    key, sub = jax.random.split(key)
+    first_b = _sample(model.logits(hidden_bpd[:, -1]), sub, temperature, top_p, sampler)
+    return cache, first_b, key
+
+
+@partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "sampler"),
+    donate_argnames=("cache",),
+)
+def _decode(
+    graphdef,
+    state,
+    cache,
+    first_b,
+    mask_bp,
+    eos_e,
+    pad_id,
+    temperature,
+    top_p,
+    key,
+    *,
+    max_new_tokens,
+    sampler,
+):
+    model = nnx.merge(graphdef, state)
+    b, p = mask_bp.shape
+    cache_len = cache[0][0].shape[1]
+    kv_valid_bs = jnp.pad(mask_bp, ((0, 0), (0, cache_len - p)), constant_values=1) != 0
+    prompt_len_b = mask_bp.sum(axis=-1).astype(jnp.int32)
+    tokens_bn = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_b)
+    done_b = jnp.isin(first_b, eos_e)
+    lengths_b = jnp.ones((b,), jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, done_b, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done_b)
+
+    def body(carry):
+        i, cache, tokens_bn, last_b, done_b, lengths_b, key = carry
+        slot = p + i - 1  # the cache slot of `last_b`
+        mask_b1s = (kv_valid_bs & (jnp.arange(cache_len) <= slot)[None])[:, None, :]
+        positions_b1 = (prompt_len_b + i - 1)[:, None]
+        hidden_b1d, cache = model.forward(last_b[:, None], positions_b1, mask_b1s, cache, slot)
+        key, sub = jax.random.split(key)
+        next_b = _sample(model.logits(hidden_b1d[:, 0]), sub, temperature, top_p, sampler)
+        next_b = jnp.where(done_b, pad_id, next_b)
+        lengths_b = jnp.where(done_b, lengths_b, i + 1)
+        tokens_bn = tokens_bn.at[:, i].set(next_b)
+        done_b = done_b | jnp.isin(next_b, eos_e)
+        return i + 1, cache, tokens_bn, next_b, done_b, lengths_b, key
+
+    carry = (jnp.int32(1), cache, tokens_bn, first_b, done_b, lengths_b, key)
+    _, cache, tokens_bn, _, _, lengths_b, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens_bn, lengths_b, cache  # returning the cache lets it alias the donated buffer
+
+
+def _sample(logits_bv, key, temperature, top_p, sampler):
+    greedy, top_k, use_top_p = sampler
+    return sample_logits(
+        logits_bv,
+        key,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p if use_top_p else None,
+        greedy=greedy,
+    )
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, multiple: int = 1):
+    """(ids [B, P], mask [B, P]) int32, left-padded; P rounded up to `multiple`."""
+    longest = max(len(p) for p in prompt_ids)
+    width = -(-longest // multiple) * multiple
+    ids = np.full((len(prompt_ids), width), pad_id, np.int32)
+    mask = np.zeros((len(prompt_ids), width), np.int32)
+    for row, prompt in enumerate(prompt_ids):
+        if len(prompt):
+            ids[row, width - len(prompt) :] = prompt
+            mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def generate(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int] | int,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: jax.Array | None = None,
+    pad_to_multiple: int = 16,
+) -> GenerationResult:
+    """Continue each prompt (a list of token ids; ragged) by up to `max_new_tokens` tokens.
+
+    temperature 0 is greedy; temperature > 0 samples (optionally top_k / top_p) and
+    needs `rng` (a JAX PRNG key). A row stops after emitting any id in `eos_ids`.
+    Prompt length is padded up to a multiple of `pad_to_multiple` so that nearby
+    lengths share one compiled program. On a model sharded over a mesh, the batch
+    is split over ("data", "fsdp") when it divides.
+    """
+    vocab = model.config.vocab_size
+    eos = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate: every prompt needs at least one token")
+    bad = [t for p in prompt_ids for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(
+            f"generate: prompt token id {bad[0]} is outside the vocabulary [0, {vocab})"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not eos:
+        raise ValueError("generate: eos_ids is empty")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    greedy = temperature == 0
+    if not greedy and rng is None:
+        raise ValueError("generate: sampling (temperature > 0) needs an explicit rng key")
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"generate: top_k must be in [1, {vocab}], got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+
+    ids_bp, mask_bp = left_pad(prompt_ids, pad_id, pad_to_multiple)
+    graphdef, state = nnx.split(model)
+    mesh = _mesh_of(state)
+    if mesh is not None:
+        put = jax.device_put
+        ids_bp = put(ids_bp, sharding.batch_sharding(mesh, ids_bp.shape[0]))
+        mask_bp = put(mask_bp, sharding.batch_sharding(mesh, ids_bp.shape[0]))
+    key = jax.random.key(0) if rng is None else rng
+    sampler = (greedy, None if greedy else top_k, top_p is not None and not greedy)
+    temperature = jnp.float32(max(temperature, 1e-6))
+    top_p = jnp.float32(1.0 if top_p is None else top_p)
+    cache, first_b, key = _prefill(
+        graphdef,
+        state,
+        ids_bp,
+        mask_bp,
+        temperature,
+        top_p,
+        key,
+        cache_len=ids_bp.shape[1] + max_new_tokens,
+        sampler=sampler,
+    )
+    tokens_bn, lengths_b, _ = _decode(
+        graphdef,
+        state,
+        cache,
+        first_b,
+        mask_bp,
+        jnp.asarray(eos, jnp.int32),
+        jnp.int32(pad_id),
+        temperature,
+        top_p,
+        key,
+        max_new_tokens=max_new_tokens,
+        sampler=sampler,
+    )
+    return GenerationResult(tokens=np.asarray(tokens_bn), lengths=np.asarray(lengths_b))
+
+
+def _mesh_of(state):
+    """The mesh the model's parameters live on, or None for single-device models."""
+    for leaf in jax.tree.leaves(state):
+        spec = getattr(leaf, "sharding", None)
+        if isinstance(spec, jax.sharding.NamedSharding) and spec.mesh.size > 1:
+            return spec.mesh
+    return None

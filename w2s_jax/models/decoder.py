@@ -1,0 +1,228 @@
+"""One Flax NNX decoder for Qwen2/Qwen2.5, Llama 3 and Qwen3 (q/k norms).
+
+Attribute names mirror Hugging Face (`model.embed_tokens`, `model.layers[i].self_attn.q_proj`,
+`.mlp.gate_proj`, `model.norm`, `lm_head`), projections are `nnx.Linear` with kernels
+[in, out], so LoRA and the weight table can address them by name.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from w2s_jax.models.config import ModelConfig
+from w2s_jax.models.rope import apply_rope, rope_cos_sin
+
+# One layer's KV cache: (keys, values), each [B, S, num_kv_heads, head_dim].
+LayerCache = tuple[jax.Array, jax.Array]
+_MASKED = -1e30  # finite, so fully masked (padding) rows stay NaN-free
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, scaled in the input dtype (as HF)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def _linear(config: ModelConfig, rngs: nnx.Rngs, d_in: int, d_out: int, bias: bool):
+    dtype = jnp.dtype(config.dtype)
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(config.initializer_range),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional q/k/v/o biases and q/k RMSNorm."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.q_proj = _linear(c, rngs, c.hidden_size, q_dim, c.qkv_bias)
+        self.k_proj = _linear(c, rngs, c.hidden_size, kv_dim, c.qkv_bias)
+        self.v_proj = _linear(c, rngs, c.hidden_size, kv_dim, c.qkv_bias)
+        self.o_proj = _linear(c, rngs, q_dim, c.hidden_size, c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=jnp.dtype(c.dtype))
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=jnp.dtype(c.dtype))
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_key_value_heads
+        self.head_dim = c.head_dim
+        self.qk_norm = c.qk_norm
+
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, cache=None, cache_index=None):
+        """Attend; with `cache`, write this step's keys/values at slot `cache_index` first.
+
+        mask_bts: bool, True where query t may attend to key slot s. Returns
+        (output_btd, updated cache or None).
+        """
+        b, t, _ = x_btd.shape
+        q_bthd = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
+        k_btkd = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v_btkd = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q_bthd, k_btkd = self.q_norm(q_bthd), self.k_norm(k_btkd)
+        q_bthd = apply_rope(q_bthd, cos_btd, sin_btd)
+        k_btkd = apply_rope(k_btkd, cos_btd, sin_btd)
+        if cache is not None:
+            cache_k, cache_v = cache
+            start = (0, cache_index, 0, 0)
+            k_btkd = jax.lax.dynamic_update_slice(cache_k, k_btkd.astype(cache_k.dtype), start)
+            v_btkd = jax.lax.dynamic_update_slice(cache_v, v_btkd.astype(cache_v.dtype), start)
+            cache = (k_btkd, v_btkd)
+        groups = self.num_heads // self.num_kv_heads
+        q_btkgd = q_bthd.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts", q_btkgd, k_btkd, preferred_element_type=jnp.float32
+        ) * (self.head_dim**-0.5)
+        scores = jnp.where(mask_bts[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_btkd.dtype)
+        out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_btkd)
+        return self.o_proj(out_btkgd.reshape(b, t, -1)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.gate_proj = _linear(c, rngs, c.hidden_size, c.intermediate_size, c.mlp_bias)
+        self.up_proj = _linear(c, rngs, c.hidden_size, c.intermediate_size, c.mlp_bias)
+        self.down_proj = _linear(c, rngs, c.intermediate_size, c.hidden_size, c.mlp_bias)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        norm = partial(RMSNorm, config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = norm(dtype=jnp.dtype(config.dtype))
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = norm(dtype=jnp.dtype(config.dtype))
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, cache=None, cache_index=None):
+        attn_btd, cache = self.self_attn(
+            self.input_layernorm(x_btd), cos_btd, sin_btd, mask_bts, cache, cache_index
+        )
+        x_btd = x_btd + attn_btd
+        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        return x_btd, cache
+
+
+class DecoderModel(nnx.Module):
+    """The HF `model` sub-module: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.dtype)
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size,
+            config.hidden_size,
+            dtype=dtype,
+            param_dtype=dtype,
+            embedding_init=nnx.initializers.normal(config.initializer_range),
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+
+
+def default_positions(attention_mask_bt: jax.Array) -> jax.Array:
+    """RoPE positions cumsum(mask) - 1 (0 on padding), right for left-padded rows."""
+    mask = attention_mask_bt.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only causal LM. Call it for logits; see `hidden_states` and `lm_head_kernel`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = DecoderModel(config, rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else _linear(config, rngs, config.hidden_size, config.vocab_size, False)
+        )
+
+    def __call__(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None):
+        """Float32 logits [B, T, V] (bf16 models: bf16 matmul, float32 accumulation)."""
+        hidden_btd = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt=positions_bt)
+        return self.logits(hidden_btd)
+
+    def hidden_states(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None):
+        """Final-norm hidden states [B, T, D] in the compute dtype.
+
+        attention_mask_bt: 1 = real token, 0 = padding (default all ones); attention is
+        causal over real tokens. positions_bt default to `default_positions(mask)`.
+        """
+        input_ids_bt = jnp.asarray(input_ids_bt)
+        if attention_mask_bt is None:
+            attention_mask_bt = jnp.ones(input_ids_bt.shape, jnp.int32)
+        attention_mask_bt = jnp.asarray(attention_mask_bt)
+        if positions_bt is None:
+            positions_bt = default_positions(attention_mask_bt)
+        t = input_ids_bt.shape[1]
+        causal_ts = jnp.tril(jnp.ones((t, t), bool))
+        mask_bts = causal_ts[None] & (attention_mask_bt[:, None, :] != 0)
+        hidden_btd, _ = self.forward(input_ids_bt, positions_bt, mask_bts)
+        return hidden_btd
+
+    def forward(self, input_ids_bt, positions_bt, mask_bts, cache=None, cache_index=None):
+        """Low-level pass: explicit positions and [B, T, S] mask, optional KV cache.
+
+        cache: list of per-layer (keys, values) [B, S, K, D]; this step's keys and
+        values are written at slots cache_index .. cache_index + T - 1 before attending.
+        Returns (final-norm hidden [B, T, D], updated cache or None).
+        """
+        dtype = jnp.dtype(self.config.dtype)
+        x_btd = self.model.embed_tokens(input_ids_bt)
+        cos_btd, sin_btd = rope_cos_sin(positions_bt, self.config, dtype)
+        new_cache = None if cache is None else []
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = None if cache is None else cache[i]
+            x_btd, layer_cache = layer(x_btd, cos_btd, sin_btd, mask_bts, layer_cache, cache_index)
+            if cache is not None:
+                new_cache.append(layer_cache)
+        return self.model.norm(x_btd), new_cache
+
+    def lm_head_kernel(self):
+        """The output projection [D, V] (the transposed embedding when tied)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden_btd):
+        """Float32 logits from final-norm hidden states [..., D]."""
+        return jnp.einsum(
+            "...d,dv->...v", hidden_btd, self.lm_head_kernel(), preferred_element_type=jnp.float32
+        )
+
+    def init_cache(self, batch_size: int, max_length: int) -> list[LayerCache]:
+        """Zero KV cache for `max_length` slots, in the compute dtype."""
+        c = self.config
+        shape = (batch_size, max_length, c.num_key_value_heads, c.head_dim)
+        return [
+            (jnp.zeros(shape, c.dtype), jnp.zeros(shape, c.dtype))
+            for _ in range(c.num_hidden_layers)
+        ]

@@ -1,0 +1,172 @@
+"""Hugging Face model folders in and out: load, save, tokenizer, random init."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from w2s_jax import sharding
+from w2s_jax.files import atomic_write_json
+from w2s_jax.models.config import ModelConfig
+from w2s_jax.models.decoder import CausalLM
+from w2s_jax.models.safetensors_io import CheckpointError, SafetensorsFolder, write_safetensors
+from w2s_jax.models.weight_map import IGNORED_HF_KEYS, path_to_hf
+
+logger = logging.getLogger(__name__)
+
+
+def _with_dtype(config: ModelConfig, dtype) -> ModelConfig:
+    if dtype is None:
+        return config
+    return dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(str(part) for part in path)
+
+
+def _require_folder(path: str | Path) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    return folder
+
+
+def load_pretrained(path: str | Path, *, dtype=None, mesh=None, rules=sharding.PARTITION_RULES):
+    """Load a local HF model folder (config.json + safetensors) as a `CausalLM`.
+
+    dtype: parameter/compute dtype ("float32", "bfloat16", ...; default the
+    checkpoint's). mesh: place each parameter with its NamedSharding from `rules`
+    (default: one local device). Tensors are memory-mapped and placed one at a
+    time, only the slices each local device needs. A missing tensor or a wrong
+    shape raises `CheckpointError` naming the key; unused tensors are logged.
+    """
+    folder = _require_folder(path)
+    config = _with_dtype(ModelConfig.from_hf_json(folder / "config.json"), dtype)
+    tensors = SafetensorsFolder(folder)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0))))
+    used = set()
+    for path, variable in nnx.to_flat_state(state):
+        name = _path_name(path)
+        key, transpose = path_to_hf(name)
+        if key not in tensors.entries:
+            raise CheckpointError(f"{folder}: tensor {key!r} (parameter {name}) is missing")
+        abstract = variable.get_value()
+        array = tensors.get(key)
+        array = array.T if transpose else array
+        if array.shape != abstract.shape:
+            expected = abstract.shape[::-1] if transpose else abstract.shape
+            raise CheckpointError(
+                f"{tensors.entries[key][0]}: tensor {key!r} has shape {list(tensors.shape(key))}, "
+                f"config.json implies {list(expected)}"
+            )
+        if mesh is None:
+            target = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        else:
+            target = sharding.param_sharding(name, abstract.shape, mesh, rules)
+        variable.set_value(
+            jax.make_array_from_callback(
+                abstract.shape,
+                target,
+                lambda index, a=array, d=abstract.dtype: np.array(a[index], dtype=d),
+            )
+        )
+        used.add(key)
+    unused = sorted(
+        key
+        for key in tensors.entries
+        if key not in used
+        and not IGNORED_HF_KEYS.search(key)
+        and not (config.tie_word_embeddings and key == "lm_head.weight")
+    )
+    if unused:
+        logger.warning(
+            "%s: %d checkpoint tensor(s) not used: %s", folder, len(unused), ", ".join(unused)
+        )
+    return nnx.merge(graphdef, state)
+
+
+def init_random(config: ModelConfig, *, seed: int, dtype=None, mesh=None):
+    """A `CausalLM` with random weights (normal(initializer_range); norms 1)."""
+    model = CausalLM(_with_dtype(config, dtype), rngs=nnx.Rngs(seed))
+    if mesh is not None:
+        sharding.shard_model(model, mesh)
+    return model
+
+
+def save_pretrained(
+    model, path: str | Path, *, tokenizer=None, max_shard_bytes: int = 5 * 2**30
+) -> None:
+    """Write `model` as a HF folder: config.json + safetensors (sharded with an index
+    above `max_shard_bytes`), loadable by `transformers.AutoModelForCausalLM`.
+
+    Parameters are written in their dtype, fetched to the host one at a time
+    (gathered across hosts; process 0 writes). `tokenizer`: a folder or tokenizer
+    object saved alongside. Older model*.safetensors files in `path` are removed.
+    """
+    folder = Path(path)
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    specs, values = [], {}
+    for param_path, variable in params:
+        key, transpose = path_to_hf(_path_name(param_path))
+        value = variable.get_value()
+        specs.append((key, value.shape[::-1] if transpose else value.shape, np.dtype(value.dtype)))
+        values[key] = (value, transpose)
+
+    def fetch(key: str) -> np.ndarray:
+        value, transpose = values[key]
+        if not value.is_fully_addressable:
+            value = multihost_utils.process_allgather(value, tiled=True)
+        array = np.asarray(jax.device_get(value))
+        return array.T if transpose else array
+
+    shards, size = [[]], 0
+    for spec in specs:
+        nbytes = int(np.prod(spec[1])) * spec[2].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    if jax.process_index() != 0:
+        for key, _, _ in specs:
+            fetch(key)  # collective gathers must run on every process
+        return
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, shard in zip(names, shards, strict=True):
+        write_safetensors(folder / name, shard, fetch)
+    index = folder / "model.safetensors.index.json"
+    if len(shards) > 1:
+        total = sum(int(np.prod(s[1])) * s[2].itemsize for s in specs)
+        weight_map = {
+            key: name for name, shard in zip(names, shards, strict=True) for key, _, _ in shard
+        }
+        atomic_write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    else:
+        index.unlink(missing_ok=True)
+    for stale in folder.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    dtype = np.dtype(specs[0][2]).name if specs else model.config.dtype
+    atomic_write_json(folder / "config.json", _with_dtype(model.config, dtype).to_hf_dict())
+    if tokenizer is not None:
+        tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str | Path) else tokenizer
+        tokenizer.save_pretrained(str(folder))
+
+
+def load_tokenizer(path: str | Path):
+    """The folder's tokenizer (and chat template) via `transformers.AutoTokenizer`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(_require_folder(path)))

@@ -1,0 +1,128 @@
+"""Minimal safetensors reader/writer: one tensor at a time, no framework needed.
+
+Reading memory-maps a tensor's bytes (so only what is asked for is read); writing
+streams tensors into a temp file renamed into place. bfloat16 comes from ml_dtypes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the file and key."""
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(tensor entries by key, byte offset of the data section) of a .safetensors file."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(handle.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a safetensors file (bad header)") from exc
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+class SafetensorsFolder:
+    """All tensors of a HF folder: `model.safetensors`, a sharded index, or `*.safetensors`."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({folder / name for name in weight_map.values()})
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no *.safetensors files (nor an index)")
+        self.entries: dict[str, tuple[Path, dict, int]] = {}
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: listed in {index.name} but missing")
+            header, data_start = read_header(path)
+            for key, entry in header.items():
+                self.entries[key] = (path, entry, data_start)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key][1]["shape"])
+
+    def get(self, key: str) -> np.ndarray:
+        """A read-only memory map of tensor `key` (bytes are read on access)."""
+        path, entry, data_start = self.entries[key]
+        name = entry["dtype"]
+        if name not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {name}")
+        start, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if end == start:
+            return np.zeros(shape, _DTYPES[name])
+        return np.memmap(path, _DTYPES[name], mode="r", offset=data_start + start, shape=shape)
+
+
+def write_safetensors(
+    path: str | Path,
+    specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+    fetch: Callable[[str], np.ndarray],
+) -> None:
+    """Write tensors described by (key, shape, dtype), fetching each one when it is written.
+
+    Holds one tensor in host memory at a time; the file appears atomically.
+    """
+    path = Path(path)
+    header, offset = {}, 0
+    specs = list(specs)
+    for key, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[key] = {
+            "dtype": _NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(struct.pack("<Q", len(blob)) + blob)
+            for key, shape, dtype in specs:
+                array = np.ascontiguousarray(fetch(key), dtype=dtype)
+                if array.shape != tuple(shape):
+                    raise ValueError(f"tensor {key!r}: shape {array.shape} != {tuple(shape)}")
+                handle.write(array.tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,120 @@
+"""Device mesh, parameter partition rules (as data) and multi-host start-up.
+
+Mesh axes are ("data", "fsdp", "tensor"): batch over data x fsdp, parameters over
+fsdp (their input/embedding dimension) and tensor (heads / MLP width / vocab).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+P = PartitionSpec
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (regex on the "/"-joined parameter path, spec). First match wins; kernels are [in, out].
+PARTITION_RULES: tuple[tuple[str, PartitionSpec], ...] = (
+    (r"embed_tokens/embedding$", P("tensor", "fsdp")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", P("fsdp", "tensor")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", P("tensor")),
+    (r"(o_proj|down_proj)/kernel$", P("tensor", "fsdp")),
+    (r"lm_head/kernel$", P("fsdp", "tensor")),
+    (r".*", P()),
+)
+
+
+def make_mesh(spec: str | None = None, *, devices=None) -> Mesh:
+    """Mesh over ("data", "fsdp", "tensor") from a spec like "data=2,tensor=4".
+
+    None or "auto" puts every device on "data". Unnamed axes have size 1; one axis
+    may be -1 to take the remaining devices. The sizes must multiply to the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = {axis: 1 for axis in AXES}
+    if spec is None or spec.strip() in ("", "auto"):
+        sizes["data"] = n
+    else:
+        for part in spec.split(","):
+            name, sep, value = part.partition("=")
+            name = name.strip()
+            if not sep or name not in AXES:
+                raise ValueError(
+                    f"mesh spec {spec!r}: bad entry {part!r} (expected AXIS=SIZE, AXIS in {AXES})"
+                )
+            try:
+                sizes[name] = int(value)
+            except ValueError:
+                raise ValueError(f"mesh spec {spec!r}: size {value!r} is not an integer") from None
+        free = [a for a in AXES if sizes[a] == -1]
+        if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+            raise ValueError(f"mesh spec {spec!r}: sizes must be positive (at most one -1)")
+        if free:
+            rest = int(np.prod([s for s in sizes.values() if s != -1]))
+            sizes[free[0]] = n // rest if n % rest == 0 else 0
+    shape = tuple(sizes[a] for a in AXES)
+    if int(np.prod(shape)) != n:
+        raise ValueError(
+            f"mesh spec {spec!r} gives shape {dict(zip(AXES, shape, strict=True))}, not {n} devices"
+        )
+    axis_types = (jax.sharding.AxisType.Auto,) * len(AXES)
+    return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+
+
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=PARTITION_RULES) -> PartitionSpec:
+    """The first matching rule's spec, with axes that do not divide the dimension dropped."""
+    spec = next((spec for pattern, spec in rules if re.search(pattern, path)), P())
+    dims = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        dims.append(axes if names and dim % size == 0 else None)
+    return P(*dims)
+
+
+def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh, rules=PARTITION_RULES):
+    """NamedSharding of the parameter at `path` (e.g. "model/layers/0/mlp/up_proj/kernel")."""
+    return NamedSharding(mesh, spec_for(path, shape, mesh, rules))
+
+
+def shard_model(model, mesh: Mesh, rules=PARTITION_RULES) -> None:
+    """Move every parameter of an NNX module onto `mesh` by `rules`, in place."""
+    from flax import nnx
+
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = variable.get_value()
+        name = "/".join(str(part) for part in path)
+        variable.set_value(jax.device_put(value, param_sharding(name, value.shape, mesh, rules)))
+
+
+def batch_sharding(mesh: Mesh, batch_size: int, ndim: int = 2) -> NamedSharding:
+    """Shard a [B, ...] array's batch over data x fsdp when it divides, else replicate."""
+    size = mesh.shape["data"] * mesh.shape["fsdp"]
+    first = BATCH_AXES if batch_size % size == 0 else None
+    return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call `jax.distributed.initialize()` when launched as one of several processes.
+
+    Detects a coordinator address (JAX_COORDINATOR_ADDRESS), a multi-host TPU slice
+    (TPU_WORKER_HOSTNAMES with several hosts) or a multi-task SLURM/Open MPI job.
+    Must run before any other JAX call. Returns True when it initialised.
+    """
+    if jax.distributed.is_initialized():
+        return False
+    env = os.environ
+    multi = (
+        bool(env.get("JAX_COORDINATOR_ADDRESS"))
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+    if multi:
+        jax.distributed.initialize()
+    return multi

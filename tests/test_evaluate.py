@@ -1,5 +1,6 @@
 """`w2s eval` end to end on a tiny checkpoint: outputs, grading, resume, comparison, errors."""
 
+import functools
 import json
 
 import numpy as np
@@ -50,13 +51,19 @@ def first_run(tmp_path_factory, tiny_qwen2_dir):
     return settings, root, summary
 
 
-def _torch_greedy(model_dir, question):
-    """Reference: the chat prompt written out by hand, decoded greedily by HF PyTorch."""
-    import torch
+@functools.cache
+def _torch_model(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    return tokenizer, AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+
+
+def _torch_greedy(model_dir, question):
+    """Reference: the chat prompt written out by hand, decoded greedily by HF PyTorch."""
+    import torch
+
+    tokenizer, model = _torch_model(model_dir)
     text = (
         f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
         f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -315,3 +322,54 @@ def test_bad_input_gives_clear_errors(tmp_path, tiny_qwen2_dir):
         cli.main(base + ["--data", str(good)])
     with pytest.raises(SystemExit, match="does not exist|no such file"):
         cli.main(base + ["--model", str(tiny_qwen2_dir), "--data", str(tmp_path / "nope.jsonl")])
+
+
+def test_lora_checkpoint_is_applied(first_run, tmp_path, tiny_qwen2_dir):
+    """--lora: outputs equal PyTorch greedy decoding with W + (alpha/r) (A B)^T by hand."""
+    import torch
+    from flax import nnx
+
+    from w2s_jax.checkpointing import TrainCheckpoints
+    from w2s_jax.lora import LoRAConfig, apply_lora
+    from w2s_jax.models import load_pretrained
+
+    settings, root, _ = first_run
+    config = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), dropout=0.0)
+    model = load_pretrained(tiny_qwen2_dir)
+    apply_lora(model, config)
+    adapters = nnx.state(model, nnx.LoRAParam)
+    rng = np.random.default_rng(0)
+    values = {}
+    for path, variable in nnx.to_flat_state(adapters):
+        values[path] = rng.normal(0.0, 0.5, variable.get_value().shape).astype(np.float32)
+        variable.set_value(values[path])
+    checkpoints = TrainCheckpoints(tmp_path / "train", save_every=1, keep=1)
+    checkpoints.save(1, adapters, {"count": np.zeros((), np.int32)}, {"lora": config.to_dict()})
+    checkpoints.close()
+
+    lora_settings = EvalSettings(
+        model=settings.model,
+        data=settings.data,
+        lora=str(tmp_path / "train"),
+        max_new_tokens=MAX_NEW,
+    )
+    run_eval(lora_settings, tmp_path / "run", batch_size=2, progress=False)
+    rows = _read_rows(tmp_path / "run")
+    assert rows != _read_rows(root / "run")
+
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = tmp_path / "merged"
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_dir))
+    with torch.no_grad():
+        for layer in range(2):
+            for proj in config.targets:
+                a = values[("model", "layers", layer, "self_attn", proj, "lora_a")]
+                b = values[("model", "layers", layer, "self_attn", proj, "lora_b")]
+                weight = getattr(hf.model.layers[layer].self_attn, proj).weight
+                weight += torch.from_numpy(2.0 * (a @ b).T)  # alpha / rank = 2
+    hf.save_pretrained(str(merged_dir))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (merged_dir / name).write_text((tiny_qwen2_dir / name).read_text())
+    for row, question in zip(rows, QUESTIONS, strict=True):
+        assert (row["output"], row["num_tokens"]) == _torch_greedy(merged_dir, question)

@@ -338,7 +338,12 @@ def run_eval(
     }
     order = sorted(range(len(pending)), key=lambda i: (-len(prompts[pending[i].id]), i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    bar = tqdm(total=len(questions), initial=len(done), desc="eval", disable=not progress)
+    bar = tqdm(
+        total=len(questions),
+        initial=len(questions) - len(pending),
+        desc="eval",
+        disable=not progress,
+    )
     for shard, batch in enumerate(batches, start=next_shard):
         batch_q = [pending[i] for i in batch]
         result = generate(

@@ -142,3 +142,36 @@ def make_tiny_model(
     if tokenizer_folder is not None:
         AutoTokenizer.from_pretrained(str(tokenizer_folder)).save_pretrained(str(folder))
     return model
+
+
+def make_tiny_qwen3(folder: str | Path, *, seed: int = 0):
+    """Save a tiny random Qwen3 (q/k RMSNorm, explicit head_dim, untied) to `folder`.
+
+    Returns the PyTorch model in eval mode (float32).
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(str(folder))
+    return model

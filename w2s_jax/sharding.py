@@ -67,13 +67,15 @@ def make_mesh(spec: str | None = None, *, devices=None) -> Mesh:
 
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=PARTITION_RULES) -> PartitionSpec:
-    """The first matching rule's spec, with axes that do not divide the dimension dropped."""
+    """The first matching rule's spec, without axes of size 1 or that do not divide the dim."""
     spec = next((spec for pattern, spec in rules if re.search(pattern, path)), P())
     dims = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        dims.append(axes if names and dim % size == 0 else None)
+        dims.append(axes if size > 1 and dim % size == 0 else None)
+    while dims and dims[-1] is None:
+        dims.pop()
     return P(*dims)
 
 
@@ -82,14 +84,28 @@ def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh, rules=PARTITIO
     return NamedSharding(mesh, spec_for(path, shape, mesh, rules))
 
 
-def shard_model(model, mesh: Mesh, rules=PARTITION_RULES) -> None:
-    """Move every parameter of an NNX module onto `mesh` by `rules`, in place."""
+def state_shardings(state, mesh: Mesh, rules=PARTITION_RULES):
+    """An nnx.State like `state` (abstract or concrete) holding each variable's NamedSharding."""
     from flax import nnx
 
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = variable.get_value()
-        name = "/".join(str(part) for part in path)
-        variable.set_value(jax.device_put(value, param_sharding(name, value.shape, mesh, rules)))
+    return nnx.from_flat_state(
+        [
+            (path, var.replace(param_sharding(_name(path), var.get_value().shape, mesh, rules)))
+            for path, var in nnx.to_flat_state(state)
+        ]
+    )
+
+
+def shard_model(model, mesh: Mesh, rules=PARTITION_RULES) -> None:
+    """Move every variable of an NNX module onto `mesh` by `rules`, in place."""
+    from flax import nnx
+
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
+
+
+def _name(path: tuple) -> str:
+    return "/".join(str(part) for part in path)
 
 
 def batch_sharding(mesh: Mesh, batch_size: int, ndim: int = 2) -> NamedSharding:

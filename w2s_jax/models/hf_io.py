@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 
@@ -94,11 +95,31 @@ def load_pretrained(path: str | Path, *, dtype=None, mesh=None, rules=sharding.P
 
 
 def init_random(config: ModelConfig, *, seed: int, dtype=None, mesh=None):
-    """A `CausalLM` with random weights (normal(initializer_range); norms 1)."""
-    model = CausalLM(_with_dtype(config, dtype), rngs=nnx.Rngs(seed))
-    if mesh is not None:
-        sharding.shard_model(model, mesh)
-    return model
+    """A `CausalLM` with random weights (normal(initializer_range); norms 1).
+
+    Weights are drawn in float32 and cast, so a seed gives the same model in every
+    dtype. Initialised under jit; with `mesh`, each parameter is created directly
+    in its NamedSharding (no full copy on one device).
+    """
+    config = _with_dtype(config, dtype)
+    graphdef, state = _random_init_fn(config, mesh)(jax.random.key(seed))
+    return nnx.merge(graphdef, state)
+
+
+@functools.cache
+def _random_init_fn(config: ModelConfig, mesh):
+    """(graphdef, jitted key -> state) for `init_random`, compiled once per config and mesh."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0))))
+    config32 = dataclasses.replace(config, dtype="float32")
+    cast = lambda x: x.astype(config.dtype)  # noqa: E731
+
+    @functools.partial(
+        jax.jit, out_shardings=None if mesh is None else sharding.state_shardings(abstract, mesh)
+    )
+    def init(key):
+        return jax.tree.map(cast, nnx.state(CausalLM(config32, rngs=nnx.Rngs(key))))
+
+    return lambda key: (graphdef, init(key))
 
 
 def save_pretrained(

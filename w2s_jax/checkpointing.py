@@ -1,0 +1,159 @@
+"""Training checkpoints with Orbax: trainable parameters, optimizer state and a JSON record.
+
+A `w2s train --out DIR` run keeps its checkpoints in DIR/checkpoints/<step>/ with
+three items: `params` (the adapters, or every parameter for full fine-tuning),
+`opt_state`, and `meta` (step, data position, LoRA settings, parameter shapes,
+run settings). `TrainCheckpoints` saves every N steps and keeps the last K;
+`StopSignal` turns SIGTERM (a TPU preemption notice) into a save-and-exit.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _manager(directory: Path, *, save_every: int = 1, keep: int | None = None):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=save_every, create=True
+    )
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def param_shapes(params) -> dict[str, list[int]]:
+    """{"model/layers/0/self_attn/q_proj/lora_a/value": [64, 8], ...} of a parameter pytree."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): list(leaf.shape)
+        for path, leaf in flat
+    }
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class TrainCheckpoints:
+    """Orbax CheckpointManager over OUT/checkpoints (save every `save_every`, keep `keep`)."""
+
+    def __init__(self, out_dir: str | Path, *, save_every: int, keep: int):
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be >= 1")
+        self.directory = Path(out_dir) / CHECKPOINT_DIR
+        self._manager = _manager(self.directory, save_every=save_every, keep=keep)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, params, opt_state, meta: dict, *, force: bool = False) -> bool:
+        """Save at `step` when it is due (or `force`); returns whether it saved."""
+        meta = {**meta, "step": step, "param_shapes": param_shapes(params)}
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, params, opt_state):
+        """(params, opt_state, meta) of `step`, placed like the given templates."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(params)),
+                opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored.params, restored.opt_state, restored.meta
+
+    def reached_preemption(self, step: int) -> bool:
+        """Orbax's multi-host preemption check (all processes agree on the step)."""
+        return self._manager.reached_preemption(step)
+
+    def close(self) -> None:
+        """Wait for asynchronous saves to finish."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def locate_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, int]:
+    """(checkpoints folder, step) for a run folder, its checkpoints/ folder or a step folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint folder does not exist")
+    if (path / CHECKPOINT_DIR).is_dir():
+        path = path / CHECKPOINT_DIR
+    elif path.name.isdigit() and (path / "meta").exists():
+        if step is not None and step != int(path.name):
+            raise ValueError(f"{path} is the checkpoint of step {path.name}, not step {step}")
+        path, step = path.parent, int(path.name)
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"{path}: no checkpoints (expected numbered step folders)")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"{path}: no checkpoint for step {step} (have {steps})")
+    return path, step
+
+
+def read_meta(checkpoint: str | Path, *, step: int | None = None) -> dict:
+    """The JSON record of a checkpoint (see module doc); `step` defaults to the latest."""
+    directory, step = locate_checkpoint(checkpoint, step)
+    manager = _manager(directory)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    finally:
+        manager.close()
+
+
+def restore_params(checkpoint: str | Path, template, *, step: int | None = None):
+    """The trained parameters of a checkpoint, shaped and placed like `template`.
+
+    Raises ValueError naming the first parameter whose path or shape differs.
+    """
+    directory, step = locate_checkpoint(checkpoint, step)
+    manager = _manager(directory)
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        want, have = param_shapes(template), meta["param_shapes"]
+        for name in sorted(set(want) | set(have)):
+            if want.get(name) != have.get(name):
+                raise ValueError(
+                    f"checkpoint {directory}/{step} does not fit the model: parameter {name} "
+                    f"has shape {have.get(name, 'missing')} in the checkpoint and "
+                    f"{want.get(name, 'missing')} in the model"
+                )
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(template)))
+        return manager.restore(step, args=args).params
+    finally:
+        manager.close()
+
+
+class StopSignal:
+    """Context manager: SIGTERM sets `requested` instead of killing the process."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+        return False

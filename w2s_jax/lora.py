@@ -1,0 +1,134 @@
+"""LoRA adapters on a model's `nnx.Linear` projections, built on Flax's `nnx.LoRA`.
+
+`apply_lora` wraps the projections named in `LoRAConfig.targets` (e.g. q_proj,
+v_proj) in `ScaledLoRA`: y = base(x) + (alpha / rank) * dropout(x) @ A @ B, as
+PEFT computes it (A: uniform(±1/sqrt(in)), B: zeros, so training starts at the
+base model). Adapter weights are `nnx.LoRAParam` in float32 whatever the model's
+dtype; the product runs in the base layer's compute dtype. `merge_lora` folds
+them back into the base kernels; `load_lora_into` restores a `w2s train`
+checkpoint onto a loaded model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from w2s_jax.train_config import LoRAConfig, parse_targets
+
+__all__ = [
+    "LoRAConfig",
+    "ScaledLoRA",
+    "apply_lora",
+    "load_lora_into",
+    "merge_lora",
+    "parse_targets",
+    "trainable_filter",
+]
+
+
+class ScaledLoRA(nnx.LoRA):
+    """`nnx.LoRA` around a base `nnx.Linear` with PEFT's alpha/rank scaling and input dropout."""
+
+    def __init__(self, base: nnx.Linear, config: LoRAConfig, *, rngs: nnx.Rngs):
+        super().__init__(
+            base.in_features,
+            config.rank,
+            base.out_features,
+            base_module=base,
+            dtype=base.dtype,
+            param_dtype=jnp.float32,
+            a_initializer=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+            rngs=rngs,
+        )
+        self.scaling = config.alpha / config.rank
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+
+    def __call__(self, x):
+        y = self.base_module(x)
+        x, lora_a, lora_b = self.promote_dtype(
+            (self.dropout(x), self.lora_a[...], self.lora_b[...]), dtype=self.dtype
+        )
+        return y + (self.scaling * (x @ lora_a @ lora_b)).astype(y.dtype)
+
+    def merged_kernel(self) -> jax.Array:
+        """The base kernel plus scaling * A @ B, in float32 then the kernel's dtype."""
+        kernel = self.base_module.kernel[...]
+        delta = self.scaling * (self.lora_a[...] @ self.lora_b[...])
+        return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+def _linears(model: nnx.Module):
+    """(parent, attribute name, path string, module) of every nnx.Linear/ScaledLoRA."""
+    found = []
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Linear | ScaledLoRA) and path:
+            parent = model
+            for part in path[:-1]:
+                parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+            if isinstance(parent, ScaledLoRA):
+                continue  # the base layer inside an adapter
+            found.append((parent, path[-1], "/".join(map(str, path)), module))
+    return found
+
+
+def apply_lora(model: nnx.Module, config: LoRAConfig, *, seed: int = 0) -> list[str]:
+    """Wrap every nnx.Linear whose attribute name is in `config.targets`; return their paths.
+
+    Raises ValueError naming the unknown target and the available names when a
+    target matches no layer. Does nothing for rank 0 (full fine-tuning).
+    """
+    if config.rank == 0:
+        return []
+    linears = [item for item in _linears(model) if isinstance(item[3], nnx.Linear)]
+    available = sorted({str(name) for _, name, _, _ in linears})
+    missing = [t for t in config.targets if t not in available]
+    if missing:
+        raise ValueError(
+            f"LoRA target(s) {', '.join(missing)} match no linear layer of the model "
+            f"(available: {', '.join(available)})"
+        )
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    paths = []
+    for parent, name, path, module in linears:
+        if name in config.targets:
+            setattr(parent, name, ScaledLoRA(module, config, rngs=rngs))
+            paths.append(path)
+    return paths
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Fold every adapter into its base kernel and put the plain nnx.Linear back (in place)."""
+    for parent, name, _, module in _linears(model):
+        if isinstance(module, ScaledLoRA):
+            base = module.base_module
+            base.kernel[...] = module.merged_kernel()
+            setattr(parent, name, base)
+    return model
+
+
+def trainable_filter(config: LoRAConfig):
+    """The nnx filter of what trains: adapter weights, or every parameter at rank 0."""
+    return nnx.LoRAParam if config.rank else nnx.Param
+
+
+def load_lora_into(model: nnx.Module, checkpoint: str | Path, *, step: int | None = None):
+    """Apply a `w2s train` checkpoint to a loaded model, in place; returns the model.
+
+    `checkpoint` is a `w2s train --out` folder, its `checkpoints/` folder or one
+    step's folder; `step` picks a step (default: the one named, else the latest).
+    LoRA checkpoints add their adapters (dropout off) with the trained weights;
+    full fine-tuning checkpoints (rank 0) replace every parameter. Raises
+    ValueError when the checkpoint's shapes do not fit the model.
+    """
+    from w2s_jax.checkpointing import read_meta, restore_params
+
+    config = LoRAConfig.from_dict(read_meta(checkpoint, step=step)["lora"])
+    apply_lora(model, dataclasses.replace(config, dropout=0.0))
+    template = nnx.state(model, trainable_filter(config))
+    nnx.update(model, restore_params(checkpoint, template, step=step))
+    return model

@@ -28,7 +28,11 @@ def problems_by_split():
 
 @pytest.fixture(scope="module")
 def all_problems(problems_by_split):
-    return [p for split in SPLITS for p in problems_by_split[split]]
+    # Plus harder problems, where borrows and carries chain across three columns.
+    hard = TaskConfig(min_steps=4, max_steps=6, digits=3, operand_digits=2)
+    return [p for split in SPLITS for p in problems_by_split[split]] + generate_split(
+        "train", 300, seed=0, config=hard
+    )
 
 
 # --- Independent references -------------------------------------------------
@@ -65,19 +69,17 @@ def interpret_question(question: str) -> int:
     value = Fraction(int(first.group(2)))
     assert sentences[-1] == f"How many {item} does {name} have now?"
     for sentence in sentences[1:-1]:
-        if m := re.fullmatch(rf"(?:He|She) finds (\d+) more {item}\.", sentence):
+        if m := re.fullmatch(r"(?:He|She) finds (\d+) more\.", sentence):
             value += int(m.group(1))
-        elif m := re.fullmatch(rf"(?:He|She) gives away (\d+) {item}\.", sentence):
+        elif m := re.fullmatch(r"(?:He|She) gives away (\d+)\.", sentence):
             value -= int(m.group(1))
-        elif m := re.fullmatch(rf"The number of {item} (doubles|triples)\.", sentence):
+        elif m := re.fullmatch(r"(?:He|She) (doubles|triples) them\.", sentence):
             value *= {"doubles": 2, "triples": 3}[m.group(1)]
         elif m := re.fullmatch(
-            rf"(?:He|She) puts the {item} into (\d+) equal piles and keeps one pile\.", sentence
+            r"(?:He|She) splits them into (\d+) equal piles and keeps one\.", sentence
         ):
             value /= int(m.group(1))
-        elif m := re.fullmatch(
-            rf"(?:He|She) (buys|sells) (\d+) bags with (\d+) {item} in each bag\.", sentence
-        ):
+        elif m := re.fullmatch(r"(?:He|She) (buys|sells) (\d+) bags of (\d+)\.", sentence):
             sign = 1 if m.group(1) == "buys" else -1
             value += sign * int(m.group(2)) * int(m.group(3))
         else:
@@ -98,7 +100,7 @@ def column_carries(a: int, b: int, sign: str) -> int:
     return count
 
 
-_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+_EQUATION = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
 _PY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
@@ -184,15 +186,15 @@ def test_split_shares_follow_fractions():
     "config",
     [
         TaskConfig(),
-        TaskConfig(min_steps=5, max_steps=6, digits=3),
+        TaskConfig(min_steps=5, max_steps=6, digits=3, operand_digits=2),
         TaskConfig(min_steps=1, max_steps=2, digits=1, operations=("add", "sub")),
-        TaskConfig(min_steps=3, max_steps=3, digits=2, max_value=150),
+        TaskConfig(min_steps=3, max_steps=3, digits=3, operations=("add", "mul", "div")),
     ],
 )
 def test_difficulty_knobs(config):
     problems = generate_split("train", 200, seed=0, config=config)
     assert {p.steps for p in problems} == set(range(config.min_steps, config.max_steps + 1))
-    top = 10**config.digits - 1
+    top = 10**config.operand_digits - 1
     for p in problems:
         assert eval_exact(p.expression) == p.value == interpret_question(p.question)
         numbers = [int(x) for x in re.findall(r"\d+", p.answer)]
@@ -229,7 +231,7 @@ def test_write_split_round_trips_through_load_questions(tmp_path):
         (dict(min_steps=3, max_steps=2), "min_steps"),
         (dict(min_steps=0), "min_steps"),
         (dict(digits=0), "digits"),
-        (dict(digits=2, max_value=50), "max_value"),
+        (dict(digits=2, operand_digits=3), "operand_digits"),
         (dict(operations=("add", "pow")), "operations"),
         (dict(operations=("sub", "div")), "grow"),
     ],
@@ -247,3 +249,6 @@ def test_bad_split_and_exhausted_space_are_clear_errors():
     tiny = TaskConfig(min_steps=1, max_steps=1, digits=1, operations=("add",))
     with pytest.raises(ValueError, match="ran out of new problems"):
         generate_split("test", 200, config=tiny)
+    no_room = TaskConfig(min_steps=6, max_steps=6, digits=1, operations=("add",))
+    with pytest.raises(ValueError, match="cannot build chains of 6 steps"):
+        generate_split("train", 1, config=no_room)

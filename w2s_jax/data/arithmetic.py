@@ -5,10 +5,16 @@ give away, buy or sell bags of n, double or triple, keep one of k equal piles).
 Every step starts from the previous result, so a single slip anywhere spoils
 the answer; difficulty comes from the number of steps and the digits of the
 operands (carries and borrows happen naturally). The worked solution writes
-one equation per step and ends GSM8K-style::
+one line per step with its equations and ends GSM8K-style::
 
-    The answer is \\boxed{57}.
-    #### 57
+    Tom has 23 apples. He finds 7 more. He buys 3 bags of 4. He doubles them.
+    How many apples does Tom have now?
+
+    Finds 7: 23+7=30.
+    Buys 3*4=12: 30+12=42.
+    Doubles: 42*2=84.
+    The answer is \\boxed{84}.
+    #### 84
 
 Splits are decided by a hash of the problem's arithmetic alone (start value and
 operations, not the names or items), so train / validation / test never share
@@ -40,9 +46,9 @@ NAMES = (
     ("Lea", "she"),
 )
 ITEMS = ("apples", "coins", "books", "stamps", "marbles", "shells", "cards", "pens")
-_MULTIPLIER_WORDS = {2: "double", 3: "triple"}
+_MULTIPLIER_VERBS = {2: "doubles", 3: "triples"}
 _MAX_BAGS = 5
-_MAX_BAG_SIZE = 12
+_MAX_BAG_SIZE = 9
 _MAX_PILES = 5
 _HASH_SALT = "w2s-arithmetic-v1"
 
@@ -52,16 +58,17 @@ class TaskConfig:
     """Difficulty knobs of the generator.
 
     Each problem has between `min_steps` and `max_steps` dependent operations.
-    Amounts found or given away have up to `digits` digits; the start amount has
-    `digits` digits; bags hold at most 12 items (so multiplications stay within
-    times tables) and every intermediate quantity stays within 1..`max_value`
-    (default 10**(digits+1) - 1). `operations` picks which step kinds may occur.
+    Quantities have up to `digits` digits: the start amount has exactly `digits`
+    digits and every intermediate quantity stays within 1..10**digits - 1.
+    Amounts found or given away have up to `operand_digits` digits; bags hold
+    2..9 items and there are 2..5 bags (times tables); piles are 2..5.
+    `operations` picks which step kinds may occur.
     """
 
     min_steps: int = 2
     max_steps: int = 4
     digits: int = 2
-    max_value: int | None = None
+    operand_digits: int = 1
     operations: tuple[str, ...] = OPERATIONS
 
     def __post_init__(self):
@@ -72,9 +79,9 @@ class TaskConfig:
             )
         if not 1 <= self.digits <= 6:
             raise ValueError(f"digits must be in 1..6, got {self.digits}")
-        if self.max_value is not None and self.max_value < 10**self.digits:
+        if not 1 <= self.operand_digits <= self.digits:
             raise ValueError(
-                f"max_value must be at least 10**digits = {10**self.digits}, got {self.max_value}"
+                f"operand_digits must be in 1..digits={self.digits}, got {self.operand_digits}"
             )
         unknown = sorted(set(self.operations) - set(OPERATIONS))
         if unknown or not self.operations:
@@ -86,7 +93,8 @@ class TaskConfig:
 
     @property
     def value_cap(self) -> int:
-        return self.max_value if self.max_value is not None else 10 ** (self.digits + 1) - 1
+        """The largest quantity a problem may reach."""
+        return 10**self.digits - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +152,7 @@ def _column_borrows(a: int, b: int) -> int:
 
 def _candidate_steps(value: int, config: TaskConfig, rng: random.Random) -> list[Step]:
     """One random valid step of each allowed kind from `value` (kinds that cannot apply: none)."""
-    cap, top = config.value_cap, 10**config.digits - 1
+    cap, top = config.value_cap, 10**config.operand_digits - 1
     steps = []
     for op in config.operations:
         if op == "add" and value + 2 <= cap:
@@ -152,7 +160,7 @@ def _candidate_steps(value: int, config: TaskConfig, rng: random.Random) -> list
         elif op == "sub" and value >= 3:
             steps.append(Step(op, (rng.randint(2, min(top, value - 1)),)))
         elif op == "mul":
-            factors = [k for k in _MULTIPLIER_WORDS if value * k <= cap]
+            factors = [k for k in _MULTIPLIER_VERBS if value * k <= cap]
             if factors:
                 steps.append(Step(op, (rng.choice(factors),)))
         elif op == "div":
@@ -162,7 +170,7 @@ def _candidate_steps(value: int, config: TaskConfig, rng: random.Random) -> list
         elif op in ("buy", "sell"):
             room = cap - value if op == "buy" else value - 1
             bags = rng.randint(2, _MAX_BAGS)
-            size_top = min(_MAX_BAG_SIZE, top, room // bags)
+            size_top = min(_MAX_BAG_SIZE, room // bags)
             if size_top >= 2:
                 steps.append(Step(op, (bags, rng.randint(2, size_top))))
     return steps
@@ -182,16 +190,21 @@ def _apply(value: int, step: Step) -> int:
 
 
 def _sample_chain(rng: random.Random, config: TaskConfig) -> tuple[int, list[Step]]:
+    """A random start and `n_steps` valid steps; chains that reach a dead end are redrawn."""
     n_steps = rng.randint(config.min_steps, config.max_steps)
-    start = rng.randint(
-        10 ** (config.digits - 1) if config.digits > 1 else 2, 10**config.digits - 1
-    )
-    value, steps = start, []
-    while len(steps) < n_steps:
-        step = rng.choice(_candidate_steps(value, config, rng))
-        steps.append(step)
-        value = _apply(value, step)
-    return start, steps
+    low = 10 ** (config.digits - 1) if config.digits > 1 else 2
+    for _ in range(1000):
+        start = rng.randint(low, config.value_cap)
+        value, steps = start, []
+        while len(steps) < n_steps:
+            candidates = _candidate_steps(value, config, rng)
+            if not candidates:
+                break
+            steps.append(rng.choice(candidates))
+            value = _apply(value, steps[-1])
+        else:
+            return start, steps
+    raise ValueError(f"{config} cannot build chains of {n_steps} steps; allow more operations")
 
 
 def canonical_key(start: int, steps: list[Step]) -> str:
@@ -221,36 +234,32 @@ def _render(
     expression, value, carries = str(start), start, 0
     for step in steps:
         new = _apply(value, step)
-        if step.op == "add":
+        if step.op in ("add", "sub"):
             (x,) = step.args
-            question.append(f"{subject} finds {x} more {item}.")
-            solution.append(f"{subject} finds {x} more: {value} + {x} = {new}.")
-            expression = f"({expression} + {x})"
-            carries += _column_carries(value, x)
-        elif step.op == "sub":
-            (x,) = step.args
-            question.append(f"{subject} gives away {x} {item}.")
-            solution.append(f"{subject} gives away {x}: {value} - {x} = {new}.")
-            expression = f"({expression} - {x})"
-            carries += _column_borrows(value, x)
+            verb, sign = ("finds", "+") if step.op == "add" else ("gives away", "-")
+            more = " more" if step.op == "add" else ""
+            question.append(f"{subject} {verb} {x}{more}.")
+            solution.append(f"{verb.capitalize()} {x}: {value}{sign}{x}={new}.")
+            expression = f"({expression} {sign} {x})"
+            carries += (_column_carries if sign == "+" else _column_borrows)(value, x)
         elif step.op == "mul":
             (k,) = step.args
-            word = _MULTIPLIER_WORDS[k]
-            question.append(f"The number of {item} {word}s.")
-            solution.append(f"The {item} {word}: {value} * {k} = {new}.")
+            verb = _MULTIPLIER_VERBS[k]
+            question.append(f"{subject} {verb} them.")
+            solution.append(f"{verb.capitalize()}: {value}*{k}={new}.")
             expression = f"({expression} * {k})"
         elif step.op == "div":
             (k,) = step.args
-            question.append(f"{subject} puts the {item} into {k} equal piles and keeps one pile.")
-            solution.append(f"One of {k} piles: {value} / {k} = {new}.")
+            question.append(f"{subject} splits them into {k} equal piles and keeps one.")
+            solution.append(f"Keeps one of {k}: {value}/{k}={new}.")
             expression = f"({expression} / {k})"
         else:
             bags, size = step.args
             total = bags * size
             verb, sign = ("buys", "+") if step.op == "buy" else ("sells", "-")
-            question.append(f"{subject} {verb} {bags} bags with {size} {item} in each bag.")
+            question.append(f"{subject} {verb} {bags} bags of {size}.")
             solution.append(
-                f"{subject} {verb} {bags} * {size} = {total}, so {value} {sign} {total} = {new}."
+                f"{verb.capitalize()} {bags}*{size}={total}: {value}{sign}{total}={new}."
             )
             expression = f"({expression} {sign} {bags} * {size})"
             carries += (_column_carries if sign == "+" else _column_borrows)(value, total)

@@ -252,3 +252,13 @@ def test_bad_split_and_exhausted_space_are_clear_errors():
     no_room = TaskConfig(min_steps=6, max_steps=6, digits=1, operations=("add",))
     with pytest.raises(ValueError, match="cannot build chains of 6 steps"):
         generate_split("train", 1, config=no_room)
+
+
+def test_project_evaluator_reads_the_answers(problems_by_split):
+    from w2s_jax.evaluate import extract_answer, gold_from_gsm8k, is_equiv
+
+    for p in problems_by_split["test"]:
+        assert gold_from_gsm8k(p.answer) == str(p.value)
+        assert is_equiv(extract_answer(p.answer), str(p.value))
+        # Without the closing lines, the fallback (last number) still reads the result.
+        assert extract_answer(p.answer.rsplit("\nThe answer", 1)[0]) == str(p.value)

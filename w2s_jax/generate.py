@@ -218,7 +218,7 @@ def generate(
         cache,
         first_b,
         mask_bp,
-        jnp.asarray(eos, jnp.int32),
+        jnp.asarray(eos + eos[:1] * (-len(eos) % 8), jnp.int32),  # fixed size: fewer compiles
         jnp.int32(pad_id),
         temperature,
         top_p,

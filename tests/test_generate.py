@@ -1,0 +1,191 @@
+"""KV-cache generation vs Hugging Face generate, stop ids, sampling distributions, mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from tiny_checkpoints import make_tiny_model
+from transformers import AutoModelForCausalLM
+
+from w2s_jax import sharding
+from w2s_jax.generate import generate, left_pad, sample_logits
+from w2s_jax.models import load_pretrained
+
+PROMPT_LENGTHS = (5, 17, 1, 11)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tiny_qwen2_dir):
+    return load_pretrained(tiny_qwen2_dir), AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gen_llama")
+    hf = make_tiny_model(folder, family="llama", tie_word_embeddings=False, initializer_range=0.2)
+    return load_pretrained(folder), hf
+
+
+def prompts(seed=0):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(3, 320, n).tolist() for n in PROMPT_LENGTHS]
+
+
+def hf_greedy(hf_model, prompt_ids, max_new_tokens, eos_ids, pad_id=0):
+    ids, mask = left_pad(prompt_ids, pad_id)
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+        )
+    out = out[:, ids.shape[1] :].numpy()
+    # HF stops early once every row is done: pad to the full width like ours.
+    return np.pad(out, ((0, 0), (0, max_new_tokens - out.shape[1])), constant_values=pad_id)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_greedy_equals_hf_generate_token_for_token(request, family):
+    model, hf_model = request.getfixturevalue(family)
+    batch = prompts()
+    result = generate(model, batch, max_new_tokens=32, eos_ids=[2])
+    expected = hf_greedy(hf_model, batch, 32, [2])
+    assert result.tokens.shape == (4, 32) and result.tokens.dtype == np.int32
+    np.testing.assert_array_equal(result.tokens, expected)
+    assert len(set(map(tuple, result.tokens.tolist()))) == 4  # rows differ: not degenerate
+
+
+def test_stop_ids_padding_and_lengths_match_hf(qwen2):
+    model, hf_model = qwen2
+    batch = prompts()
+    free = generate(model, batch, max_new_tokens=32, eos_ids=[2]).tokens
+    # stop ids taken from the free-running output, so rows stop at different steps
+    eos = [int(free[0, 6]), int(free[1, 3])]
+    result = generate(model, batch, max_new_tokens=32, eos_ids=eos, pad_id=7)
+    np.testing.assert_array_equal(result.tokens, hf_greedy(hf_model, batch, 32, eos, pad_id=7))
+    for row, length in zip(result.tokens, result.lengths, strict=True):
+        stops = np.flatnonzero(np.isin(row, eos))
+        expected_length = stops[0] + 1 if stops.size else 32
+        assert length == expected_length
+        assert (row[length:] == 7).all()
+    assert result.lengths[1] <= 4 and result.lengths[0] <= 7
+
+
+def test_all_rows_stopping_ends_early_and_single_eos_int(qwen2):
+    model, _ = qwen2
+    batch = prompts()
+    first = generate(model, batch, max_new_tokens=32, eos_ids=[2]).tokens[:, 0].tolist()
+    result = generate(model, batch, max_new_tokens=32, eos_ids=first)
+    assert result.lengths.tolist() == [1, 1, 1, 1]
+    assert result.tokens[:, 0].tolist() == first and (result.tokens[:, 1:] == 0).all()
+    single = generate(model, batch[:1], max_new_tokens=32, eos_ids=first[0])
+    assert single.lengths.tolist() == [1]
+
+
+def test_prompt_bucketing_does_not_change_output(llama):
+    model, _ = llama
+    batch = prompts(seed=1)
+    a = generate(model, batch, max_new_tokens=32, eos_ids=[2], pad_to_multiple=1)
+    b = generate(model, batch, max_new_tokens=32, eos_ids=[2])
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_mesh_generation_equals_single_device(tiny_qwen2_dir, qwen2):
+    model, _ = qwen2
+    batch = prompts() * 2  # batch 8 splits over data=2 x fsdp=2
+    single = generate(model, batch, max_new_tokens=16, eos_ids=[2])
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    sharded = generate(
+        load_pretrained(tiny_qwen2_dir, mesh=mesh), batch, max_new_tokens=16, eos_ids=[2]
+    )
+    np.testing.assert_array_equal(sharded.tokens, single.tokens)
+
+
+def test_sampling_is_reproducible_and_key_dependent(qwen2):
+    model, _ = qwen2
+    batch = prompts()
+    run = lambda seed, **kw: (
+        generate(
+            model,
+            batch,
+            max_new_tokens=16,
+            eos_ids=[2],
+            temperature=1.0,
+            rng=jax.random.key(seed),
+            **kw,
+        ).tokens
+    )
+    np.testing.assert_array_equal(run(0), run(0))
+    assert (run(0) != run(1)).mean() > 0.5
+    greedy = generate(model, batch, max_new_tokens=16, eos_ids=[2]).tokens
+    np.testing.assert_array_equal(run(3, top_k=2, top_p=1e-6), greedy)
+
+
+# --- the sampler against numpy formulas --------------------------------------
+
+LOGITS_V = np.array([2.0, 1.5, 1.0, 0.3, 0.0, -0.5, -1.0, -3.0], np.float32)
+N_DRAWS = 20000
+
+
+@jax.jit(static_argnames=("temperature", "top_k", "top_p"))
+def _draws(logits_nv, key, temperature, top_k, top_p):
+    return sample_logits(logits_nv, key, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def empirical(temperature, top_k=None, top_p=None):
+    logits_nv = np.broadcast_to(LOGITS_V, (N_DRAWS, LOGITS_V.size))
+    draws = _draws(logits_nv, jax.random.key(0), temperature, top_k, top_p)
+    return np.bincount(np.asarray(draws), minlength=LOGITS_V.size) / N_DRAWS
+
+
+def reference(temperature, top_k=None, top_p=None):
+    """softmax(logits / T), then top-k, renormalise, then the smallest top-p prefix."""
+    probs = np.exp(LOGITS_V.astype(np.float64) / temperature)
+    order = np.argsort(-probs)
+    if top_k is not None:
+        probs[order[top_k:]] = 0.0
+    probs /= probs.sum()
+    if top_p is not None:
+        mass_before = np.cumsum(probs[order]) - probs[order]
+        probs[order[mass_before >= top_p]] = 0.0
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(1.0, None, None), (0.5, None, None), (1.0, 3, None), (1.0, None, 0.7), (2.0, 5, 0.8)],
+)
+def test_sampler_frequencies_match_numpy_reference(temperature, top_k, top_p):
+    freq, ref = empirical(temperature, top_k, top_p), reference(temperature, top_k, top_p)
+    assert np.abs(freq - ref).max() < 0.015  # ~4 standard errors at 20k draws
+    assert (freq[ref == 0] == 0).all()
+
+
+def test_greedy_sampler_is_argmax():
+    logits = jnp.asarray(np.random.RandomState(0).randn(5, 50), jnp.float32)
+    ids = sample_logits(logits, None, temperature=1.0, greedy=True)
+    np.testing.assert_array_equal(ids, np.argmax(np.asarray(logits), axis=-1))
+
+
+def test_bad_arguments_raise_clear_errors(qwen2):
+    model, _ = qwen2
+    ok = prompts()
+    cases = [
+        (dict(prompt_ids=[[1, 2], []]), "at least one token"),
+        (dict(prompt_ids=[]), "at least one token"),
+        (dict(prompt_ids=[[1, 320]]), "token id 320 is outside"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(eos_ids=[]), "eos_ids is empty"),
+        (dict(temperature=0.7), "explicit rng"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=1.0, rng=jax.random.key(0), top_k=0), "top_k"),
+        (dict(temperature=1.0, rng=jax.random.key(0), top_p=1.5), "top_p"),
+    ]
+    for change, message in cases:
+        kwargs = dict(prompt_ids=ok, max_new_tokens=4, eos_ids=[2]) | change
+        with pytest.raises(ValueError, match=message):
+            generate(model, kwargs.pop("prompt_ids"), **kwargs)

@@ -151,7 +151,7 @@ def _column_borrows(a: int, b: int) -> int:
 
 
 def _candidate_steps(value: int, config: TaskConfig, rng: random.Random) -> list[Step]:
-    """One random valid step of each allowed kind from `value` (kinds that cannot apply: none)."""
+    """One random valid step of each allowed kind that can apply to `value`."""
     cap, top = config.value_cap, 10**config.operand_digits - 1
     steps = []
     for op in config.operations:

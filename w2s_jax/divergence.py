@@ -109,16 +109,31 @@ def _kl_terms(logp, logr):
 _CPU_BLOCK_ELEMENTS = 1 << 20
 
 
+def _explicit_spec(x) -> tuple:
+    """x's PartitionSpec under explicit sharding, one entry per axis (all None otherwise)."""
+    spec = tuple(getattr(jax.typeof(x).sharding, "spec", None) or ())
+    return spec + (None,) * (jnp.ndim(x) - len(spec))
+
+
+def _gather_vocab(x):
+    """x [..., V] with the last axis unsharded (a no-op unless explicitly sharded there)."""
+    spec = _explicit_spec(x)
+    if spec[-1] is None:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec[:-1], None))
+
+
 def _by_rows(fn, *arrays):
     """fn(*arrays) for arrays [..., X_i] sharing leading axes, in row blocks on CPU.
 
-    Other backends run ``fn`` on the whole arrays (their fusions need no help).
+    Other backends, and leading axes explicitly sharded over a mesh, run ``fn`` on the
+    whole arrays.
     """
     lead = jnp.shape(arrays[0])[:-1]
     n = math.prod(lead)
     width = max(jnp.shape(a)[-1] for a in arrays)
     rows = 1 << min(4, max(1, (_CPU_BLOCK_ELEMENTS // width).bit_length() - 1))
-    if n <= rows:
+    if n <= rows or any(_explicit_spec(arrays[0])[:-1]):
         return fn(*arrays)
 
     def cpu(*arrays):
@@ -171,15 +186,19 @@ def _target_rows(expert_logits, amateur_logits, log_alpha, k, with_stats):
     score = jnp.where(
         mask, expert_logits.astype(jnp.float32) - amateur_logits.astype(jnp.float32), -jnp.inf
     )
-    # The barrier keeps XLA:CPU's sort+slice -> TopK rewrite intact (else: a full sort).
-    top, ids = jax.lax.optimization_barrier(jax.lax.top_k(score, k))
-    best = top[..., :1]
+    score = _gather_vocab(score)  # top_k needs the vocabulary whole on explicit meshes
+    top, ids = jax.lax.top_k(score, k)
+    # No slicing of top/ids: XLA:CPU only keeps its fast TopK kernel (instead of a full
+    # sort of V) when the outputs are used whole. Sorted, so slot 0 holds the best.
+    first = jnp.arange(k) == 0
+    best = jnp.max(top, axis=-1, keepdims=True)
     # Shift by the best score; `== best` keeps a +inf score (amateur gives 0 to a
     # plausible token) finite, so all mass goes to such tokens, as in the limit.
     unnorm = jnp.exp(jnp.where(top == best, 0.0, top - best))
     kept = jnp.sum(unnorm, axis=-1, keepdims=True)
     weights = unnorm / kept
-    ids = jnp.where(top > -jnp.inf, ids, ids[..., :1]).astype(jnp.int32)
+    best_id = jnp.sum(jnp.where(first, ids, 0), axis=-1, keepdims=True)
+    ids = jnp.where(top > -jnp.inf, ids, best_id).astype(jnp.int32)
     if not with_stats:
         return ids, weights
     total = jnp.sum(jnp.exp(jnp.where(score == best, 0.0, score - best)), axis=-1)
@@ -200,6 +219,7 @@ def _soft_ce_rows(logits, target_ids, target_weights):
     """−Σ_j w_j log softmax(logits)[ids_j] per position, without forming log-probs."""
     z = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    z = _gather_vocab(z)  # the gather below needs the vocabulary whole on explicit meshes
     w = target_weights.astype(jnp.float32)
     z_ids = jnp.where(w > 0, jnp.take_along_axis(z, target_ids, axis=-1), 0.0)
     return jnp.sum(jnp.where(w > 0, w * (lse - z_ids), 0.0), axis=-1)
@@ -483,23 +503,38 @@ def fused_kl_and_target(
         )
     k = _check_k(k, vocab_size)
     chunk_size = _check_positive_int("chunk_size", chunk_size)
+    common = min(v_expert, v_amateur)
     return _fused_kl_and_target(
         expert_hidden,
-        expert_head_dv[:, :vocab_size],
+        jax.lax.slice_in_dim(expert_head_dv, 0, common, axis=1),
         amateur_hidden,
-        amateur_head_dv[:, :vocab_size],
+        jax.lax.slice_in_dim(amateur_head_dv, 0, common, axis=1),
         log_alpha=log_alpha,
         k=k,
         chunk_size=chunk_size,
+        vocab_size=vocab_size,
     )
 
 
-@_jit("log_alpha", "k", "chunk_size")
+@_jit("log_alpha", "k", "chunk_size", "vocab_size")
 def _fused_kl_and_target(
-    expert_hidden, expert_head_dv, amateur_hidden, amateur_head_dv, *, log_alpha, k, chunk_size
+    expert_hidden,
+    expert_head_dv,
+    amateur_hidden,
+    amateur_head_dv,
+    *,
+    log_alpha,
+    k,
+    chunk_size,
+    vocab_size,
 ):
+    # Ids >= vocab_size get logit -inf (probability 0 under both models) rather than being
+    # sliced off: same numbers, and no uneven split of a vocabulary sharded over a mesh.
+    real = jnp.arange(jnp.shape(expert_head_dv)[1]) < vocab_size
+
     def block(he, ha):
-        ze, za = _project(he, expert_head_dv), _project(ha, amateur_head_dv)
+        ze = jnp.where(real, _project(he, expert_head_dv), -jnp.inf)
+        za = jnp.where(real, _project(ha, amateur_head_dv), -jnp.inf)
         return (_kl(ze, za), *_target(ze, za, log_alpha=log_alpha, k=k, with_stats=True))
 
     return _map_position_chunks(

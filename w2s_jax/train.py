@@ -1,0 +1,461 @@
+"""Fine-tuning: distil sparse soft targets into a model, packed, sharded and resumable.
+
+Objective (`contrastive`, LightReasoner's fine-tuning stage): at every selected
+position t of a trajectory, the soft cross-entropy -Σ_a v_C(a) log πθ(a | s_t)
+(= KL(v_C ‖ πθ) + H(v_C)), averaged over the selected positions of the step.
+`sft` is the same with one-hot targets on every completion token (prompt masked).
+
+Packing: one forward pass per trajectory (prompt + rollout ids) gives the hidden
+states of all its positions; the loss gathers the selected ones, projects only
+those onto the vocabulary, and averages. Because each micro-batch holds exactly
+positions_per_step / grad_accum positions, the step's loss and gradient are the
+mean over its positions, i.e. the reference's one-position-per-forward objective
+on the same positions.
+
+The step is one jitted function (micro-batches scanned, gradients summed, then
+clipping and AdamW with a linear schedule) with explicit in/out shardings on a
+("data", "fsdp", "tensor") mesh and the trainable state donated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from w2s_jax.divergence import contrastive_loss, fused_contrastive_loss
+from w2s_jax.files import DataError, atomic_write_json
+from w2s_jax.lora import apply_lora, trainable_filter
+from w2s_jax.train_config import FREE_SETTINGS, TrainConfig
+
+RUN_FILE = "train_config.json"
+
+
+def build_optimizer(config: TrainConfig):
+    """(optax transformation, learning-rate schedule): clip, then AdamW with linear decay to 0.
+
+    With warmup the rate rises linearly from 0 over `warmup_steps` first (as the HF
+    trainer's linear schedule).
+    """
+    decay = optax.linear_schedule(config.learning_rate, 0.0, config.steps - config.warmup_steps)
+    schedule = decay
+    if config.warmup_steps:
+        warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+        schedule = optax.join_schedules([warmup, decay], [config.warmup_steps])
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adamw(
+            schedule,
+            b1=config.adam_b1,
+            b2=config.adam_b2,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        ),
+    )
+    return tx, schedule
+
+
+def selected_logits_loss(model, micro: dict, *, loss_chunk_size: int = 0):
+    """Packed loss of one micro-batch: (mean soft CE over its positions, aux metrics).
+
+    micro: input_ids/attention_mask [R, T], flat_index [P] (row * T + t),
+    target_ids/target_weights [P, K]. aux: agree (count of argmax == top target),
+    entropy (Σ over positions of H(target)).
+    """
+    hidden_rtd = model.hidden_states(micro["input_ids"], micro["attention_mask"])
+    hidden_pd = jnp.take(hidden_rtd.reshape(-1, hidden_rtd.shape[-1]), micro["flat_index"], 0)
+    head_dv = model.lm_head_kernel()
+    ids_pk, weights_pk = micro["target_ids"], micro["target_weights"]
+    selected_p = jnp.ones(ids_pk.shape[:1], bool)
+    if loss_chunk_size:
+        loss = fused_contrastive_loss(
+            hidden_pd, head_dv, ids_pk, weights_pk, selected_p, chunk_size=loss_chunk_size
+        )
+        argmax_p = _chunked_argmax(jax.lax.stop_gradient(hidden_pd), head_dv, loss_chunk_size)
+    else:
+        logits_pv = jnp.einsum("pd,dv->pv", hidden_pd, head_dv, preferred_element_type=jnp.float32)
+        loss = contrastive_loss(logits_pv, ids_pk, weights_pk, selected_p)
+        argmax_p = jnp.argmax(logits_pv, axis=-1)
+    entropy = -jnp.sum(jnp.where(weights_pk > 0, weights_pk * jnp.log(weights_pk), 0.0))
+    agree = jnp.sum(argmax_p == ids_pk[:, 0])
+    return loss, {"agree": agree, "entropy": entropy}
+
+
+def _chunked_argmax(hidden_pd, head_dv, chunk_size: int):
+    p = hidden_pd.shape[0]
+    padded = math.ceil(p / chunk_size) * chunk_size
+    hidden_cqd = jnp.pad(hidden_pd, ((0, padded - p), (0, 0))).reshape(
+        -1, chunk_size, hidden_pd.shape[1]
+    )
+    argmax_cq = jax.lax.map(
+        lambda h: jnp.argmax(
+            jnp.einsum(
+                "qd,dv->qv", h, jax.lax.stop_gradient(head_dv), preferred_element_type=jnp.float32
+            ),
+            axis=-1,
+        ),
+        hidden_cqd,
+    )
+    return argmax_cq.reshape(-1)[:p]
+
+
+def make_loss_and_grads(graphdef, *, dropout: bool = False, loss_chunk_size: int = 0):
+    """fn(params, rest, batch, key) -> (metrics, grads) of one step, un-jitted.
+
+    batch arrays carry a leading micro-batch axis A (see `collate_step`); the A
+    micro-batches are scanned and their mean losses and gradients averaged. As each
+    holds the same number of positions, that is the mean over all the step's
+    positions. `rest` is the frozen state. metrics: loss, kl (KL(v_C ‖ πθ)),
+    agreement (argmax of πθ == the target's top token).
+    """
+
+    def micro_loss(params, rest, micro, key):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        if dropout:
+            nnx.reseed(model, dropout=key)
+        return selected_logits_loss(model, micro, loss_chunk_size=loss_chunk_size)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def loss_and_grads(params, rest, batch, key):
+        a = batch["input_ids"].shape[0]
+
+        def body(carry, xs):
+            micro, index = xs
+            (loss, aux), grads = grad_fn(params, rest, micro, jax.random.fold_in(key, index))
+            return jax.tree.map(jnp.add, carry, (grads, loss, aux)), None
+
+        zero = (
+            jax.tree.map(jnp.zeros_like, params),
+            jnp.zeros((), jnp.float32),
+            {"agree": jnp.zeros((), jnp.int32), "entropy": jnp.zeros((), jnp.float32)},
+        )
+        (grads, loss, aux), _ = jax.lax.scan(body, zero, (batch, jnp.arange(a)))
+        positions = a * batch["target_ids"].shape[1]
+        metrics = {
+            "loss": loss / a,
+            "kl": (loss / a) - aux["entropy"] / positions,
+            "agreement": aux["agree"] / positions,
+        }
+        return metrics, jax.tree.map(lambda g: g / a, grads)
+
+    return loss_and_grads
+
+
+def make_train_step(graphdef, tx, *, dropout: bool = False, loss_chunk_size: int = 0):
+    """The (un-jitted) step: ((params, opt_state), rest, batch, key) -> (new state, metrics).
+
+    Gradients from `make_loss_and_grads`, then `tx` (clipping + AdamW); metrics add
+    grad_norm (before clipping).
+    """
+    loss_and_grads = make_loss_and_grads(graphdef, dropout=dropout, loss_chunk_size=loss_chunk_size)
+
+    def step(state, rest, batch, key):
+        params, opt_state = state
+        metrics, grads = loss_and_grads(params, rest, batch, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state), {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+    return step
+
+
+def _on_mesh(tree, mesh):
+    """Replicate over `mesh` every leaf not already placed on it (adapters, RNG keys, counts)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    def place(x):
+        sharding = x.sharding
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, NamedSharding(mesh, P()))
+
+    return jax.tree.map(place, tree)
+
+
+def _place(tree, shardings):
+    """Global arrays from identical host copies on every process."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+        tree,
+        shardings,
+    )
+
+
+def batch_shardings(mesh):
+    """Rows of [A, R, T] arrays over the mesh's batch axes; position arrays replicated."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from w2s_jax.sharding import BATCH_AXES
+
+    rows = NamedSharding(mesh, P(None, BATCH_AXES))
+    replicated = NamedSharding(mesh, P())
+    return {
+        "input_ids": rows,
+        "attention_mask": rows,
+        "flat_index": replicated,
+        "target_ids": replicated,
+        "target_weights": replicated,
+    }
+
+
+def check_samples_match(samples: str | Path, expert: str | Path) -> dict:
+    """The samples folder's manifest, after checking it was made with this expert and tokenizer.
+
+    Raises DataError naming both fingerprints when they differ.
+    """
+    from w2s_jax.fingerprint import tokenizer_fingerprint, weights_fingerprint
+    from w2s_jax.models import load_tokenizer
+    from w2s_jax.sample_store import read_manifest
+
+    manifest = read_manifest(samples)
+    checks = (
+        ("expert_weights_fingerprint", "expert weights", lambda: weights_fingerprint(expert)),
+        (
+            "tokenizer_fingerprint",
+            "tokenizer",
+            lambda: tokenizer_fingerprint(load_tokenizer(expert)),
+        ),
+    )
+    for key, what, compute in checks:
+        recorded, actual = manifest.get(key), compute()
+        if recorded != actual:
+            raise DataError(
+                f"{samples}/manifest.json: the samples were made with different {what} "
+                f"({key} {recorded} there, {actual} for --expert {expert}); sample again "
+                "with this expert or train the expert they came from"
+            )
+    return manifest
+
+
+def _load_model(config: TrainConfig, mesh):
+    from w2s_jax.models import ModelConfig, init_random, load_pretrained
+
+    if config.init == "random":
+        model_config = ModelConfig.from_hf_json(config.model_config)
+        return init_random(model_config, seed=config.seed, dtype=config.dtype, mesh=mesh)
+    return load_pretrained(config.expert, dtype=config.dtype, mesh=mesh)
+
+
+def _check_resumable(out: Path, config: TrainConfig) -> None:
+    path = out / RUN_FILE
+    new = {k: v for k, v in config.settings().items() if k not in FREE_SETTINGS}
+    if path.is_file():
+        old = {k: v for k, v in json.loads(path.read_text()).items() if k not in FREE_SETTINGS}
+        diff = [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        ]
+        if diff:
+            raise SystemExit(
+                f"error: {out} holds a run with different settings; use another --out or the "
+                "original settings. Differences (recorded -> requested): " + "; ".join(diff)
+            )
+    if jax.process_index() == 0:
+        atomic_write_json(path, config.settings())
+
+
+def _load_data(config: TrainConfig):
+    """(trajectories, stats, samples fingerprint, pad id, model config), all checked."""
+    from w2s_jax.data.packing import find_sample_files, load_trajectories, samples_fingerprint
+    from w2s_jax.models import ModelConfig
+
+    files = find_sample_files(config.samples)
+    manifest = {}
+    if config.expert and (Path(config.samples) / "manifest.json").exists():
+        manifest = check_samples_match(config.samples, config.expert)
+    elif config.expert and config.objective == "contrastive":
+        raise DataError(
+            f"{config.samples}/manifest.json is missing: cannot check that the samples were "
+            f"drawn from --expert {config.expert}"
+        )
+    model_config = ModelConfig.from_hf_json(
+        config.model_config if config.init == "random" else Path(config.expert) / "config.json"
+    )
+    trajectories, stats = load_trajectories(
+        files, objective=config.objective, vocab_size=model_config.vocab_size
+    )
+    pad_id = int(manifest.get("pad_id") or 0)
+    return trajectories, stats, samples_fingerprint(files), pad_id, model_config
+
+
+def _compile_step(config: TrainConfig, mesh):
+    """Model, adapters, optimizer and the jitted step on `mesh`.
+
+    Returns (jitted step, (params, opt_state), rest, graphdef, schedule).
+    """
+    lora = config.lora
+    model = _load_model(config, mesh)
+    apply_lora(model, lora, seed=config.seed)
+    graphdef, params, rest = nnx.split(model, trainable_filter(lora), ...)
+    params, rest = _on_mesh(params, mesh), _on_mesh(rest, mesh)
+    tx, schedule = build_optimizer(config)
+    state = (params, _on_mesh(jax.jit(tx.init)(params), mesh))
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = make_train_step(
+        graphdef,
+        tx,
+        dropout=bool(lora.rank and lora.dropout),
+        loss_chunk_size=config.loss_chunk_size,
+    )
+    step_fn = jax.jit(
+        step,
+        in_shardings=(
+            state_shardings,
+            jax.tree.map(lambda x: x.sharding, rest),
+            batch_shardings(mesh),
+            None,
+        ),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+    return step_fn, state, rest, schedule
+
+
+class _Meter:
+    """Averages step metrics between log steps and measures positions/s and tokens/s."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.metrics, self.tokens, self.positions = [], 0, 0
+        self.tick = time.perf_counter()
+
+    def add(self, metrics, *, tokens: int, positions: int):
+        self.metrics.append(metrics)
+        self.tokens += tokens
+        self.positions += positions
+
+    def values(self, lr: float) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.tick
+        values = {k: float(np.mean([m[k] for m in self.metrics])) for k in self.metrics[0]}
+        values.update(
+            lr=lr, positions_per_s=self.positions / elapsed, tokens_per_s=self.tokens / elapsed
+        )
+        self.reset()
+        return values
+
+
+def train(
+    config: TrainConfig, *, should_stop: Callable[[int], bool] | None = None, mesh=None
+) -> dict:
+    """Run (or resume) training into `config.out`; returns the run summary.
+
+    Writes OUT/checkpoints (every `save_every` steps and at the end), metrics.jsonl,
+    tensorboard/, loss_curve.png and summary.json. `should_stop(step)` is asked
+    after every step (default: has SIGTERM arrived?); when true the state is
+    saved and the summary has "stopped": True. Re-running resumes. `mesh` (a
+    jax Mesh) overrides `config.mesh`.
+    """
+    from tqdm.auto import tqdm
+
+    from w2s_jax.checkpointing import StopSignal, TrainCheckpoints
+    from w2s_jax.data.packing import collate_step, iter_steps
+    from w2s_jax.metrics import MetricsLog
+    from w2s_jax.sharding import BATCH_AXES, make_mesh
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trajectories, data_stats, data_fingerprint, pad_id, model_config = _load_data(config)
+    _check_resumable(out, config)
+    mesh = make_mesh(config.mesh) if mesh is None else mesh
+    step_fn, state, rest, schedule = _compile_step(config, mesh)
+
+    checkpoints = TrainCheckpoints(out, save_every=config.save_every, keep=config.keep_checkpoints)
+    start = checkpoints.latest_step() or 0
+    if start:
+        *state, meta = checkpoints.restore(start, *state)
+        if meta.get("samples_fingerprint") != data_fingerprint:
+            raise DataError(
+                f"{out}: the checkpoint of step {start} was trained on different samples than "
+                f"{config.samples} now holds; use another --out"
+            )
+        state = tuple(state)
+    meta = {
+        "lora": config.lora.to_dict(),
+        "samples_fingerprint": data_fingerprint,
+        "model_config": model_config.to_hf_dict(),
+        "tokenizer": config.tokenizer or config.expert,
+        "init": config.init,
+        "seed": config.seed,
+    }
+    steps = iter_steps(
+        trajectories,
+        positions_per_step=config.batch_positions,
+        micro_batches=config.grad_accum,
+        seed=config.seed,
+        bucket_window=config.bucket_window,
+        start_step=start,
+    )
+    row_multiple = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
+    batch_sh = batch_shardings(mesh)
+    base_key = jax.random.key(config.seed)
+    is_leader = jax.process_index() == 0
+    log = MetricsLog(out, resume_step=start, tensorboard=is_leader)
+    stop_signal = StopSignal()
+    if should_stop is None:
+        should_stop = lambda step: (
+            stop_signal.requested
+            or (jax.process_count() > 1 and checkpoints.reached_preemption(step))
+        )
+    meter, last_saved, stopped = _Meter(), start, False
+    bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and is_leader))
+    try:
+        with stop_signal:
+            for step in range(start, config.steps):
+                arrays = collate_step(
+                    trajectories,
+                    next(steps),
+                    k=data_stats["k"],
+                    pad_id=pad_id,
+                    length_bucket=config.length_bucket,
+                    row_multiple=row_multiple,
+                )
+                key = jax.random.fold_in(base_key, step)
+                state, metrics = step_fn(state, rest, _place(arrays, batch_sh), key)
+                meter.add(
+                    metrics,
+                    tokens=int(arrays["attention_mask"].sum()),
+                    positions=config.batch_positions,
+                )
+                done = step + 1
+                if done % config.log_every == 0 or done == config.steps:
+                    values = meter.values(lr=float(schedule(step)))
+                    if is_leader:
+                        log.write(done, values)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", kl=f"{values['kl']:.4f}")
+                bar.update(1)
+                stop = should_stop(done)
+                meta_now = {**meta, "data_step": done}
+                if checkpoints.save(done, *state, meta_now, force=stop or done == config.steps):
+                    last_saved = done
+                if stop:
+                    stopped = done < config.steps
+                    break
+    finally:
+        bar.close()
+        checkpoints.close()  # waits for a save in flight, also when interrupted
+        log.close()
+    summary = {
+        "steps": last_saved,
+        "stopped": stopped,
+        "data": data_stats,
+        "final": log.records[-1] if log.records else None,
+        "checkpoint": str(checkpoints.directory / str(last_saved)),
+    }
+    if is_leader:
+        log.plot(out / "loss_curve.png")
+        atomic_write_json(out / "summary.json", summary)
+    return summary

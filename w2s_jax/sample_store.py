@@ -1,0 +1,262 @@
+"""The sampling stage's output folder: manifest, atomic JSONL shards, resume, summary, export.
+
+Layout of `OUT`:
+- `manifest.json`: the settings that shape the samples (refused if they change on
+  resume) and the fingerprints of the expert, amateur and tokenizer.
+- `samples/pPPP-NNNNN.jsonl`: one record per question (`RECORD_FIELDS`), one shard
+  per batch and process, written atomically; a shard on disk is a finished batch.
+- `samples/pPPP-NNNNN.stats.json`: per-shard sums the records do not carry
+  (plausible-set sizes, top-k dropped mass, compute time); written before its shard.
+- `summary.json` and `kl_histogram.png`: rebuilt from all shards at the end of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from w2s_jax.files import DataError, atomic_write_json, atomic_write_jsonl, read_jsonl
+
+FORMAT = "w2s_jax.samples/1"
+RECORD_FIELDS = (
+    "id",
+    "prompt_ids",
+    "completion_ids",
+    "kl",
+    "positions",
+    "target_ids",
+    "target_weights",
+)
+KL_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+_SHARD_RE = re.compile(r"^p(\d{3})-(\d{5})\.jsonl$")
+
+
+class SettingsMismatch(ValueError):
+    """`--out` already holds samples made with different settings."""
+
+
+def manifest_path(out: str | Path) -> Path:
+    return Path(out) / "manifest.json"
+
+
+def read_manifest(out: str | Path) -> dict:
+    """The manifest of a samples folder; DataError if it is missing or unreadable."""
+    path = manifest_path(out)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (not a `w2s sample` output folder?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: not a {FORMAT} manifest")
+    return manifest
+
+
+def settings_difference(old: dict, new: dict) -> list[str]:
+    """Human-readable `key: old -> new` lines for every setting that differs."""
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+def check_or_create_manifest(out: str | Path, manifest: dict, *, create: bool = True) -> bool:
+    """Refuse an `out` whose recorded settings differ; write the manifest if there is none.
+
+    Returns True when `out` already held a manifest (a resumed run). With
+    `create=False` (non-leader processes) nothing is written.
+    """
+    out = Path(out)
+    path = manifest_path(out)
+    if path.exists():
+        old = read_manifest(out)
+        diff = settings_difference(old.get("settings", {}), manifest["settings"])
+        if diff:
+            raise SettingsMismatch(
+                f"{out} holds samples made with different settings; use another --out "
+                "or the original settings. Differences (recorded -> requested): " + "; ".join(diff)
+            )
+        return True
+    if shard_paths(out):
+        raise DataError(f"{out}/samples holds shards but {path} is missing; refusing to mix runs")
+    if create:
+        atomic_write_json(path, manifest)
+    return False
+
+
+def samples_dir(out: str | Path) -> Path:
+    return Path(out) / "samples"
+
+
+def shard_paths(out: str | Path) -> list[Path]:
+    """Finished shards of every process, in (process, index) order."""
+    folder = samples_dir(out)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _SHARD_RE.match(p.name))
+
+
+def _stats_path(shard: Path) -> Path:
+    return shard.with_name(shard.name[: -len(".jsonl")] + ".stats.json")
+
+
+def validate_record(record: dict, where: str) -> None:
+    """Check one sample record's fields and their mutual lengths; DataError names `where`."""
+    missing = [f for f in RECORD_FIELDS if f not in record]
+    if missing:
+        raise DataError(f"{where}: record lacks field(s) {', '.join(missing)}")
+    n = len(record["completion_ids"])
+    if len(record["kl"]) != n:
+        raise DataError(f"{where}: {len(record['kl'])} kl values for {n} completion tokens")
+    positions = record["positions"]
+    if any(not 0 <= p < n for p in positions) or positions != sorted(set(positions)):
+        raise DataError(f"{where}: positions must be increasing indices into completion_ids")
+    if not len(positions) == len(record["target_ids"]) == len(record["target_weights"]):
+        raise DataError(f"{where}: positions, target_ids and target_weights differ in length")
+    for ids, weights in zip(record["target_ids"], record["target_weights"], strict=True):
+        if len(ids) != len(weights) or not ids:
+            raise DataError(f"{where}: a target has {len(ids)} ids and {len(weights)} weights")
+
+
+def read_samples(out: str | Path) -> Iterator[dict]:
+    """Every record of every finished shard of `out`, checked, in shard order."""
+    for shard in shard_paths(out):
+        for lineno, record in read_jsonl(shard):
+            validate_record(record, f"{shard}:{lineno}")
+            yield record
+
+
+def finished_ids(out: str | Path) -> set[str]:
+    """Ids of the questions already sampled into `out` (by any process)."""
+    return {record["id"] for record in read_samples(out)}
+
+
+def remove_stale_temp_files(out: str | Path, process_index: int) -> None:
+    """Delete this process's temp files left by a killed run (never another process's)."""
+    folder = samples_dir(out)
+    if folder.is_dir():
+        for path in folder.glob(f".p{process_index:03d}-*.tmp"):
+            path.unlink(missing_ok=True)
+
+
+def write_shard(out: str | Path, records: list[dict], stats: dict, *, process_index: int) -> Path:
+    """Write one batch's records as the next shard of `process_index`, atomically.
+
+    The stats sidecar goes first, the shard last: a shard on disk means the whole
+    batch is done, and a kill in between leaves only a sidecar that the next
+    shard of the same name overwrites.
+    """
+    folder = samples_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = [
+        int(m.group(2))
+        for p in folder.iterdir()
+        if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) == process_index
+    ]
+    shard = folder / f"p{process_index:03d}-{max(taken, default=-1) + 1:05d}.jsonl"
+    atomic_write_json(_stats_path(shard), stats)
+    atomic_write_jsonl(shard, records)
+    return shard
+
+
+def summarize(out: str | Path, *, beta: float) -> tuple[dict, np.ndarray]:
+    """Summary over every finished shard, and the flat array of KL values at all positions."""
+    kl_chunks, questions, selected, prompt_tokens = [], 0, 0, 0
+    for record in read_samples(out):
+        questions += 1
+        selected += len(record["positions"])
+        prompt_tokens += len(record["prompt_ids"])
+        kl_chunks.append(np.asarray(record["kl"], dtype=np.float64))
+    kl = np.concatenate(kl_chunks) if kl_chunks else np.zeros(0)
+    sums = {"plausible_size_sum": 0.0, "dropped_mass_sum": 0.0, "wall_time_s": 0.0}
+    dropped_max = 0.0
+    for shard in shard_paths(out):
+        stats = json.loads(_stats_path(shard).read_text())
+        for key in sums:
+            sums[key] += stats[key]
+        dropped_max = max(dropped_max, stats["dropped_mass_max"])
+    positions = int(kl.size)
+    summary = {
+        "questions": questions,
+        "prompt_tokens": prompt_tokens,
+        "positions": positions,
+        "selected": selected,
+        "selected_fraction": selected / positions if positions else 0.0,
+        "beta": beta,
+        "kl_mean": float(kl.mean()) if positions else None,
+        "kl_quantiles": {
+            f"p{round(q * 100)}": float(np.quantile(kl, q)) if positions else None
+            for q in KL_QUANTILES
+        },
+        "kl_below_0.1_fraction": float((kl < 0.1).mean()) if positions else None,
+        "mean_plausible_size": sums["plausible_size_sum"] / selected if selected else None,
+        "mean_dropped_mass": sums["dropped_mass_sum"] / selected if selected else None,
+        "max_dropped_mass": dropped_max,
+        "wall_time_s": sums["wall_time_s"],
+        "tokens_per_s": positions / sums["wall_time_s"] if sums["wall_time_s"] else None,
+    }
+    return summary, kl
+
+
+def plot_kl_histogram(kl: np.ndarray, beta: float, path: str | Path) -> None:
+    """Histogram of per-position KL (log count axis) with the β threshold line; PNG, atomic."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from w2s_jax.files import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    top = max(float(kl.max()) if kl.size else 1.0, beta * 2)
+    ax.hist(kl, bins=np.linspace(0.0, top, 61), color="tab:blue")
+    ax.axvline(beta, color="tab:red", linestyle="--", label=f"β = {beta:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("KL(π_E ‖ π_A) per rollout position")
+    ax.set_ylabel("positions")
+    selected = int((kl > beta).sum())
+    ax.set_title(f"{kl.size} positions, {selected} above β ({selected / max(kl.size, 1):.1%})")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def reference_rows(record: dict, tokenizer) -> Iterator[dict]:
+    """One LightReasoner-reference JSONL row per selected step of a record.
+
+    Fields: prompt_id, step (index into the completion), prefix (decoded
+    completion before the step), tokens (each target id decoded alone),
+    token_ids, weights, kl_divergence. Text fields are for humans and the
+    reference's tools only; this project never re-tokenizes them.
+    """
+    completion = record["completion_ids"]
+    for step, ids, weights in zip(
+        record["positions"], record["target_ids"], record["target_weights"], strict=True
+    ):
+        yield {
+            "prompt_id": record["id"],
+            "step": step,
+            "prefix": tokenizer.decode(completion[:step]),
+            "tokens": [tokenizer.decode([i]) for i in ids],
+            "token_ids": ids,
+            "weights": weights,
+            "kl_divergence": record["kl"][step],
+        }
+
+
+def export_reference(out: str | Path, tokenizer, path: str | Path) -> int:
+    """Write every selected step of `out` in the reference's format to `path`; returns rows."""
+    rows = [row for record in read_samples(out) for row in reference_rows(record, tokenizer)]
+    atomic_write_jsonl(path, rows)
+    return len(rows)

@@ -1,0 +1,387 @@
+"""LightReasoner sampling stage: questions -> expert rollouts -> per-token KL -> targets.
+
+Per batch: chat-formatted prompt ids -> the expert's greedy rollout
+(`w2s_jax.generate`) -> one teacher-forced pass of each model over
+prompt + rollout -> at every rollout position, KL(πE‖πA) and the contrastive
+target from the hidden states and LM heads (`divergence.fused_kl_and_target`,
+padded vocabulary rows cut to the tokenizer's size) -> `select_steps`. Token ids
+end to end: nothing is decoded and re-encoded. The output folder is handled by
+`w2s_jax.sample_store`; the command is `w2s sample`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from w2s_jax import divergence, sharding
+from w2s_jax.fingerprint import tokenizer_mapping
+
+DEFAULT_SYSTEM_PROMPT = "Please reason step by step."
+PROMPT_STYLES = ("chat", "plain")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """The knobs of the sampling stage (METHOD.md §1 defaults)."""
+
+    alpha: float = 0.2
+    beta: float = 0.4
+    top_k: int = 16
+    max_new_tokens: int = 128
+    select: bool = True  # False: every rollout position is kept (ablation)
+    contrast: bool = True  # False: one-hot target on the expert's own token (ablation)
+    chunk_size: int = 32  # rollout positions per block of the fused KL/target kernel
+
+    def check(self) -> None:
+        """ValueError naming the first out-of-range value."""
+        if not (isinstance(self.alpha, int | float) and 0.0 < self.alpha <= 1.0):
+            raise ValueError(f"alpha must lie in (0, 1], got {self.alpha!r}")
+        if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
+        for name in ("top_k", "max_new_tokens", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+# --- tokenizers and prompts ---------------------------------------------------
+
+
+def tokenizer_difference(first, second) -> str | None:
+    """None if the two tokenizers map ids to the same tokens and share special tokens;
+    else a description: sizes, the first differing ids, the differing special tokens."""
+    a, b = tokenizer_mapping(first), tokenizer_mapping(second)
+    if a == b and len(first) == len(second):
+        return None
+    parts = []
+    if len(first) != len(second):
+        parts.append(f"sizes {len(first)} vs {len(second)}")
+    by_id_a = {i: t for t, i in a["vocab"].items()}
+    by_id_b = {i: t for t, i in b["vocab"].items()}
+    differing = [i for i in sorted(set(by_id_a) | set(by_id_b)) if by_id_a.get(i) != by_id_b.get(i)]
+    if differing:
+        shown = ", ".join(f"{i} ({by_id_a.get(i)!r} vs {by_id_b.get(i)!r})" for i in differing[:5])
+        parts.append(f"{len(differing)} ids map to different tokens, first: {shown}")
+    special = [
+        f"{key} {a['special'].get(key)!r} vs {b['special'].get(key)!r}"
+        for key in sorted(set(a["special"]) | set(b["special"]))
+        if a["special"].get(key) != b["special"].get(key)
+    ]
+    if special:
+        parts.append("special tokens differ: " + ", ".join(special))
+    return "; ".join(parts) or "tokenizers differ"
+
+
+def check_shared_tokenizer(expert_tokenizer, amateur_tokenizer, expert: str, amateur: str) -> None:
+    """ValueError unless expert and amateur share the id -> token mapping and special tokens."""
+    difference = tokenizer_difference(expert_tokenizer, amateur_tokenizer)
+    if difference is not None:
+        raise ValueError(
+            f"expert {expert} and amateur {amateur} have different tokenizers "
+            f"(expert vs amateur: {difference}); LightReasoner compares next-token "
+            "distributions id by id, so both models must share one tokenizer"
+        )
+
+
+def prompt_ids(tokenizer, question: str, *, prompt_style: str, system_prompt: str | None):
+    """Token ids of the prompt that the expert answers.
+
+    "chat": the tokenizer's chat template with the system prompt and the question
+    as the user turn, ending with the assistant header. "plain": the text
+    "{system_prompt}\\n\\nQuestion: {question}\\nAnswer: " (system prompt optional).
+    """
+    if prompt_style == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; use --prompt-style plain")
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": question})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prompt_style == "plain":
+        text = f"{system_prompt}\n\n" if system_prompt else ""
+        return tokenizer(f"{text}Question: {question}\nAnswer: ")["input_ids"]
+    raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+
+
+def stop_ids(tokenizer, model_folder: str | Path) -> list[int]:
+    """Ids that end a rollout: generation_config.json's eos_token_id (else config.json's)
+    and the tokenizer's eos token."""
+    folder = Path(model_folder)
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if value is not None:
+                ids.update([value] if isinstance(value, int) else value)
+                break
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(i for i in ids if 0 <= i < len(tokenizer))
+
+
+def left_pad(rows: list[list[int]], *, pad_id: int, multiple: int = 32):
+    """Left-pad ragged id lists to a length rounded up to `multiple` (fewer recompiles).
+
+    Returns (ids [B, P] int32, mask [B, P] int32).
+    """
+    width = max(len(r) for r in rows)
+    width = -(-width // multiple) * multiple
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        if row:
+            ids[b, width - len(row) :] = row
+            mask[b, width - len(row) :] = 1
+    return ids, mask
+
+
+# --- models ------------------------------------------------------------------------
+
+
+def cut_vocab(model, vocab_size: int) -> None:
+    """Drop the embedding and LM-head rows at ids >= `vocab_size`, in place.
+
+    Checkpoints often pad their vocabulary beyond the tokenizer (Qwen: 151936 rows
+    for 151665 tokens). Those ids are not tokens: after the cut the generator can
+    never emit one, and every logit row has exactly the tokenizer's size. Outputs
+    at real ids are unchanged.
+    """
+    if model.config.vocab_size == vocab_size:
+        return
+
+    def cut(variable, name, index):
+        value = variable.get_value()[index]
+        placed = getattr(variable.get_value(), "sharding", None)
+        if isinstance(placed, jax.sharding.NamedSharding):
+            value = jax.device_put(value, sharding.param_sharding(name, value.shape, placed.mesh))
+        variable.set_value(value)
+
+    embed = model.model.embed_tokens
+    cut(embed.embedding, "model/embed_tokens/embedding", np.s_[:vocab_size])
+    embed.num_embeddings = vocab_size
+    if model.lm_head is not None:
+        cut(model.lm_head.kernel, "lm_head/kernel", np.s_[:, :vocab_size])
+    model.config = dataclasses.replace(model.config, vocab_size=vocab_size)
+
+
+# --- the teacher-forced pass ----------------------------------------------------
+
+
+def teacher_forced_inputs(prompt_bp, prompt_mask_bp, completion_bt, lengths_b):
+    """Prompt + rollout minus its last token, [B, P + T - 1], and its attention mask.
+
+    The hidden state at column P - 1 + t is the prefix prompt + completion[:t],
+    which predicts completion[t].
+    """
+    t = completion_bt.shape[1]
+    valid_bt = np.arange(t)[None, :] < np.asarray(lengths_b)[:, None]
+    ids = np.concatenate([prompt_bp, completion_bt[:, : t - 1]], axis=1).astype(np.int32)
+    mask = np.concatenate([prompt_mask_bp, valid_bt[:, : t - 1]], axis=1).astype(np.int32)
+    return ids, mask, valid_bt
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("expert_graph", "amateur_graph", "alpha", "top_k", "chunk_size", "vocab_size"),
+)
+def _score(
+    expert_graph,
+    expert_state,
+    amateur_graph,
+    amateur_state,
+    ids_bs,
+    mask_bs,
+    valid_bt,
+    beta,
+    select,
+    *,
+    alpha,
+    top_k,
+    chunk_size,
+    vocab_size,
+):
+    """KL, selection and targets at the rollout columns of a teacher-forced pass.
+
+    `beta` and `select` are traced, so the ablations reuse the compiled program.
+    """
+    t = valid_bt.shape[1]
+    start = ids_bs.shape[1] - t  # column P - 1
+    expert = nnx.merge(expert_graph, expert_state)
+    amateur = nnx.merge(amateur_graph, amateur_state)
+    expert_btd = expert.hidden_states(ids_bs, mask_bs)[:, start:]
+    amateur_btd = amateur.hidden_states(ids_bs, mask_bs)[:, start:]
+    kl_bt, ids_btk, weights_btk, stats = divergence.fused_kl_and_target(
+        expert_btd,
+        expert.lm_head_kernel(),
+        amateur_btd,
+        amateur.lm_head_kernel(),
+        alpha,
+        top_k,
+        chunk_size=min(chunk_size, t),
+        vocab_size=vocab_size,
+    )
+    selected_bt = jnp.where(select, divergence.select_steps(kl_bt, beta, valid_bt), valid_bt)
+    return {
+        "kl": kl_bt,
+        "selected": selected_bt,
+        "target_ids": ids_btk,
+        "target_weights": weights_btk,
+        "plausible_size": stats["plausible_size"],
+        "dropped_mass": stats["dropped_mass"],
+    }
+
+
+def _to_device(array: np.ndarray, sharding):
+    """A global array from identical host copies (works on one host and on many)."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def to_host(array) -> np.ndarray:
+    """The whole value of a (possibly multi-host sharded) array on this host."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+class Scorer:
+    """Teacher-forced scoring of rollouts by an expert and an amateur on one mesh."""
+
+    def __init__(self, expert, amateur, *, config: SampleConfig, vocab_size: int, mesh=None):
+        self.config = config
+        self.vocab_size = vocab_size
+        self.mesh = mesh
+        self._expert = nnx.split(expert)
+        self._amateur = nnx.split(amateur)
+
+    def __call__(self, prompt_bp, prompt_mask_bp, completion_bt, lengths_b) -> dict:
+        """Per-position KL, selection and targets as host arrays [B, T] / [B, T, k].
+
+        `prompt_bp` is left-padded (mask 1 = real token); `completion_bt` holds the
+        rollouts, `lengths_b` their lengths (positions t >= length are padding).
+        """
+        ids, mask, valid = teacher_forced_inputs(
+            prompt_bp, prompt_mask_bp, completion_bt, lengths_b
+        )
+        if self.mesh is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            place = lambda x: jax.device_put(x, device)
+        else:
+            place = lambda x: _to_device(x, sharding.batch_sharding(self.mesh, x.shape[0], x.ndim))
+        out = _score(
+            self._expert[0],
+            self._expert[1],
+            self._amateur[0],
+            self._amateur[1],
+            place(ids),
+            place(mask),
+            place(valid),
+            np.float32(self.config.beta),
+            np.bool_(self.config.select),
+            alpha=self.config.alpha,
+            top_k=self.config.top_k,
+            chunk_size=self.config.chunk_size,
+            vocab_size=self.vocab_size,
+        )
+        return {key: to_host(value) for key, value in out.items()}
+
+
+def gather_rows(local_rows: list[list[int]]) -> list[list[int]]:
+    """Every process's ragged id lists, in process order; the identity on one process.
+
+    All processes must pass the same number of rows.
+    """
+    if jax.process_count() == 1:
+        return local_rows
+    lengths = np.array([len(r) for r in local_rows], np.int32)
+    width = int(np.max(multihost_utils.process_allgather(lengths.max(initial=1))))
+    padded = np.zeros((len(local_rows), width), np.int32)
+    for i, row in enumerate(local_rows):
+        padded[i, : len(row)] = row
+    all_ids = multihost_utils.process_allgather(padded)  # [processes, rows, width]
+    all_lengths = multihost_utils.process_allgather(lengths)
+    return [
+        all_ids[p, i, : all_lengths[p, i]].tolist()
+        for p in range(all_ids.shape[0])
+        for i in range(all_ids.shape[1])
+    ]
+
+
+def rollout_and_score(expert, scorer: Scorer, prompts, *, max_new_tokens, eos_ids, pad_id):
+    """The expert's greedy rollouts of `prompts` and their scores, on host.
+
+    Returns (completion [B, T] int32, lengths [B], scores from `Scorer`).
+    """
+    from w2s_jax.generate import generate
+
+    result = generate(
+        expert, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id
+    )
+    completion_bt = to_host(result.tokens).astype(np.int32)
+    lengths_b = to_host(result.lengths).astype(np.int32)
+    prompt_bp, prompt_mask_bp = left_pad(prompts, pad_id=pad_id)
+    scores = scorer(prompt_bp, prompt_mask_bp, completion_bt, lengths_b)
+    return completion_bt, lengths_b, scores
+
+
+# --- records ---------------------------------------------------------------------
+
+
+def build_records(ids, prompts, completion_bt, lengths_b, scores, *, contrast: bool):
+    """One sample record per row, and the batch's sums for the stats sidecar.
+
+    Targets keep the min(|plausible set|, k) heaviest tokens; with `contrast=False`
+    the target is one-hot on the expert's own token.
+    """
+    records = []
+    plausible_sum = dropped_sum = dropped_max = 0.0
+    for b, (qid, prompt) in enumerate(zip(ids, prompts, strict=True)):
+        n = int(lengths_b[b])
+        completion = [int(x) for x in completion_bt[b, :n]]
+        positions = np.flatnonzero(scores["selected"][b, :n])
+        if contrast:
+            sizes = np.minimum(
+                scores["plausible_size"][b, positions], scores["target_ids"].shape[-1]
+            )
+            target_ids = [
+                scores["target_ids"][b, t, :m].tolist()
+                for t, m in zip(positions, sizes, strict=True)
+            ]
+            target_weights = [
+                [float(w) for w in scores["target_weights"][b, t, :m]]
+                for t, m in zip(positions, sizes, strict=True)
+            ]
+            dropped = scores["dropped_mass"][b, positions].astype(np.float64)
+            dropped_sum += float(dropped.sum())
+            dropped_max = max(dropped_max, float(dropped.max(initial=0.0)))
+        else:
+            target_ids = [[completion[t]] for t in positions]
+            target_weights = [[1.0] for _ in positions]
+        plausible_sum += float(scores["plausible_size"][b, positions].sum())
+        records.append(
+            {
+                "id": qid,
+                "prompt_ids": [int(x) for x in prompt],
+                "completion_ids": completion,
+                "kl": [float(x) for x in scores["kl"][b, :n]],
+                "positions": positions.tolist(),
+                "target_ids": target_ids,
+                "target_weights": target_weights,
+            }
+        )
+    stats = {
+        "plausible_size_sum": plausible_sum,
+        "dropped_mass_sum": dropped_sum,
+        "dropped_mass_max": dropped_max,
+    }
+    return records, stats

@@ -21,7 +21,7 @@ def _record(rid, prompt, completion, positions, rng):
     ids, weights = [], []
     for _ in positions:
         k = rng.randint(1, 4)
-        w = sorted((rng.random() + 0.1 for _ in range(k)), reverse=True)
+        w = [rng.random() + 0.1 for _ in range(k)]  # unsorted: the loader sorts
         ids.append(rng.sample(range(3, 300), k))
         weights.append([x / sum(w) for x in w])
     return {
@@ -64,8 +64,9 @@ def test_trajectory_indices_and_cut(tmp_path):
     np.testing.assert_array_equal(traj.input_ids, [10, 11, 12, 20, 21, 22])
     assert traj.target_ids.shape == (3, max(len(i) for i in rec["target_ids"]))
     for j, (ids, w) in enumerate(zip(rec["target_ids"], rec["target_weights"], strict=True)):
-        np.testing.assert_array_equal(traj.target_ids[j, : len(ids)], ids)
-        np.testing.assert_allclose(traj.target_weights[j, : len(w)], w, rtol=1e-6)
+        order = np.argsort(w)[::-1]  # stored heaviest first
+        np.testing.assert_array_equal(traj.target_ids[j, : len(ids)], np.array(ids)[order])
+        np.testing.assert_allclose(traj.target_weights[j, : len(w)], np.array(w)[order], rtol=1e-6)
         assert np.all(traj.target_weights[j, len(w) :] == 0)
     k = traj.target_ids.shape[1]
     assert stats == {"records": 2, "trajectories": 1, "positions": 3, "tokens": 6, "k": k}

@@ -182,12 +182,12 @@ def _on_mesh(tree, mesh):
     return jax.tree.map(place, tree)
 
 
-def _place(tree, shardings):
-    """Global arrays from identical host copies on every process."""
+def shard_batch(arrays: dict, mesh) -> dict:
+    """Global arrays on `mesh` (`batch_shardings`) from identical host copies on all processes."""
     return jax.tree.map(
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
-        tree,
-        shardings,
+        arrays,
+        batch_shardings(mesh),
     )
 
 
@@ -290,10 +290,11 @@ def _load_data(config: TrainConfig):
     return trajectories, stats, samples_fingerprint(files), pad_id, model_config
 
 
-def _compile_step(config: TrainConfig, mesh):
-    """Model, adapters, optimizer and the jitted step on `mesh`.
+def compile_step(config: TrainConfig, mesh):
+    """Load the model, add adapters, build the optimizer and jit the step on `mesh`.
 
-    Returns (jitted step, (params, opt_state), rest, graphdef, schedule).
+    Returns (step_fn, (params, opt_state), rest, schedule): `step_fn(state, rest,
+    shard_batch(arrays, mesh), key) -> (state, metrics)` donates `state`.
     """
     lora = config.lora
     model = _load_model(config, mesh)
@@ -371,7 +372,7 @@ def train(
     trajectories, data_stats, data_fingerprint, pad_id, model_config = _load_data(config)
     _check_resumable(out, config)
     mesh = make_mesh(config.mesh) if mesh is None else mesh
-    step_fn, state, rest, schedule = _compile_step(config, mesh)
+    step_fn, state, rest, schedule = compile_step(config, mesh)
 
     checkpoints = TrainCheckpoints(out, save_every=config.save_every, keep=config.keep_checkpoints)
     start = checkpoints.latest_step() or 0
@@ -400,7 +401,6 @@ def train(
         start_step=start,
     )
     row_multiple = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
-    batch_sh = batch_shardings(mesh)
     base_key = jax.random.key(config.seed)
     is_leader = jax.process_index() == 0
     log = MetricsLog(out, resume_step=start, tensorboard=is_leader)
@@ -424,7 +424,7 @@ def train(
                     row_multiple=row_multiple,
                 )
                 key = jax.random.fold_in(base_key, step)
-                state, metrics = step_fn(state, rest, _place(arrays, batch_sh), key)
+                state, metrics = step_fn(state, rest, shard_batch(arrays, mesh), key)
                 meter.add(
                     metrics,
                     tokens=int(arrays["attention_mask"].sum()),

@@ -35,7 +35,7 @@ class Trajectory:
     input_ids: i32[L] prompt + completion, cut after the last token any position needs.
     logit_index: i32[n] index into input_ids of the logits that predict each supervised
       token (prompt length + completion position - 1), strictly increasing.
-    target_ids, target_weights: [n, k] sparse soft targets (weight 0 marks padding).
+    target_ids, target_weights: [n, k] sparse soft targets, heaviest first (weight 0 pads).
     """
 
     id: str
@@ -171,8 +171,9 @@ def load_trajectories(
             ids = np.zeros((len(rows), k), np.int32)
             weights = np.zeros((len(rows), k), np.float32)
             for j, (row_ids, row_w) in enumerate(rows):
-                ids[j, : len(row_ids)] = row_ids
-                weights[j, : len(row_w)] = row_w
+                order = np.argsort(-np.asarray(row_w), kind="stable")  # top target first
+                ids[j, : len(row_ids)] = np.asarray(row_ids)[order]
+                weights[j, : len(row_w)] = np.asarray(row_w)[order]
             index = np.asarray(positions, np.int32) + len(prompt) - 1
             out.append(Trajectory(rid, tokens, index, ids, weights))
     if records == 0:

@@ -353,3 +353,11 @@ def test_unsupported_config_names_the_field(checkpoints, tmp_path, change, messa
     with pytest.raises(ConfigError, match=str(folder / "config.json")) as info:
         load_pretrained(folder)
     assert message in str(info.value)
+
+
+def test_export_refuses_parameters_without_a_hf_name(checkpoints, tmp_path):
+    model = load_pretrained(checkpoints["qwen2_untied"][0])
+    model.model.layers[0].self_attn.q_proj.lora_a = nnx.Param(np.zeros((64, 2), np.float32))
+    with pytest.raises(CheckpointError, match="lora_a.*merge LoRA"):
+        save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from w2s_jax.models.safetensors_io import CheckpointError
+
 # (HF key template, "/"-joined NNX path template, transpose). {i}: layer index,
 # {p}: projection/norm name. HF Linear weights are [out, in]; nnx.Linear kernels [in, out].
 WEIGHT_TABLE: tuple[tuple[str, str, bool], ...] = (
@@ -42,9 +44,12 @@ _PATH_TO_HF = [(_compile(path), hf, t) for hf, path, t in WEIGHT_TABLE]
 
 
 def path_to_hf(path: str) -> tuple[str, bool]:
-    """(HF tensor name, transpose) for an NNX parameter path; KeyError when unmapped."""
+    """(HF tensor name, transpose) for an NNX parameter path; CheckpointError when unmapped."""
     for pattern, template, transpose in _PATH_TO_HF:
         match = pattern.match(path)
         if match:
             return template.format(**match.groupdict()), transpose
-    raise KeyError(f"parameter {path!r} has no Hugging Face name in WEIGHT_TABLE")
+    raise CheckpointError(
+        f"parameter {path!r} has no Hugging Face name in WEIGHT_TABLE "
+        "(merge LoRA adapters into the base weights before exporting)"
+    )

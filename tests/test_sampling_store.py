@@ -10,11 +10,10 @@ import pytest
 from w2s_jax import sample_store
 from w2s_jax.data.tfds_source import load_source
 from w2s_jax.files import DataError, atomic_write_jsonl
+from w2s_jax.generate import left_pad
 from w2s_jax.sampling import (
     SampleConfig,
     check_shared_tokenizer,
-    left_pad,
-    prompt_ids,
     teacher_forced_inputs,
     tokenizer_difference,
 )
@@ -130,22 +129,8 @@ def test_tokenizer_difference(tiny_tokenizer_dir, tmp_path):
     )
 
 
-def test_prompt_ids(tiny_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
-    ids = prompt_ids(tokenizer, "how many apples", prompt_style="chat", system_prompt="Think.")
-    text = "<|im_start|>system\nThink.<|im_end|>\n<|im_start|>user\nhow many apples<|im_end|>\n"
-    assert tokenizer.decode(ids) == text + "<|im_start|>assistant\n"
-    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
-    plain = prompt_ids(tokenizer, "how many", prompt_style="plain", system_prompt=None)
-    assert tokenizer.decode(plain) == "Question: how many\nAnswer: "
-    with pytest.raises(ValueError, match="prompt style"):
-        prompt_ids(tokenizer, "q", prompt_style="fancy", system_prompt=None)
-
-
 def test_teacher_forced_layout():
-    prompt, mask = left_pad([[5, 6, 7], [8]], pad_id=0, multiple=4)
+    prompt, mask = left_pad([[5, 6, 7], [8]], 0, multiple=4)
     assert prompt.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]]
     completion = np.array([[11, 12, 13], [21, 2, 0]])
     ids, full_mask, valid = teacher_forced_inputs(prompt, mask, completion, np.array([3, 2]))

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +25,7 @@ from w2s_jax import divergence, sharding
 from w2s_jax.fingerprint import tokenizer_mapping
 
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step."
-PROMPT_STYLES = ("chat", "plain")
+PROMPT_STYLES = ("chat", "plain")  # as in w2s_jax.evaluate.prompt_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +52,7 @@ class SampleConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-# --- tokenizers and prompts ---------------------------------------------------
+# --- tokenizers ---------------------------------------------------
 
 
 def tokenizer_difference(first, second) -> str | None:
@@ -91,59 +89,6 @@ def check_shared_tokenizer(expert_tokenizer, amateur_tokenizer, expert: str, ama
             f"(expert vs amateur: {difference}); LightReasoner compares next-token "
             "distributions id by id, so both models must share one tokenizer"
         )
-
-
-def prompt_ids(tokenizer, question: str, *, prompt_style: str, system_prompt: str | None):
-    """Token ids of the prompt that the expert answers.
-
-    "chat": the tokenizer's chat template with the system prompt and the question
-    as the user turn, ending with the assistant header. "plain": the text
-    "{system_prompt}\\n\\nQuestion: {question}\\nAnswer: " (system prompt optional).
-    """
-    if prompt_style == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; use --prompt-style plain")
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": question})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    if prompt_style == "plain":
-        text = f"{system_prompt}\n\n" if system_prompt else ""
-        return tokenizer(f"{text}Question: {question}\nAnswer: ")["input_ids"]
-    raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
-
-
-def stop_ids(tokenizer, model_folder: str | Path) -> list[int]:
-    """Ids that end a rollout: generation_config.json's eos_token_id (else config.json's)
-    and the tokenizer's eos token."""
-    folder = Path(model_folder)
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        path = folder / name
-        if path.is_file():
-            value = json.loads(path.read_text()).get("eos_token_id")
-            if value is not None:
-                ids.update([value] if isinstance(value, int) else value)
-                break
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(i for i in ids if 0 <= i < len(tokenizer))
-
-
-def left_pad(rows: list[list[int]], *, pad_id: int, multiple: int = 32):
-    """Left-pad ragged id lists to a length rounded up to `multiple` (fewer recompiles).
-
-    Returns (ids [B, P] int32, mask [B, P] int32).
-    """
-    width = max(len(r) for r in rows)
-    width = -(-width // multiple) * multiple
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for b, row in enumerate(rows):
-        if row:
-            ids[b, width - len(row) :] = row
-            mask[b, width - len(row) :] = 1
-    return ids, mask
 
 
 # --- models ------------------------------------------------------------------------
@@ -322,14 +267,14 @@ def rollout_and_score(expert, scorer: Scorer, prompts, *, max_new_tokens, eos_id
 
     Returns (completion [B, T] int32, lengths [B], scores from `Scorer`).
     """
-    from w2s_jax.generate import generate
+    from w2s_jax.generate import generate, left_pad
 
     result = generate(
         expert, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id
     )
     completion_bt = to_host(result.tokens).astype(np.int32)
     lengths_b = to_host(result.lengths).astype(np.int32)
-    prompt_bp, prompt_mask_bp = left_pad(prompts, pad_id=pad_id)
+    prompt_bp, prompt_mask_bp = left_pad(prompts, pad_id, multiple=32)
     scores = scorer(prompt_bp, prompt_mask_bp, completion_bt, lengths_b)
     return completion_bt, lengths_b, scores
 

@@ -93,14 +93,10 @@ def _plan(args: argparse.Namespace) -> _Plan:
         raise ValueError(f"missing {', '.join(missing)} (give them as flags or in --config)")
     from w2s_jax import __version__, fingerprint
     from w2s_jax.data.tfds_source import TFDS_PREFIX, load_source
+    from w2s_jax.evaluate import prompt_ids, stop_ids
     from w2s_jax.models import ModelConfig, load_tokenizer
     from w2s_jax.sample_store import FORMAT
-    from w2s_jax.sampling import (
-        SampleConfig,
-        check_shared_tokenizer,
-        prompt_ids,
-        stop_ids,
-    )
+    from w2s_jax.sampling import SampleConfig, check_shared_tokenizer
 
     config = SampleConfig(
         alpha=args.alpha,
@@ -136,8 +132,6 @@ def _plan(args: argparse.Namespace) -> _Plan:
                 f"{role} {folder}: the model has {model_vocab} output rows but the tokenizer "
                 f"has {vocab_size} tokens"
             )
-    if tokenizer.pad_token_id is None and not stop_ids(tokenizer, expert):
-        raise ValueError(f"expert tokenizer {expert} has neither a pad nor an eos token")
     questions = load_source(
         args.data,
         split=args.tfds_split,
@@ -149,9 +143,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if not questions:
         raise ValueError(f"{args.data}: no questions")
     prompts = [
-        prompt_ids(
-            tokenizer, q.question, prompt_style=args.prompt_style, system_prompt=args.system_prompt
-        )
+        prompt_ids(tokenizer, q.question, style=args.prompt_style, system_prompt=args.system_prompt)
         for q in questions
     ]
     eos_ids = stop_ids(tokenizer, expert)

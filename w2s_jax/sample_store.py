@@ -177,6 +177,8 @@ def summarize(out: str | Path, *, beta: float) -> tuple[dict, np.ndarray]:
     sums = {"plausible_size_sum": 0.0, "dropped_mass_sum": 0.0, "wall_time_s": 0.0}
     dropped_max = 0.0
     for shard in shard_paths(out):
+        if not _stats_path(shard).is_file():
+            raise DataError(f"{_stats_path(shard)}: missing (written with every shard)")
         stats = json.loads(_stats_path(shard).read_text())
         for key in sums:
             sums[key] += stats[key]

@@ -115,6 +115,13 @@ def _explicit_spec(x) -> tuple:
     return spec + (None,) * (jnp.ndim(x) - len(spec))
 
 
+def _explicit_out(like):
+    """out_sharding matching ``like`` on explicit meshes (where jax needs it), else None."""
+    mesh = getattr(jax.typeof(like).sharding, "mesh", None)
+    explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+    return jax.sharding.PartitionSpec(*_explicit_spec(like)) if explicit else None
+
+
 def _gather_vocab(x):
     """x [..., V] with the last axis unsharded (a no-op unless explicitly sharded there)."""
     spec = _explicit_spec(x)
@@ -240,8 +247,40 @@ def _loss(logits, target_ids, target_weights, position_mask):
     return _masked_mean(_soft_ce(logits, target_ids, target_weights), position_mask)
 
 
+@jax.custom_vjp
 def _project(hidden, head_dv):
+    """Logits hidden @ head_dv in float32 (float32 accumulation whatever the input dtype)."""
     return jnp.matmul(hidden, head_dv, preferred_element_type=jnp.float32)
+
+
+def _project_fwd(hidden, head_dv):
+    return _project(hidden, head_dv), (hidden, head_dv)
+
+
+def _project_bwd(residuals, grad_logits):
+    # The logits' cotangent is cast to the head's dtype (mixed-precision practice). Plain
+    # autodiff would instead upcast the whole [D, V] head to float32 once, outside the
+    # chunk loop: a bf16 Qwen2.5-1.5B head would cost 0.9 GB of extra memory.
+    hidden, head_dv = residuals
+    grad_logits = grad_logits.astype(head_dv.dtype)
+    grad_hidden = jnp.einsum(
+        "...v,dv->...d",
+        grad_logits,
+        head_dv,
+        preferred_element_type=jnp.float32,
+        out_sharding=_explicit_out(hidden),
+    )
+    grad_head = jnp.einsum(
+        "...d,...v->dv",
+        hidden,
+        grad_logits,
+        preferred_element_type=jnp.float32,
+        out_sharding=_explicit_out(head_dv),
+    )
+    return grad_hidden.astype(hidden.dtype), grad_head.astype(head_dv.dtype)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
 
 
 # --- position chunking ---------------------------------------------------------

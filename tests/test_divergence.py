@@ -354,3 +354,15 @@ def test_bad_loss_and_selection_inputs():
         dv.select_steps(np.zeros(2), 0.4, np.ones(3, bool))
     with pytest.raises(ValueError, match="beta"):
         dv.select_steps(np.zeros(2), float("nan"), np.ones(2, bool))
+
+
+def test_out_of_range_target_ids_make_the_loss_nan_unless_weight_is_zero():
+    z, ids, w, mask = loss_inputs(22)
+    assert np.isfinite(dv.contrastive_loss(z, ids, w, mask))
+    for bad in (-1, z.shape[-1]):
+        padded = ids.copy()
+        padded[..., -1] = bad  # the weight-0 slot: ignored
+        assert np.isfinite(dv.contrastive_loss(z, padded, w, mask))
+        used = ids.copy()
+        used[0, 0, 0] = bad  # a weighted slot at a selected position
+        assert np.isnan(dv.contrastive_loss(z, used, w, mask))

@@ -228,8 +228,11 @@ def _soft_ce_rows(logits, target_ids, target_weights):
     lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
     z = _gather_vocab(z)  # the gather below needs the vocabulary whole on explicit meshes
     w = target_weights.astype(jnp.float32)
-    z_ids = jnp.where(w > 0, jnp.take_along_axis(z, target_ids, axis=-1), 0.0)
-    return jnp.sum(jnp.where(w > 0, w * (lse - z_ids), 0.0), axis=-1)
+    used = w != 0  # weight-0 (padding) slots are skipped whatever their id
+    in_range = (target_ids >= 0) & (target_ids < jnp.shape(z)[-1])
+    z_ids = jnp.take_along_axis(z, jnp.clip(target_ids, 0, jnp.shape(z)[-1] - 1), axis=-1)
+    z_ids = jnp.where(used, jnp.where(in_range, z_ids, jnp.nan), 0.0)  # bad id -> NaN loss
+    return jnp.sum(jnp.where(used, w * (lse - z_ids), 0.0), axis=-1)
 
 
 def _soft_ce(logits, target_ids, target_weights):
@@ -410,7 +413,9 @@ def contrastive_loss(logits, target_ids, target_weights, position_mask):
 
     ``logits`` [..., V], ``target_ids``/``target_weights`` [..., k], ``position_mask``
     [...] (True where a target applies). This is KL(v_C‖πθ) up to a constant. With no
-    selected position the loss is 0 with zero gradient. Ids must lie in [0, V).
+    selected position the loss is 0 with zero gradient. Ids of slots with nonzero
+    weight must lie in [0, V); an id outside makes the loss NaN (values cannot raise
+    under jit).
     """
     _check_logits("logits", logits)
     _check_loss_inputs(jnp.shape(logits)[:-1], target_ids, target_weights, position_mask)

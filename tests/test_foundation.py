@@ -1,5 +1,6 @@
 """The ground every later test stands on: devices, sharding, CLI, scripts."""
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from w2s_jax import __version__
 from w2s_jax.cli import main
+from w2s_jax.config import apply_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +57,7 @@ def test_cli_version(capsys):
 def test_cli_help_lists_commands(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    for name in ("devices", "demo"):
+    for name in ("sample", "train", "export", "eval", "demo", "devices"):
         assert name in out
 
 
@@ -76,20 +78,45 @@ def test_cli_devices_reports_eight_cpu_devices():
     assert "devices: 8" in out
 
 
-def test_config_file_sets_defaults_and_flags_win(tmp_path, capsys):
-    cfg = tmp_path / "demo.json"
-    cfg.write_text('{"out": "from_file"}')
-    assert main(["demo", "--config", str(cfg)]) == 0
-    assert "from_file" in capsys.readouterr().out
-    assert main(["demo", "--config", str(cfg), "--out", "from_flag"]) == 0
-    assert "from_flag" in capsys.readouterr().out
+def _toy_parser():
+    parser = argparse.ArgumentParser(prog="w2s toy")
+    parser.add_argument("--config")
+    parser.add_argument("--out", default="default_out")
+    parser.add_argument("--steps", type=int, default=10)
+    return parser
+
+
+def _parse_with_config(argv):
+    parser = _toy_parser()
+    return apply_config_file(parser, argv, parser.parse_args(argv))
+
+
+def test_config_file_sets_defaults_and_flags_win(tmp_path):
+    cfg = tmp_path / "run.json"
+    cfg.write_text('{"out": "from_file", "steps": 3}')
+    args = _parse_with_config(["--config", str(cfg)])
+    assert (args.out, args.steps) == ("from_file", 3)
+    args = _parse_with_config(["--config", str(cfg), "--out", "from_flag"])
+    assert (args.out, args.steps) == ("from_flag", 3)
+    toml = tmp_path / "run.toml"
+    toml.write_text('out = "from_toml"\n')
+    assert _parse_with_config(["--config", str(toml)]).out == "from_toml"
 
 
 def test_config_file_unknown_key_is_named(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("no_such_option = 3\n")
     with pytest.raises(SystemExit, match="no_such_option"):
-        main(["demo", "--config", str(cfg)])
+        _parse_with_config(["--config", str(cfg)])
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    with pytest.raises(SystemExit, match="missing.json does not exist"):
+        _parse_with_config(["--config", str(tmp_path / "missing.json")])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json is not valid json"):
+        _parse_with_config(["--config", str(bad)])
 
 
 @pytest.mark.parametrize("script", ["tpu_setup.sh", ".ci/run"])

@@ -23,7 +23,7 @@ the first-step losses, and FLOP rates against a measured matmul peak. A second
 configuration (64 positions per step, no accumulation) shows how packing scales
 when a step holds whole trajectories.
 
-    .venv/bin/python benchmarks/training.py            # about 4 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/training.py      # a few minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -87,135 +87,150 @@ def make_samples(folder: Path, *, trajectories: int, seed: int = 0) -> None:
     (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def run_ours(expert: Path, samples: Path, out: Path, *, positions: int, accum: int, steps: int):
-    """Per-step seconds (second pass, compiled) and per-step (loss, kl) of a fresh run."""
-    import jax
+class Ours:
+    """`w2s train`'s compiled step on fixed batches; `step(i)` -> (seconds, loss, kl)."""
 
-    from w2s_jax.data.packing import collate_step, find_sample_files, iter_steps, load_trajectories
-    from w2s_jax.sharding import make_mesh
-    from w2s_jax.train import compile_step, shard_batch
-    from w2s_jax.train_config import TrainConfig
+    def __init__(self, expert: Path, samples: Path, out: Path, *, positions, accum, steps):
+        import jax
 
-    config = TrainConfig(
-        samples=str(samples),
-        out=str(out),
-        expert=str(expert),
-        dtype="float32",
-        lora_dropout=0.0,
-        batch_positions=positions,
-        grad_accum=accum,
-        steps=1000,
-        length_bucket=64,
-    )
-    mesh = make_mesh(None)
-    trajectories, stats = load_trajectories(find_sample_files(samples))
-    plan = iter_steps(trajectories, positions_per_step=positions, micro_batches=accum)
-    batches = []
-    tokens = []
-    for _ in range(steps):
-        step = next(plan)
-        arrays = collate_step(trajectories, step, k=stats["k"], length_bucket=64)
-        batches.append(arrays)
-        tokens.append(int(arrays["input_ids"].size))  # padded: what the step computes
-    step_fn, state0, rest, _ = compile_step(config, mesh)
-    initial = jax.device_get(state0)
-    times, losses = [], []
-    for attempt in range(2):  # pass 1 compiles every shape; pass 2 is timed
-        state = jax.device_put(initial, jax.tree.map(lambda x: x.sharding, state0))
-        for i, arrays in enumerate(batches):
-            batch = shard_batch(arrays, mesh)
-            start = time.perf_counter()
-            state, metrics = step_fn(state, rest, batch, jax.random.key(i))
-            metrics = jax.device_get(metrics)
-            if attempt == 1:
-                times.append(time.perf_counter() - start)
-                losses.append((float(metrics["loss"]), float(metrics["kl"])))
-    lora_a = {
-        ".".join(map(str, path[:-1])): leaf
-        for path, leaf in _flat(initial[0])
-        if path[-1] == "lora_a"
-    }
-    return times, losses, tokens, batches, lora_a, trajectories, stats
+        from w2s_jax.data.packing import (
+            collate_step,
+            find_sample_files,
+            iter_steps,
+            load_trajectories,
+        )
+        from w2s_jax.sharding import make_mesh
+        from w2s_jax.train import compile_step, shard_batch
+        from w2s_jax.train_config import TrainConfig
+
+        config = TrainConfig(
+            samples=str(samples),
+            out=str(out),
+            expert=str(expert),
+            dtype="float32",
+            lora_dropout=0.0,
+            batch_positions=positions,
+            grad_accum=accum,
+            steps=1000,
+            length_bucket=64,
+        )
+        self.mesh = make_mesh(None)
+        trajectories, stats = load_trajectories(find_sample_files(samples))
+        plan = iter_steps(trajectories, positions_per_step=positions, micro_batches=accum)
+        self.batches = [
+            collate_step(trajectories, next(plan), k=stats["k"], length_bucket=64)
+            for _ in range(steps)
+        ]
+        self.tokens = [int(b["input_ids"].size) for b in self.batches]  # padded: computed
+        self.step_fn, state0, self.rest, _ = compile_step(config, self.mesh)
+        self.shardings = jax.tree.map(lambda x: x.sharding, state0)
+        self.initial = jax.device_get(state0)
+        self.lora_a = {
+            ".".join(map(str, path[:-1])): v.get_value()
+            for path, v in _flat(self.initial[0])
+            if path[-1] == "lora_a"
+        }
+        self._shard = shard_batch
+        self.reset()
+        for i in range(steps):  # warm-up: compile every shape, then start again
+            self.step(i)
+        self.reset()
+
+    def reset(self):
+        import jax
+
+        self.state = jax.device_put(self.initial, self.shardings)
+
+    def step(self, i: int):
+        import jax
+
+        batch = self._shard(self.batches[i], self.mesh)
+        start = time.perf_counter()
+        self.state, metrics = self.step_fn(self.state, self.rest, batch, jax.random.key(i))
+        metrics = jax.device_get(metrics)
+        return time.perf_counter() - start, float(metrics["loss"]), float(metrics["kl"])
 
 
 def _flat(state):
     from flax import nnx
 
-    return [(path, v.get_value()) for path, v in nnx.to_flat_state(state)]
+    return list(nnx.to_flat_state(state))
 
 
-def run_reference(expert: Path, batches, trajectories, stats, lora_a, *, accum: int):
-    """The reference trainer on the same positions, in the same order; per-step times, losses."""
-    import torch
-    import torch.nn.functional as F
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
+class Reference:
+    """The reference trainer on the same positions in the same order; `step(i)` -> (s, loss)."""
 
-    model = AutoModelForCausalLM.from_pretrained(str(expert), dtype=torch.float32)
-    lora = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj"],
-        lora_dropout=0.0,
-        bias="none",
-        task_type=TaskType.CAUSAL_LM,
-    )
-    model = get_peft_model(model, lora)
-    with torch.no_grad():  # same initial adapters as ours: A copied ([in, r] -> [r, in]), B = 0
-        for name, module in model.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                key = name.split("base_model.model.", 1)[1]
-                module.lora_A["default"].weight.copy_(torch.from_numpy(lora_a[key].T.copy()))
-    model.train()
-    vocab = model.config.vocab_size
-    # one sample per selected position: (prefix ids, dense label vector), in our step order
-    samples = []
-    for arrays in batches:
-        for m in range(arrays["flat_index"].shape[0]):
+    def __init__(self, expert: Path, batches, lora_a, *, accum: int):
+        import torch
+        from peft import LoraConfig, TaskType, get_peft_model
+        from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
+
+        model = AutoModelForCausalLM.from_pretrained(str(expert), dtype=torch.float32)
+        lora = LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj"],
+            lora_dropout=0.0,
+            bias="none",
+            task_type=TaskType.CAUSAL_LM,
+        )
+        model = get_peft_model(model, lora)
+        with torch.no_grad():  # same initial adapters as ours: A copied ([in, r] -> [r, in])
+            for name, module in model.named_modules():
+                if "default" in getattr(module, "lora_A", {}):
+                    key = name.split("base_model.model.", 1)[1]
+                    weight = torch.from_numpy(lora_a[key].T.copy())
+                    module.lora_A["default"].weight.copy_(weight)
+        model.train()
+        self.model, self.accum, self.vocab = model, accum, model.config.vocab_size
+        # one sample per selected position: (prefix ids, dense label vector), in our order
+        self.samples = []
+        for arrays in batches:
             t = arrays["input_ids"].shape[2]
-            for p, flat in enumerate(arrays["flat_index"][m]):
-                row, index = divmod(int(flat), t)
-                labels = torch.zeros(vocab)
-                for tid, w in zip(
-                    arrays["target_ids"][m, p], arrays["target_weights"][m, p], strict=True
-                ):
-                    if w > 0:
-                        labels[int(tid)] = float(w)
-                samples.append(
-                    (torch.from_numpy(arrays["input_ids"][m, row, : index + 1].copy()), labels)
-                )
-    per_device = len(samples) // len(batches) // accum
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, 1000)
-    times, losses, tokens = [], [], []
-    for step in range(len(batches)):
+            for m in range(arrays["flat_index"].shape[0]):
+                for p, flat in enumerate(arrays["flat_index"][m]):
+                    row, index = divmod(int(flat), t)
+                    labels = torch.zeros(self.vocab)
+                    for tid, w in zip(
+                        arrays["target_ids"][m, p], arrays["target_weights"][m, p], strict=True
+                    ):
+                        if w > 0:
+                            labels[int(tid)] = float(w)
+                    prefix = torch.from_numpy(arrays["input_ids"][m, row, : index + 1].copy())
+                    self.samples.append((prefix, labels))
+        self.per_device = len(self.samples) // len(batches) // accum
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=5e-5, weight_decay=0.0)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, 0, 1000)
+        self.tokens = []
+
+    def step(self, i: int):
+        import torch
+        import torch.nn.functional as F
+
         start = time.perf_counter()
         step_loss, step_tokens = 0.0, 0
-        for micro in range(accum):
-            chunk = samples[
-                (step * accum + micro) * per_device : (step * accum + micro + 1) * per_device
-            ]
+        for micro in range(self.accum):
+            first = (i * self.accum + micro) * self.per_device
+            chunk = self.samples[first : first + self.per_device]
             input_ids = torch.nn.utils.rnn.pad_sequence([c[0] for c in chunk], batch_first=True)
             mask = torch.zeros_like(input_ids)
             for r, c in enumerate(chunk):
                 mask[r, : len(c[0])] = 1
             step_tokens += int(mask.numel())
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            logits = self.model(input_ids=input_ids, attention_mask=mask).logits
             last = mask.sum(1) - 1  # the fix: the row's last real token, not [:, -1]
-            logp = F.log_softmax(logits[torch.arange(len(chunk)), last, :vocab], dim=-1)
+            logp = F.log_softmax(logits[torch.arange(len(chunk)), last, : self.vocab], dim=-1)
             labels = torch.stack([c[1] for c in chunk])
-            loss = F.kl_div(logp, labels, reduction="batchmean") / accum
+            loss = F.kl_div(logp, labels, reduction="batchmean") / self.accum
             loss.backward()
-            step_loss += float(loss)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        times.append(time.perf_counter() - start)
-        losses.append(step_loss)
-        tokens.append(step_tokens)
-    return times, losses, tokens
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        self.tokens.append(step_tokens)
+        return time.perf_counter() - start, step_loss
 
 
 def matmul_peaks(n: int = 2048, reps: int = 5) -> tuple[float, float]:
@@ -245,8 +260,8 @@ def matmul_peaks(n: int = 2048, reps: int = 5) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="Timed steps per configuration.")
-    parser.add_argument("--trajectories", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=3, help="Timed steps per configuration.")
+    parser.add_argument("--trajectories", type=int, default=6)
     args = parser.parse_args()
 
     import platform
@@ -269,24 +284,28 @@ def main() -> None:
     xla_peak, torch_peak = matmul_peaks()
     print(f"matmul peak (2048^3 f32): XLA {xla_peak:.1f} GFLOP/s, torch {torch_peak:.1f} GFLOP/s\n")
 
-    t_ours, l_ours, tok_ours, batches, lora_a, trajectories, stats = run_ours(
-        root / "expert", root / "samples", root / "out16", positions=16, accum=2, steps=args.steps
+    ours = Ours(
+        root / "expert", root / "samples", root / "o16", positions=16, accum=2, steps=args.steps
     )
-    t_ref, l_ref, tok_ref = run_reference(
-        root / "expert", batches, trajectories, stats, lora_a, accum=2
+    big = Ours(
+        root / "expert", root / "samples", root / "o64", positions=64, accum=1, steps=args.steps
     )
-    t_big, l_big, tok_big, *_ = run_ours(
-        root / "expert",
-        root / "samples",
-        root / "out64",
-        positions=64,
-        accum=1,
-        steps=max(2, args.steps // 2),
-    )
+    reference = Reference(root / "expert", ours.batches, ours.lora_a, accum=2)
+    # interleaved, so that both see the same machine load
+    t_ref, l_ref, t_ours, l_ours, t_big = [], [], [], [], []
+    for i in range(args.steps):
+        seconds, loss = reference.step(i)
+        t_ref.append(seconds)
+        l_ref.append(loss)
+        seconds, _, kl = ours.step(i)
+        t_ours.append(seconds)
+        l_ours.append(kl)
+        t_big.append(big.step(i)[0])
+    tok_ref, tok_ours, tok_big = reference.tokens, ours.tokens, big.tokens
 
     def report(name, times, tokens, positions, head_tokens):
         """One line; FLOPs ~ 4 per weight per token (forward + activation gradients; LoRA)."""
-        med = statistics.median(times[1:] if len(times) > 2 else times)
+        med = statistics.median(times)
         tok = statistics.median(tokens)
         gflops = 4 * (body * tok + d * v * head_tokens(tok)) / med / 1e9
         print(
@@ -295,19 +314,21 @@ def main() -> None:
         )
         return positions / med
 
-    ref = report("reference (PyTorch+peft, 1 position/forward)", t_ref, tok_ref, 16, lambda t: t)
-    ours = report("ours, 16 positions/step (2 x 8 packed)", t_ours, tok_ours, 16, lambda t: 16)
-    big = report("ours, 64 positions/step (1 x 64 packed)", t_big, tok_big, 64, lambda t: 64)
+    rate_ref = report(
+        "reference (PyTorch+peft, 1 position/forward)", t_ref, tok_ref, 16, lambda t: t
+    )
+    rate_ours = report("ours, 16 positions/step (2 x 8 packed)", t_ours, tok_ours, 16, lambda t: 16)
+    rate_big = report("ours, 64 positions/step (1 x 64 packed)", t_big, tok_big, 64, lambda t: 64)
     print(
-        f"\nselected positions/s, ours / reference: {ours / ref:.1f}x (same 16-position steps), "
-        f"{big / ref:.1f}x (64-position steps)"
+        f"\nselected positions/s, ours / reference: {rate_ours / rate_ref:.1f}x (same "
+        f"16-position steps), {rate_big / rate_ref:.1f}x (64-position steps)"
     )
     print(
         f"tokens per 16-position step (padded): reference {statistics.median(tok_ref):.0f}, "
         f"ours {statistics.median(tok_ours):.0f}"
     )
     print("step losses (KL(v_C || pi), the reference's objective):")
-    for i, ((_, kl), r) in enumerate(zip(l_ours, l_ref, strict=True)):
+    for i, (kl, r) in enumerate(zip(l_ours, l_ref, strict=True)):
         print(f"  step {i + 1}: ours {kl:.6f}  reference {r:.6f}  |diff| {abs(kl - r):.2e}")
 
 

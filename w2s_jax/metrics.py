@@ -52,7 +52,9 @@ class MetricsLog:
             self._tb.close()
 
     def plot(self, path: str | Path, keys: tuple[str, ...] = ("loss", "kl")) -> None:
-        """Write a PNG of `keys` against step (atomically)."""
+        """Write a PNG of `keys` against step (atomically); nothing before the first record."""
+        if not self.records:
+            return
         import io
 
         import matplotlib

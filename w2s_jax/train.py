@@ -20,7 +20,6 @@ clipping and AdamW with a linear schedule) with explicit in/out shardings on a
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,21 +89,13 @@ def selected_logits_loss(model, micro: dict, *, loss_chunk_size: int = 0):
 
 
 def _chunked_argmax(hidden_pd, head_dv, chunk_size: int):
-    p = hidden_pd.shape[0]
-    padded = math.ceil(p / chunk_size) * chunk_size
-    hidden_cqd = jnp.pad(hidden_pd, ((0, padded - p), (0, 0))).reshape(
-        -1, chunk_size, hidden_pd.shape[1]
+    """argmax_v (hidden @ head) per position, `chunk_size` positions of logits at a time."""
+    head_dv = jax.lax.stop_gradient(head_dv)
+    return jax.lax.map(
+        lambda h_d: jnp.argmax(jnp.dot(h_d, head_dv, preferred_element_type=jnp.float32)),
+        hidden_pd,
+        batch_size=chunk_size,
     )
-    argmax_cq = jax.lax.map(
-        lambda h: jnp.argmax(
-            jnp.einsum(
-                "qd,dv->qv", h, jax.lax.stop_gradient(head_dv), preferred_element_type=jnp.float32
-            ),
-            axis=-1,
-        ),
-        hidden_cqd,
-    )
-    return argmax_cq.reshape(-1)[:p]
 
 
 def make_loss_and_grads(graphdef, *, dropout: bool = False, loss_chunk_size: int = 0):
@@ -431,13 +422,13 @@ def train(
                     positions=config.batch_positions,
                 )
                 done = step + 1
-                if done % config.log_every == 0 or done == config.steps:
+                stop = should_stop(done)
+                if done % config.log_every == 0 or done == config.steps or stop:
                     values = meter.values(lr=float(schedule(step)))
                     if is_leader:
                         log.write(done, values)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", kl=f"{values['kl']:.4f}")
                 bar.update(1)
-                stop = should_stop(done)
                 meta_now = {**meta, "data_step": done}
                 if checkpoints.save(done, *state, meta_now, force=stop or done == config.steps):
                     last_saved = done

@@ -12,7 +12,7 @@ positions_per_step / grad_accum positions, the step's loss and gradient are the
 mean over its positions, i.e. the reference's one-position-per-forward objective
 on the same positions.
 
-The step is one jitted function (micro-batches scanned, gradients summed, then
+The step is one jitted function (micro-batches scanned, gradients averaged, then
 clipping and AdamW with a linear schedule) with explicit in/out shardings on a
 ("data", "fsdp", "tensor") mesh and the trainable state donated.
 """

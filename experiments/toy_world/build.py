@@ -1,0 +1,229 @@
+"""Build the toy world's tokenizer, expert and amateur from a config, and measure them.
+
+    .venv/bin/python experiments/toy_world/build.py --config experiments/toy_world/config.json \
+        --out runs/toy_world [--only expert] [--ship]
+
+Steps (each skipped when its output exists, so a re-run resumes):
+1. the tokenizer (trained on train problems of the config's task);
+2. SFT records of train problems (chat prompt ids, worked-solution ids + <|im_end|>);
+3. `w2s train --objective sft --init random --lora-rank 0` for each model (subprocess,
+   wall time recorded), then `w2s export` into OUT/<name>/model;
+4. `w2s eval` (greedy) on the first N validation problems.
+Results go to OUT/results.json. `--ship` copies both models (with the tokenizer)
+into w2s_jax/assets/toy_world/ and writes its manifest.json. The test split is
+never touched here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / "w2s_jax" / "assets" / "toy_world"
+# Validation problems whose accuracy the test suite recomputes for the shipped expert.
+CHECK_SUBSET = 48
+
+
+def task_config(config: dict):
+    from w2s_jax.data.arithmetic import TaskConfig
+
+    task = dict(config["task"])
+    task["operations"] = tuple(task["operations"])
+    return TaskConfig(**task)
+
+
+def model_config_json(spec: dict, tokenizer) -> dict:
+    """A Qwen2 config.json for a model trained from scratch with this tokenizer."""
+    heads = spec["num_attention_heads"]
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": len(tokenizer),
+        "hidden_size": spec["hidden_size"],
+        "intermediate_size": spec["intermediate_size"],
+        "num_hidden_layers": spec["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": spec["num_key_value_heads"],
+        "head_dim": spec["hidden_size"] // heads,
+        "max_position_embeddings": 512,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def w2s(*args: str) -> float:
+    """Run a `w2s` subcommand in a subprocess; return its wall time in seconds."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "w2s_jax.cli", *args], check=True, cwd=REPO)
+    return time.perf_counter() - start
+
+
+def train_run(name: str, config: dict, out: Path, tokenizer, tok_dir: Path, task) -> dict:
+    """Train run `name` of the config from scratch (resumable); returns its wall time and size."""
+    from w2s_jax.data.arithmetic import generate_split
+    from w2s_jax.data.sft_records import write_sft_records
+    from w2s_jax.files import atomic_write_json
+
+    spec = config["runs"][name]
+    train = spec["train"]
+    folder = out / "runs" / name
+    data = folder / "sft_data"
+    if not (data / "samples").is_dir():
+        problems = generate_split("train", train["problems"], seed=config["data_seed"], config=task)
+        write_sft_records(data, tokenizer, ((p.id, p.question, p.answer) for p in problems))
+    model_json = folder / "model_config.json"
+    atomic_write_json(model_json, model_config_json(spec["model"], tokenizer))
+    run = folder / "train"
+    result = {"params": _num_params(model_json)}
+    if not (run / "summary.json").is_file():
+        result["train_s"] = w2s(
+            "train", "--objective", "sft", "--init", "random", "--model-config", str(model_json),
+            "--tokenizer", str(tok_dir), "--samples", str(data), "--out", str(run),
+            "--lora-rank", "0", "--dtype", "float32", "--steps", str(train["steps"]),
+            "--lr", str(train["lr"]), "--warmup-steps", str(train["warmup_steps"]),
+            "--batch-positions", str(train["batch_positions"]),
+            "--grad-accum", str(train["grad_accum"]), "--seed", str(train["seed"]),
+            "--weight-decay", str(train.get("weight_decay", 0.0)),
+            "--save-every", str(train["save_every"]),
+            "--keep-checkpoints", str(train["keep_checkpoints"]),
+            "--log-every", "25", "--length-bucket", "32", "--no-progress",
+        )  # fmt: skip
+    return result
+
+
+def export_step(run: Path, step: int, model: Path, dtype: str = "float32") -> None:
+    """Checkpoint `step` of `run` as an HF folder with `dtype` weights."""
+    if not (model / "config.json").is_file():
+        w2s("export", "--lora", str(run / "train"), "--step", str(step), "--out", str(model),
+            "--dtype", dtype)  # fmt: skip
+
+
+def _num_params(model_json: Path) -> int:
+    from w2s_jax.models import ModelConfig
+
+    return ModelConfig.from_hf_json(model_json).num_params
+
+
+def evaluate(model: Path, data: Path, out: Path, max_new_tokens: int, n: int | None = None):
+    from w2s_jax.evaluate import EvalSettings, run_eval
+
+    if (out / "summary.json").is_file():  # finished before
+        return json.loads((out / "summary.json").read_text())
+    settings = EvalSettings(
+        model=str(model), data=str(data), max_new_tokens=max_new_tokens, dtype="float32"
+    )
+    return run_eval(settings, out, batch_size=64, max_questions=n, progress=False)
+
+
+def ship(out: Path, results: dict, config_path: Path) -> None:
+    from w2s_jax.files import atomic_write_json
+
+    for name in ("expert", "amateur"):
+        target = ASSETS / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(out / "models" / name, target)
+    atomic_write_json(
+        ASSETS / "manifest.json",
+        {
+            "config": str(config_path.relative_to(REPO)),
+            "task": results["task"],
+            "data_seed": results["data_seed"],
+            "eval_max_new_tokens": results["eval_max_new_tokens"],
+            "models": results["models"],
+        },
+    )
+
+
+def sweep(config: dict, out: Path, validation: Path, results: dict) -> None:
+    """Validation accuracy of every kept checkpoint of every run (the calibration log)."""
+    from w2s_jax.checkpointing import locate_checkpoint
+
+    n, tokens = config["sweep_questions"], config["eval_max_new_tokens"]
+    for name in config["runs"]:
+        run = out / "runs" / name
+        directory, _ = locate_checkpoint(run / "train")
+        steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        table = results.setdefault("sweep", {}).setdefault(name, {})
+        for step in steps:
+            model = run / "sweep" / f"step-{step}"
+            export_step(run, step, model)
+            summary = evaluate(model, validation, run / "sweep" / f"eval-{step}", tokens, n)
+            table[str(step)] = {k: summary[k] for k in ("accuracy", "correct", "total")}
+            print(f"{name} step {step}: validation {summary['accuracy_text']}", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path(__file__).with_name("config.json"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sweep", action="store_true", help="Score every kept checkpoint.")
+    parser.add_argument("--ship", action="store_true", help="Copy the models into the package.")
+    args = parser.parse_args(argv)
+
+    from w2s_jax.data.arithmetic import write_split
+    from w2s_jax.data.toy_tokenizer import build_toy_tokenizer
+    from w2s_jax.files import atomic_write_json
+    from w2s_jax.models import load_tokenizer
+
+    config = json.loads(args.config.read_text())
+    task = task_config(config)
+    out = args.out.resolve()
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        build_toy_tokenizer(tok_dir, config=task, seed=config["data_seed"], **config["tokenizer"])
+    tokenizer = load_tokenizer(tok_dir)
+    validation = out / "validation.jsonl"
+    n_validation, seed = config["validation_questions"], config["data_seed"]
+    write_split(validation, "validation", n_validation, seed=seed, config=task)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results.update(
+        task=config["task"],
+        data_seed=config["data_seed"],
+        eval_max_new_tokens=config["eval_max_new_tokens"],
+    )
+    runs = results.setdefault("runs", {})
+    for name in config["runs"]:
+        runs[name] = runs.get(name, {}) | train_run(name, config, out, tokenizer, tok_dir, task)
+        runs[name]["train"] = config["runs"][name]["train"]
+        runs[name]["model"] = config["runs"][name]["model"]
+        atomic_write_json(results_path, results)
+    if args.sweep:
+        sweep(config, out, validation, results)
+        atomic_write_json(results_path, results)
+    models = results.setdefault("models", {})
+    for name, spec in config["models"].items():
+        model = out / "models" / name
+        export_step(out / "runs" / spec["run"], spec["step"], model, config["ship_dtype"])
+        tokens = config["eval_max_new_tokens"]
+        summary = evaluate(model, validation, out / "eval" / name, tokens)
+        check = evaluate(model, validation, out / "eval_check" / name, tokens, CHECK_SUBSET)
+        models[name] = {
+            "run": spec["run"],
+            "step": spec["step"],
+            "params": runs[spec["run"]]["params"],
+            "validation": {k: summary[k] for k in ("accuracy", "correct", "total", "no_answer")},
+            "validation_check": {k: check[k] for k in ("accuracy", "correct", "total")},
+        }
+        print(f"{name}: {models[name]['params']:,} params, validation {summary['accuracy_text']}")
+        atomic_write_json(results_path, results)
+    if args.ship:
+        ship(out, results, args.config.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

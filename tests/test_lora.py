@@ -17,6 +17,7 @@ from w2s_jax.lora import (
     trainable_filter,
 )
 from w2s_jax.models import load_pretrained
+from w2s_jax.sharding import make_mesh
 
 _forward = nnx.jit(lambda model, ids: model(ids))
 
@@ -150,6 +151,11 @@ def test_load_lora_into_round_trip(tmp_path, tiny_qwen2_dir, tiny_qwen2_amateur_
 
     fresh = load_lora_into(load_pretrained(tiny_qwen2_dir, dtype="float32"), tmp_path)
     np.testing.assert_allclose(logits(fresh), expected, rtol=1e-6, atol=1e-6)
+    # onto a model sharded over a (4, 2) mesh: adapters follow it, merged or not
+    mesh = make_mesh("fsdp=4,tensor=2")
+    sharded = load_lora_into(load_pretrained(tiny_qwen2_dir, dtype="float32", mesh=mesh), tmp_path)
+    np.testing.assert_allclose(logits(sharded), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits(merge_lora(sharded)), expected, rtol=1e-4, atol=1e-4)
 
     with pytest.raises(ValueError, match="does not fit the model: parameter model/layers/0"):
         load_lora_into(load_pretrained(tiny_qwen2_amateur_dir, dtype="float32"), tmp_path)

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from w2s_jax.train_config import LoRAConfig, parse_targets
 
@@ -96,9 +97,26 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, seed: int = 0) -> list[
     paths = []
     for parent, name, path, module in linears:
         if name in config.targets:
-            setattr(parent, name, ScaledLoRA(module, config, rngs=rngs))
+            adapter = ScaledLoRA(module, config, rngs=rngs)
+            _replicate_like_base(adapter)
+            setattr(parent, name, adapter)
             paths.append(path)
     return paths
+
+
+def _replicate_like_base(adapter: ScaledLoRA) -> None:
+    """Put the adapter's own variables (A, B, dropout key) on its base layer's mesh, replicated.
+
+    Without this a model sharded over a mesh would mix them (on one device) with its
+    weights (on the mesh) in one jitted call, which JAX refuses.
+    """
+    sharding = adapter.base_module.kernel[...].sharding
+    if not isinstance(sharding, NamedSharding):
+        return
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    for path, variable in nnx.iter_graph(adapter):
+        if isinstance(variable, nnx.Variable) and path[0] != "base_module":
+            variable.set_value(jax.device_put(variable.get_value(), replicated))
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 # Settings that do not change the trained weights; a resumed run may change them.
 FREE_SETTINGS = ("out", "mesh", "save_every", "keep_checkpoints", "log_every", "progress")
@@ -117,5 +118,9 @@ class TrainConfig:
         )
 
     def settings(self) -> dict:
-        """The JSON-able settings, `lora_targets` as a list."""
-        return {**dataclasses.asdict(self), "lora_targets": list(self.lora_targets)}
+        """The JSON-able settings: `lora_targets` as a list, input paths made absolute."""
+        values = {**dataclasses.asdict(self), "lora_targets": list(self.lora_targets)}
+        for key in ("samples", "expert", "model_config", "tokenizer"):
+            if values[key]:
+                values[key] = str(Path(values[key]).absolute())
+        return values

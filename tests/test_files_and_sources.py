@@ -5,7 +5,15 @@ import json
 import pytest
 
 from w2s_jax.data.sources import load_questions
-from w2s_jax.files import DataError, atomic_write_json, atomic_write_jsonl, read_jsonl
+from w2s_jax.files import (
+    DataError,
+    atomic_save_figure,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_writer,
+    read_jsonl,
+)
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -61,3 +69,22 @@ def test_load_questions_fields_ids_and_errors(tmp_path):
     path.write_text('{"id": 1, "question": "a"}\n{"id": 1, "question": "b"}\n')
     with pytest.raises(DataError, match="already used on line 1"):
         load_questions(str(path))
+
+
+def test_atomic_writer_failure_mid_stream_keeps_old_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    atomic_write_bytes(path, b"old")
+    with pytest.raises(RuntimeError), atomic_writer(path) as handle:
+        handle.write(b"new partial")
+        raise RuntimeError("crash while streaming")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]
+
+
+def test_atomic_save_figure_writes_png(tmp_path):
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    atomic_save_figure(fig, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

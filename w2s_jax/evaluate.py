@@ -18,7 +18,6 @@ a bar chart.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from w2s_jax import stats
 from w2s_jax.data.sources import Question
 from w2s_jax.files import (
     DataError,
-    atomic_write_bytes,
+    atomic_save_figure,
     atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
@@ -399,7 +398,7 @@ def _load_finished_run(run: str | Path) -> tuple[dict, dict[str, dict]]:
     return json.loads(summary_path.read_text()), {r["id"]: r for _, r in read_jsonl(predictions)}
 
 
-def _bar_chart_png(labels: list[str], rows: list[dict]) -> bytes:
+def _save_bar_chart(labels: list[str], rows: list[dict], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -425,9 +424,7 @@ def _bar_chart_png(labels: list[str], rows: list[dict]) -> bytes:
     ax.set_ylabel("accuracy (%), 95% Wilson CI")
     ax.set_ylim(0, 100)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+    atomic_save_figure(fig, path, dpi=120)
 
 
 def compare_runs(
@@ -490,7 +487,7 @@ def compare_runs(
     report = {"questions": len(ids), "baseline": labels[0], "runs": results, "table": table}
     atomic_write_json(out / "compare.json", report)
     atomic_write_text(out / "compare.md", table + "\n")
-    atomic_write_bytes(out / "compare.png", _bar_chart_png(labels, results))
+    _save_bar_chart(labels, results, out / "compare.png")
     return report
 
 

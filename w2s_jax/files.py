@@ -2,30 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder and an atomic rename.
+@contextlib.contextmanager
+def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
+    """Open a binary temp file beside `path`; on success fsync it and rename it over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never a mix.
+    A crash or exception at any moment leaves either the old file or the new
+    one, never a mix, and no temp file behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_writer`)."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+def atomic_save_figure(fig, path: str | Path, **savefig_kwargs) -> None:
+    """Save a matplotlib figure as PNG atomically (the caller still owns and closes `fig`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **savefig_kwargs)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

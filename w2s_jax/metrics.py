@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from w2s_jax.files import atomic_write_bytes, atomic_write_jsonl
+from w2s_jax.files import atomic_save_figure, atomic_write_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -55,8 +55,6 @@ class MetricsLog:
         """Write a PNG of `keys` against step (atomically); nothing before the first record."""
         if not self.records:
             return
-        import io
-
         import matplotlib
 
         matplotlib.use("Agg")
@@ -76,7 +74,5 @@ class MetricsLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
+        atomic_save_figure(fig, path)
         plt.close(fig)
-        atomic_write_bytes(path, buffer.getvalue())

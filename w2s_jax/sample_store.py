@@ -208,14 +208,12 @@ def summarize(out: str | Path, *, beta: float) -> tuple[dict, np.ndarray]:
 
 def plot_kl_histogram(kl: np.ndarray, beta: float, path: str | Path) -> None:
     """Histogram of per-position KL (log count axis) with the β threshold line; PNG, atomic."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from w2s_jax.files import atomic_write_bytes
+    from w2s_jax.files import atomic_save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     top = max(float(kl.max()) if kl.size else 1.0, beta * 2)
@@ -228,10 +226,8 @@ def plot_kl_histogram(kl: np.ndarray, beta: float, path: str | Path) -> None:
     ax.set_title(f"{kl.size} positions, {selected} above β ({selected / max(kl.size, 1):.1%})")
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    atomic_save_figure(fig, path)
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def reference_rows(record: dict, tokenizer) -> Iterator[dict]:

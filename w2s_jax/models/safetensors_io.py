@@ -7,14 +7,14 @@ streams tensors into a temp file renamed into place. bfloat16 comes from ml_dtyp
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from w2s_jax.files import atomic_writer
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -110,19 +110,10 @@ def write_safetensors(
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(struct.pack("<Q", len(blob)) + blob)
-            for key, shape, dtype in specs:
-                array = np.ascontiguousarray(fetch(key), dtype=dtype)
-                if array.shape != tuple(shape):
-                    raise ValueError(f"tensor {key!r}: shape {array.shape} != {tuple(shape)}")
-                handle.write(array.tobytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        handle.write(struct.pack("<Q", len(blob)) + blob)
+        for key, shape, dtype in specs:
+            array = np.ascontiguousarray(fetch(key), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise ValueError(f"tensor {key!r}: shape {array.shape} != {tuple(shape)}")
+            handle.write(array.tobytes())

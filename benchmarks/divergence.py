@@ -20,44 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
+from common import machine_description, median_seconds
 
 SPEED_SHAPES = [(16, 128, 32000), (4, 256, 151936)]
 ALPHA, BETA, K = 0.2, 0.4, 16
 D_EXPERT, D_AMATEUR, VOCAB = 1536, 896, 151936  # Qwen2.5-Math-1.5B / Qwen2.5-0.5B
-
-
-def machine() -> str:
-    import jax
-
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{model}, {os.cpu_count()} cores, {platform.system()}; jax {jax.__version__} "
-        f"({jax.default_backend()})"
-    )
-
-
-def median_seconds(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # --- part 1: token_kl speed -------------------------------------------------------------
@@ -336,7 +308,7 @@ def main() -> int:
             args.out,
         )
         return 0
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_description()}")
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     if args.part in ("speed", "all"):
         speed(args.reps, args.slow_reps)

@@ -11,14 +11,13 @@ of a forward pass and of decoding against a measured float32 matmul peak.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from common import machine_description, matmul_peak, median_seconds
 from flax import nnx
 from transformers import AutoModelForCausalLM
 
@@ -38,32 +37,11 @@ CONFIG = {
 }
 
 
-def timed(fn, reps):
-    """Median wall seconds of `reps` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_peak(n=2048, reps=5):
-    """Measured float32 matmul FLOP/s of JAX and of torch on this machine."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    jax_s = timed(lambda: matmul(a, a).block_until_ready(), reps)
-    b = torch.randn(n, n)
-    torch_s = timed(lambda: b @ b, reps)
-    return 2 * n**3 / jax_s, 2 * n**3 / torch_s
-
-
 def memory_bandwidth(n_bytes=2**28, reps=5):
     """Measured read bandwidth (bytes/s): a jitted sum over a 256 MiB float32 array."""
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
-    return n_bytes / timed(lambda: total(x).block_until_ready(), reps)
+    return n_bytes / median_seconds(lambda: total(x).block_until_ready(), reps)
 
 
 def main() -> None:
@@ -107,8 +85,8 @@ def main() -> None:
             )
         outputs["hf"] = out[:, ids.shape[1] :].numpy()
 
-    jax_s = timed(run_jax, args.reps)
-    hf_s = timed(run_hf, args.reps)
+    jax_s = median_seconds(run_jax, args.reps)
+    hf_s = median_seconds(run_hf, args.reps)
     generated = int(outputs["jax"].lengths.sum())
     hf_tokens = outputs["hf"]
     same = (
@@ -118,8 +96,8 @@ def main() -> None:
 
     # forward pass FLOP/s: one jitted forward over the padded prompts
     forward = nnx.jit(lambda m, x, k: m(x, k))
-    forward_s = timed(lambda: forward(model, ids, mask).block_until_ready(), args.reps)
-    peak, torch_peak = matmul_peak()
+    forward_s = median_seconds(lambda: forward(model, ids, mask).block_until_ready(), args.reps)
+    peak, torch_peak = matmul_peak(), matmul_peak(backend="torch")
     bandwidth = memory_bandwidth()
     params = config.num_params
     forward_flops = 2 * params * ids.size / forward_s
@@ -128,7 +106,7 @@ def main() -> None:
     steps = int(outputs["jax"].lengths.max()) - 1
     decode_bytes = steps * params * 4 / max(jax_s - forward_s, 1e-9)
 
-    print(f"machine: {jax.devices()[0].device_kind}, torch threads {torch.get_num_threads()}")
+    print(f"machine: {machine_description()}; torch threads {torch.get_num_threads()}")
     print(f"model: Qwen2-shaped, {params / 1e6:.1f}M params, float32")
     print(f"batch {args.batch}, prompt {lengths.min()}-{lengths.max()}, {args.new_tokens} new")
     print(f"greedy tokens equal to transformers: {same:.1%} of positions")

@@ -220,21 +220,6 @@ def agreement(ours: dict, reference: list, ref_questions: list, top_k: int) -> d
     return counts
 
 
-def matmul_peak_gflops() -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * 2048**3 / statistics.median(times) / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "w2s_bench_sampling"))
@@ -278,6 +263,7 @@ def main() -> None:
     ours = {r["id"]: r for r in sample_store.read_samples(work / "out_warm0")}
     summary = json.loads((work / "out_warm0" / "summary.json").read_text())
 
+    from common import machine_description, matmul_peak
     from reference_lightreasoner import reference_sample
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.expert))
@@ -299,8 +285,9 @@ def main() -> None:
     a_params = sum(p.numel() for p in amateur.parameters())
     tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in ours.values())
     flops = 2 * tokens * (2 * e_params + a_params)  # rollout + one pass per model
-    peak = matmul_peak_gflops()
+    peak = matmul_peak() / 1e9
     result = {
+        "machine": machine_description(),
         "questions": len(questions),
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import machine_description, matmul_peak
+
 EXPERT = dict(
     vocab_size=32768,
     hidden_size=512,
@@ -233,40 +235,12 @@ class Reference:
         return time.perf_counter() - start, step_loss
 
 
-def matmul_peaks(n: int = 2048, reps: int = 5) -> tuple[float, float]:
-    """GFLOP/s of an n x n float32 matmul: (jax/XLA, torch)."""
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t = []
-    for _ in range(reps):
-        s = time.perf_counter()
-        f(a).block_until_ready()
-        t.append(time.perf_counter() - s)
-    b = torch.ones(n, n)
-    b @ b
-    u = []
-    for _ in range(reps):
-        s = time.perf_counter()
-        b @ b
-        u.append(time.perf_counter() - s)
-    flops = 2 * n**3 / 1e9
-    return flops / statistics.median(t), flops / statistics.median(u)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="Timed steps per configuration.")
     parser.add_argument("--trajectories", type=int, default=6)
     args = parser.parse_args()
 
-    import platform
-
-    import jax
     import torch
 
     root = Path(tempfile.mkdtemp(prefix="w2s_train_bench_"))
@@ -276,12 +250,10 @@ def main() -> None:
     d, v = EXPERT["hidden_size"], EXPERT["vocab_size"]
     body = n_params - d * v  # tied: the embedding/head counted once
 
-    print(
-        f"machine: {platform.machine()}, {jax.device_count()} jax device(s) "
-        f"({jax.devices()[0].device_kind}), torch threads {torch.get_num_threads()}"
-    )
+    print(f"machine: {machine_description()}; torch threads {torch.get_num_threads()}")
     print(f"expert: random Qwen2 {EXPERT} = {n_params / 1e6:.1f}M parameters, float32")
-    xla_peak, torch_peak = matmul_peaks()
+    xla_peak = matmul_peak() / 1e9
+    torch_peak = matmul_peak(backend="torch") / 1e9
     print(f"matmul peak (2048^3 f32): XLA {xla_peak:.1f} GFLOP/s, torch {torch_peak:.1f} GFLOP/s\n")
 
     ours = Ours(

@@ -15,21 +15,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from w2s_jax.data.sources import Question, load_questions
+from w2s_jax.data.sources import Question, SourceRecord, load_questions, questions_from_records
 from w2s_jax.files import DataError
 
 TFDS_PREFIX = "tfds:"
 
 
-def _text(value) -> str | None:
-    """A TFDS Text feature (bytes) or scalar as a str; None stays None."""
-    if value is None:
-        return None
+def _plain(value):
+    """A TFDS feature value as a plain Python value: Text (bytes) as str, numpy
+    scalars as Python scalars; anything else (arrays, None) unchanged."""
     if isinstance(value, bytes):
         return value.decode("utf-8")
-    if hasattr(value, "item"):  # numpy scalar
-        return _text(value.item())
-    return str(value)
+    if getattr(value, "ndim", None) == 0:  # numpy scalar or 0-d array
+        return _plain(value.item())
+    return value
 
 
 def default_tfds_data_dir() -> str:
@@ -38,21 +37,14 @@ def default_tfds_data_dir() -> str:
 
 
 def load_tfds_questions(
-    name: str,
-    *,
-    split: str = "train",
-    data_dir: str | None = None,
-    question_field: str = "question",
-    answer_field: str = "answer",
-    id_field: str = "id",
-    require_answer: bool = False,
-    max_questions: int | None = None,
+    name: str, *, split: str = "train", data_dir: str | None = None, **fields
 ) -> list[Question]:
     """Read questions from a prepared TFDS dataset (array_record format) without TensorFlow.
 
-    Records without `id_field` get the id "NAME/SPLIT/INDEX" (INDEX is the
-    record's position in the prepared split, stable for a given data dir).
-    Errors name the dataset, split and record index.
+    `fields` are the options of `questions_from_records` (field names,
+    `require_answer`, `max_questions`). Records without an id get "NAME/SPLIT/INDEX"
+    (INDEX is the record's position in the prepared split, stable for a given data
+    dir). Errors name the dataset, split and record index.
     """
     try:
         import tensorflow_datasets as tfds
@@ -78,52 +70,26 @@ def load_tfds_questions(
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         raise DataError(f"{where}: cannot open as an array_record data source: {exc}") from exc
 
-    questions: list[Question] = []
-    seen: dict[str, int] = {}
-    count = len(source) if max_questions is None else min(len(source), max_questions)
-    for index in range(count):
-        record = source[index]
-        text = _text(record.get(question_field))
-        if not text or not text.strip():
-            raise DataError(
-                f"{where} record {index}: field {question_field!r} is missing or empty "
-                f"(fields present: {', '.join(sorted(record)) or 'none'})"
-            )
-        answer = _text(record.get(answer_field))
-        if require_answer and not (answer or "").strip():
-            raise DataError(f"{where} record {index}: field {answer_field!r} is missing or empty")
-        qid = _text(record.get(id_field)) or f"{name}/{split}/{index}"
-        if qid in seen:
-            raise DataError(
-                f"{where} record {index}: id {qid!r} already used by record {seen[qid]}"
-            )
-        seen[qid] = index
-        questions.append(Question(qid, text, answer))
-    return questions
+    records = (
+        SourceRecord(
+            f"{where} record {index}",
+            f"record {index}",
+            f"{name}/{split}/{index}",
+            {key: _plain(value) for key, value in source[index].items()},
+        )
+        for index in range(len(source))
+    )
+    return questions_from_records(records, **fields)
 
 
 def load_source(
-    source: str,
-    *,
-    split: str = "train",
-    data_dir: str | None = None,
-    question_field: str = "question",
-    answer_field: str = "answer",
-    id_field: str = "id",
-    require_answer: bool = False,
-    max_questions: int | None = None,
+    source: str, *, split: str = "train", data_dir: str | None = None, **fields
 ) -> list[Question]:
     """Questions from `tfds:NAME` (with `split`, `data_dir`) or from a JSONL path.
 
-    `split` and `data_dir` apply to TFDS sources only.
+    `split` and `data_dir` apply to TFDS sources only; `fields` are the options of
+    `w2s_jax.data.sources.questions_from_records`.
     """
-    fields = dict(
-        question_field=question_field,
-        answer_field=answer_field,
-        id_field=id_field,
-        require_answer=require_answer,
-        max_questions=max_questions,
-    )
     if source.startswith(TFDS_PREFIX):
         name = source[len(TFDS_PREFIX) :]
         if not name:

@@ -88,3 +88,18 @@ def test_atomic_save_figure_writes_png(tmp_path):
     fig.add_subplot().plot([0, 1], [1, 0])
     atomic_save_figure(fig, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_atomic_write_gives_plain_file_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "out.json"
+        atomic_write_json(path, {"a": 1})
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)
+        atomic_write_json(path, {"a": 2})
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)

@@ -12,6 +12,18 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain open() would give: the old file's, else 0o666 less the umask.
+
+    (mkstemp creates 0o600 files, which would make outputs unreadable to others.)
+    """
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     """Open a binary temp file beside `path`; on success fsync it and rename it over `path`.
@@ -23,6 +35,7 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()

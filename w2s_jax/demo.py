@@ -57,7 +57,7 @@ class DemoConfig:
     out: str = "demo_out"
     seeds: int = 1
     questions: int = 256
-    eval_questions: int = 300
+    eval_questions: int = 1000
     split: str = "test"
     alpha: float = 0.2
     beta: float = 0.2

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from w2s_jax import stats
-from w2s_jax.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from w2s_jax.files import atomic_save_figure, atomic_write_json, atomic_write_text, read_jsonl
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "toy_world"
 ARMS = ("base", "lightreasoner", "sft", "no_select", "no_contrast")
@@ -450,9 +450,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _bar_chart_png(report: dict) -> bytes:
-    import io
-
+def _save_bar_chart(report: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -492,9 +490,7 @@ def _bar_chart_png(report: dict) -> bytes:
     ax.set_ylim(0, 100)
     ax.set_title(f"toy world: {report['eval_questions']} {report['split']} problems", fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
+    atomic_save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------- driver
@@ -542,7 +538,7 @@ def run_demo(config: DemoConfig, *, log=print) -> dict:
     report["table"] = format_table(report)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", _report_markdown(report))
-    atomic_write_bytes(out / "report.png", _bar_chart_png(report))
+    _save_bar_chart(report, out / "report.png")
     return report
 
 

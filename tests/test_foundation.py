@@ -126,3 +126,16 @@ def test_shell_scripts_pass_bash_n_and_shellcheck(script):
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     result = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_settings_difference_lists_changed_keys_only():
+    from w2s_jax.config import settings_difference
+
+    recorded = {"beta": 0.4, "alpha": 0.2, "out": "a", "gone": 1}
+    requested = {"beta": 0.5, "alpha": 0.2, "out": "b", "new": [1, 2]}
+    assert settings_difference(recorded, requested, ignore=("out",)) == [
+        "beta: 0.4 -> 0.5",
+        "gone: 1 -> None",
+        "new: None -> [1, 2]",
+    ]
+    assert settings_difference(recorded, dict(recorded)) == []

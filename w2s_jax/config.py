@@ -44,3 +44,16 @@ def apply_config_file(
         )
     parser.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+def settings_difference(recorded: dict, requested: dict, *, ignore=()) -> list[str]:
+    """`key: recorded -> requested` for every setting that differs, keys in `ignore` skipped.
+
+    Every resumable stage uses it to refuse re-running into an output folder
+    that holds a run made with other settings.
+    """
+    return [
+        f"{key}: {recorded.get(key)!r} -> {requested.get(key)!r}"
+        for key in sorted((set(recorded) | set(requested)) - set(ignore))
+        if recorded.get(key) != requested.get(key)
+    ]

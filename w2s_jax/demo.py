@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from w2s_jax import stats
+from w2s_jax.config import settings_difference
 from w2s_jax.files import atomic_save_figure, atomic_write_json, atomic_write_text, read_jsonl
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "toy_world"
@@ -124,12 +125,7 @@ def _check_settings(out: Path, config: DemoConfig) -> None:
     path = out / "demo_config.json"
     new = config.settings()
     if path.is_file():
-        old = {k: v for k, v in json.loads(path.read_text()).items() if k not in FREE_SETTINGS}
-        diff = [
-            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(old | new)
-            if old.get(k) != new.get(k)
-        ]
+        diff = settings_difference(json.loads(path.read_text()), new, ignore=FREE_SETTINGS)
         if diff:
             raise ValueError(
                 f"{out} holds a demo run with other settings ({'; '.join(diff)}); "

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from w2s_jax import stats
+from w2s_jax.config import settings_difference
 from w2s_jax.data.sources import Question
 from w2s_jax.files import (
     DataError,
@@ -216,12 +217,9 @@ def _check_same_run(out: Path, fingerprint: dict) -> None:
     if not path.is_file():
         atomic_write_json(path, fingerprint)
         return
-    previous = json.loads(path.read_text())
-    changed = sorted(
-        k for k in fingerprint.keys() | previous.keys() if fingerprint.get(k) != previous.get(k)
-    )
-    if changed:
-        details = "; ".join(f"{k}: {previous.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
+    diff = settings_difference(json.loads(path.read_text()), fingerprint)
+    if diff:
+        details = "; ".join(diff)
         raise ValueError(
             f"{out} holds a run with other settings ({details}); use a new --out folder"
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from w2s_jax.config import settings_difference
 from w2s_jax.files import DataError, atomic_write_json, atomic_write_jsonl, read_jsonl
 
 FORMAT = "w2s_jax.samples/1"
@@ -55,15 +56,6 @@ def read_manifest(out: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not a {FORMAT} manifest")
     return manifest
-
-
-def settings_difference(old: dict, new: dict) -> list[str]:
-    """Human-readable `key: old -> new` lines for every setting that differs."""
-    return [
-        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
-    ]
 
 
 def check_or_create_manifest(out: str | Path, manifest: dict, *, create: bool = True) -> bool:

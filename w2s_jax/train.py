@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from w2s_jax.config import settings_difference
 from w2s_jax.divergence import contrastive_loss, fused_contrastive_loss
 from w2s_jax.files import DataError, atomic_write_json
 from w2s_jax.lora import apply_lora, trainable_filter
@@ -240,14 +241,9 @@ def _load_model(config: TrainConfig, mesh):
 
 def _check_resumable(out: Path, config: TrainConfig) -> None:
     path = out / RUN_FILE
-    new = {k: v for k, v in config.settings().items() if k not in FREE_SETTINGS}
     if path.is_file():
-        old = {k: v for k, v in json.loads(path.read_text()).items() if k not in FREE_SETTINGS}
-        diff = [
-            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)
-        ]
+        recorded = json.loads(path.read_text())
+        diff = settings_difference(recorded, config.settings(), ignore=FREE_SETTINGS)
         if diff:
             raise SystemExit(
                 f"error: {out} holds a run with different settings; use another --out or the "

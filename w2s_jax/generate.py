@@ -23,10 +23,15 @@ from w2s_jax.models.decoder import default_positions
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     """tokens: i32[B, max_new_tokens], pad_id after a row stopped. lengths: i32[B], the
-    number of generated tokens per row including its stop token."""
+    number of generated tokens per row including its stop token. hidden_states (only
+    with `return_hidden_states=True`): a jax.Array [B, max_new_tokens, D] in the model's
+    compute dtype, on the model's devices: the final-norm hidden state from which
+    tokens[:, t] was chosen (its logits are `model.logits(hidden_states)`); rows are
+    meaningless from a row's length on."""
 
     tokens: np.ndarray
     lengths: np.ndarray
+    hidden_states: jax.Array | None = None
 
 
 def first_argmax(logits_bv):
@@ -77,12 +82,12 @@ def _prefill(graphdef, state, ids_bp, mask_bp, temperature, top_p, key, *, cache
     hidden_bpd, cache = model.forward(ids_bp, default_positions(mask_bp), mask_bps, cache, 0)
     key, sub = jax.random.split(key)
     first_b = _sample(model.logits(hidden_bpd[:, -1]), sub, temperature, top_p, sampler)
-    return cache, first_b, key
+    return cache, first_b, hidden_bpd[:, -1], key
 
 
 @partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "sampler"),
+    static_argnames=("graphdef", "max_new_tokens", "sampler", "keep_hidden"),
     donate_argnames=("cache",),
 )
 def _decode(
@@ -90,6 +95,7 @@ def _decode(
     state,
     cache,
     first_b,
+    first_hidden_bd,
     mask_bp,
     eos_e,
     pad_id,
@@ -99,6 +105,7 @@ def _decode(
     *,
     max_new_tokens,
     sampler,
+    keep_hidden,
 ):
     model = nnx.merge(graphdef, state)
     b, p = mask_bp.shape
@@ -108,28 +115,34 @@ def _decode(
     tokens_bn = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_b)
     done_b = jnp.isin(first_b, eos_e)
     lengths_b = jnp.ones((b,), jnp.int32)
+    # Without keep_hidden a [B, 1, D] placeholder rides along, so the loop stays the same.
+    hidden_bnd = jnp.zeros((b, max_new_tokens if keep_hidden else 1, first_hidden_bd.shape[-1]))
+    hidden_bnd = hidden_bnd.astype(first_hidden_bd.dtype).at[:, 0].set(first_hidden_bd)
 
     def cond(carry):
-        i, _, _, _, done_b, _, _ = carry
+        i, _, _, _, done_b, _, _, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done_b)
 
     def body(carry):
-        i, cache, tokens_bn, last_b, done_b, lengths_b, key = carry
+        i, cache, tokens_bn, last_b, done_b, lengths_b, hidden_bnd, key = carry
         slot = p + i - 1  # the cache slot of `last_b`
         mask_b1s = (kv_valid_bs & (jnp.arange(cache_len) <= slot)[None])[:, None, :]
         positions_b1 = (prompt_len_b + i - 1)[:, None]
         hidden_b1d, cache = model.forward(last_b[:, None], positions_b1, mask_b1s, cache, slot)
         key, sub = jax.random.split(key)
         next_b = _sample(model.logits(hidden_b1d[:, 0]), sub, temperature, top_p, sampler)
+        if keep_hidden:
+            hidden_bnd = jax.lax.dynamic_update_slice(hidden_bnd, hidden_b1d, (0, i, 0))
         next_b = jnp.where(done_b, pad_id, next_b)
         lengths_b = jnp.where(done_b, lengths_b, i + 1)
         tokens_bn = tokens_bn.at[:, i].set(next_b)
         done_b = done_b | jnp.isin(next_b, eos_e)
-        return i + 1, cache, tokens_bn, next_b, done_b, lengths_b, key
+        return i + 1, cache, tokens_bn, next_b, done_b, lengths_b, hidden_bnd, key
 
-    carry = (jnp.int32(1), cache, tokens_bn, first_b, done_b, lengths_b, key)
-    _, cache, tokens_bn, _, _, lengths_b, _ = jax.lax.while_loop(cond, body, carry)
-    return tokens_bn, lengths_b, cache  # returning the cache lets it alias the donated buffer
+    carry = (jnp.int32(1), cache, tokens_bn, first_b, done_b, lengths_b, hidden_bnd, key)
+    _, cache, tokens_bn, _, _, lengths_b, hidden_bnd, _ = jax.lax.while_loop(cond, body, carry)
+    # returning the cache lets it alias the donated buffer
+    return tokens_bn, lengths_b, hidden_bnd if keep_hidden else None, cache
 
 
 def _sample(logits_bv, key, temperature, top_p, sampler):
@@ -169,6 +182,7 @@ def generate(
     top_p: float | None = None,
     rng: jax.Array | None = None,
     pad_to_multiple: int = 16,
+    return_hidden_states: bool = False,
 ) -> GenerationResult:
     """Continue each prompt (a list of token ids; ragged) by up to `max_new_tokens` tokens.
 
@@ -176,7 +190,9 @@ def generate(
     needs `rng` (a JAX PRNG key). A row stops after emitting any id in `eos_ids`.
     Prompt length is padded up to a multiple of `pad_to_multiple` so that nearby
     lengths share one compiled program. On a model sharded over a mesh, the batch
-    is split over ("data", "fsdp") when it divides.
+    is split over ("data", "fsdp") when it divides. return_hidden_states also returns
+    the hidden state behind every generated token (see `GenerationResult`), e.g. to
+    score the rollout without a second pass of the same model.
     """
     vocab = model.config.vocab_size
     eos = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
@@ -212,7 +228,7 @@ def generate(
     sampler = (greedy, None if greedy else top_k, top_p is not None and not greedy)
     temperature = jnp.float32(max(temperature, 1e-6))
     top_p = jnp.float32(1.0 if top_p is None else top_p)
-    cache, first_b, key = _prefill(
+    cache, first_b, first_hidden_bd, key = _prefill(
         graphdef,
         state,
         ids_bp,
@@ -223,11 +239,12 @@ def generate(
         cache_len=ids_bp.shape[1] + max_new_tokens,
         sampler=sampler,
     )
-    tokens_bn, lengths_b, _ = _decode(
+    tokens_bn, lengths_b, hidden_bnd, _ = _decode(
         graphdef,
         state,
         cache,
         first_b,
+        first_hidden_bd,
         mask_bp,
         jnp.asarray(eos + eos[:1] * (-len(eos) % 8), jnp.int32),  # fixed size: fewer compiles
         jnp.int32(pad_id),
@@ -236,8 +253,11 @@ def generate(
         key,
         max_new_tokens=max_new_tokens,
         sampler=sampler,
+        keep_hidden=return_hidden_states,
     )
-    return GenerationResult(tokens=np.asarray(tokens_bn), lengths=np.asarray(lengths_b))
+    return GenerationResult(
+        tokens=np.asarray(tokens_bn), lengths=np.asarray(lengths_b), hidden_states=hidden_bnd
+    )
 
 
 def _mesh_of(state):

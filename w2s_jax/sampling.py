@@ -1,8 +1,9 @@
 """LightReasoner sampling stage: questions -> expert rollouts -> per-token KL -> targets.
 
 Per batch: chat-formatted prompt ids -> the expert's greedy rollout
-(`w2s_jax.generate`) -> one teacher-forced pass of each model over
-prompt + rollout -> at every rollout position, KL(πE‖πA) and the contrastive
+(`w2s_jax.generate`, which also returns the expert's hidden state behind every
+token it chose) -> one teacher-forced pass of the amateur over prompt + rollout
+-> at every rollout position, KL(πE‖πA) and the contrastive
 target from the hidden states and LM heads (`divergence.fused_kl_and_target`,
 padded vocabulary rows cut to the tokenizer's size) -> `select_steps`. Token ids
 end to end: nothing is decoded and re-encoded. The output folder is handled by
@@ -145,6 +146,7 @@ def _score(
     expert_state,
     amateur_graph,
     amateur_state,
+    expert_btd,
     ids_bs,
     mask_bs,
     valid_bt,
@@ -156,15 +158,16 @@ def _score(
     chunk_size,
     vocab_size,
 ):
-    """KL, selection and targets at the rollout columns of a teacher-forced pass.
+    """KL, selection and targets at the rollout positions.
 
-    `beta` and `select` are traced, so the ablations reuse the compiled program.
+    expert_btd: the expert's hidden states from its rollout; the amateur's come from
+    one teacher-forced pass over ids_bs. `beta` and `select` are traced, so the
+    ablations reuse the compiled program.
     """
     t = valid_bt.shape[1]
     start = ids_bs.shape[1] - t  # column P - 1
     expert = nnx.merge(expert_graph, expert_state)
     amateur = nnx.merge(amateur_graph, amateur_state)
-    expert_btd = expert.hidden_states(ids_bs, mask_bs)[:, start:]
     amateur_btd = amateur.hidden_states(ids_bs, mask_bs)[:, start:]
     kl_bt, ids_btk, weights_btk, stats = divergence.fused_kl_and_target(
         expert_btd,
@@ -209,11 +212,13 @@ class Scorer:
         self._expert = nnx.split(expert)
         self._amateur = nnx.split(amateur)
 
-    def __call__(self, prompt_bp, prompt_mask_bp, completion_bt, lengths_b) -> dict:
+    def __call__(self, prompt_bp, prompt_mask_bp, completion_bt, lengths_b, expert_btd) -> dict:
         """Per-position KL, selection and targets as host arrays [B, T] / [B, T, k].
 
         `prompt_bp` is left-padded (mask 1 = real token); `completion_bt` holds the
-        rollouts, `lengths_b` their lengths (positions t >= length are padding).
+        rollouts, `lengths_b` their lengths (positions t >= length are padding), and
+        `expert_btd` the expert's hidden state behind each rollout token
+        (`GenerationResult.hidden_states`).
         """
         ids, mask, valid = teacher_forced_inputs(
             prompt_bp, prompt_mask_bp, completion_bt, lengths_b
@@ -228,6 +233,7 @@ class Scorer:
             self._expert[1],
             self._amateur[0],
             self._amateur[1],
+            expert_btd,
             place(ids),
             place(mask),
             place(valid),
@@ -270,12 +276,17 @@ def rollout_and_score(expert, scorer: Scorer, prompts, *, max_new_tokens, eos_id
     from w2s_jax.generate import generate, left_pad
 
     result = generate(
-        expert, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id
+        expert,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        return_hidden_states=True,
     )
     completion_bt = to_host(result.tokens).astype(np.int32)
     lengths_b = to_host(result.lengths).astype(np.int32)
     prompt_bp, prompt_mask_bp = left_pad(prompts, pad_id, multiple=32)
-    scores = scorer(prompt_bp, prompt_mask_bp, completion_bt, lengths_b)
+    scores = scorer(prompt_bp, prompt_mask_bp, completion_bt, lengths_b, result.hidden_states)
     return completion_bt, lengths_b, scores
 
 

@@ -74,12 +74,12 @@ def sample_logits(logits_bv, key, *, temperature, top_k=None, top_p=None, greedy
 def _prefill(graphdef, state, ids_bp, mask_bp, temperature, top_p, key, *, cache_len, sampler):
     model = nnx.merge(graphdef, state)
     b, p = ids_bp.shape
-    cache = model.init_cache(b, cache_len)
-    slots_s = jnp.arange(cache_len)
-    mask_bps = (slots_s[None, :] <= jnp.arange(p)[:, None])[None] & (
-        jnp.pad(mask_bp, ((0, 0), (0, cache_len - p)))[:, None, :] != 0
-    )
-    hidden_bpd, cache = model.forward(ids_bp, default_positions(mask_bp), mask_bps, cache, 0)
+    # Attend over the prompt's p slots only, then widen the cache for decoding.
+    mask_bps = jnp.tril(jnp.ones((p, p), bool))[None] & (mask_bp[:, None, :] != 0)
+    positions_bp = default_positions(mask_bp)
+    hidden_bpd, cache = model.forward(ids_bp, positions_bp, mask_bps, model.init_cache(b, p), 0)
+    widen = ((0, 0), (0, 0), (0, cache_len - p), (0, 0))  # [B, K, S, D]: along S
+    cache = [(jnp.pad(keys, widen), jnp.pad(values, widen)) for keys, values in cache]
     key, sub = jax.random.split(key)
     first_b = _sample(model.logits(hidden_bpd[:, -1]), sub, temperature, top_p, sampler)
     return cache, first_b, hidden_bpd[:, -1], key

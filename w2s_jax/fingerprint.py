@@ -22,6 +22,37 @@ def tokenizer_mapping(tokenizer) -> dict:
     }
 
 
+# Files AutoTokenizer reads; folders whose copies are byte-identical share a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def same_tokenizer_files(first: str | Path, second: str | Path) -> bool:
+    """True when both folders hold the same tokenizer files with identical bytes.
+
+    A cheap sufficient test (no tokenizer is loaded); False proves nothing.
+    """
+    found = False
+    for name in TOKENIZER_FILES:
+        a, b = Path(first) / name, Path(second) / name
+        if a.is_file() != b.is_file():
+            return False
+        if a.is_file():
+            if a.read_bytes() != b.read_bytes():
+                return False
+            found = True
+    return found
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the id -> token mapping and the special tokens."""
     blob = json.dumps(tokenizer_mapping(tokenizer), sort_keys=True).encode()

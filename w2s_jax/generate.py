@@ -78,8 +78,14 @@ def _prefill(graphdef, state, ids_bp, mask_bp, temperature, top_p, key, *, cache
     mask_bps = jnp.tril(jnp.ones((p, p), bool))[None] & (mask_bp[:, None, :] != 0)
     positions_bp = default_positions(mask_bp)
     hidden_bpd, cache = model.forward(ids_bp, positions_bp, mask_bps, model.init_cache(b, p), 0)
-    widen = ((0, 0), (0, 0), (0, cache_len - p), (0, 0))  # [B, K, S, D]: along S
-    cache = [(jnp.pad(keys, widen), jnp.pad(values, widen)) for keys, values in cache]
+    extra = cache_len - p  # slots for the new tokens: keys [B, K, D, S], values [B, K, S, D]
+    cache = [
+        (
+            jnp.pad(keys, ((0, 0),) * 3 + ((0, extra),)),
+            jnp.pad(values, ((0, 0),) * 2 + ((0, extra), (0, 0))),
+        )
+        for keys, values in cache
+    ]
     key, sub = jax.random.split(key)
     first_b = _sample(model.logits(hidden_bpd[:, -1]), sub, temperature, top_p, sampler)
     return cache, first_b, hidden_bpd[:, -1], key
@@ -109,7 +115,7 @@ def _decode(
 ):
     model = nnx.merge(graphdef, state)
     b, p = mask_bp.shape
-    cache_len = cache[0][0].shape[2]
+    cache_len = cache[0][1].shape[2]
     kv_valid_bs = jnp.pad(mask_bp, ((0, 0), (0, cache_len - p)), constant_values=1) != 0
     prompt_len_b = mask_bp.sum(axis=-1).astype(jnp.int32)
     tokens_bn = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_b)

@@ -15,7 +15,7 @@ import pytest
 
 from w2s_jax import sample_store
 from w2s_jax.commands import sample as sample_command
-from w2s_jax.files import atomic_write_json, atomic_write_jsonl
+from w2s_jax.files import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 QUESTIONS = [
     "how many apples does Tom have if he has 3 boxes of 4 apples",
@@ -351,3 +351,56 @@ def test_sigkill_mid_run_then_resume_gives_identical_dataset(
     resumed, full = _snapshot(out / "samples"), _snapshot(full_run / "samples")
     assert sorted(resumed) == sorted(full)
     assert all(resumed[name] == full[name] for name in full if name.suffix == ".jsonl")
+
+
+def test_two_processes_split_the_questions_and_match_one_process(tmp_path, models, records):
+    """Multi-host JAX for real: two `w2s sample` processes on this machine (2 CPU devices
+    each) joined by jax.distributed; each writes only its own shards, and together they
+    hold exactly the single-process dataset."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    questions = tmp_path / "q.jsonl"  # 5 questions: the processes get 3 and 2
+    atomic_write_jsonl(
+        questions, [{"id": f"q{i}", "question": q} for i, q in enumerate(QUESTIONS[:5])]
+    )
+    out = tmp_path / "out"
+    argv = [*models, "--data", questions, "--out", out, "--batch-size", "4"]
+    argv += ["--max-new-tokens", NEW_TOKENS, "--alpha", ALPHA, "--beta", BETA, "--top-k", TOP_K]
+    command = [sys.executable, "-m", "w2s_jax.cli", "sample", *map(str, argv)]
+    env = os.environ | {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+        "JAX_NUM_PROCESSES": "2",
+    }
+    processes = [
+        subprocess.Popen(
+            command,
+            env=env | {"JAX_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0].decode() for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "5 questions" in logs[0]  # process 0 writes the summary of both
+    by_process = {}
+    for shard in sample_store.shard_paths(out):
+        ids = by_process.setdefault(shard.name[:4], set())
+        ids.update(record["id"] for _, record in read_jsonl(shard))
+    assert by_process == {"p000": {"q0", "q2", "q4"}, "p001": {"q1", "q3"}}
+    two = {r["id"]: r for r in sample_store.read_samples(out)}
+    assert sorted(two) == [f"q{i}" for i in range(5)]
+    for qid, record in two.items():
+        single = records[qid]
+        for key in ("prompt_ids", "completion_ids", "positions", "target_ids"):
+            assert record[key] == single[key], (qid, key)
+        np.testing.assert_allclose(record["kl"], single["kl"], rtol=1e-4, atol=1e-5)
+        for mine, theirs in zip(record["target_weights"], single["target_weights"], strict=True):
+            np.testing.assert_allclose(mine, theirs, atol=1e-5)

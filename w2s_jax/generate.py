@@ -262,7 +262,9 @@ def generate(
         keep_hidden=return_hidden_states,
     )
     return GenerationResult(
-        tokens=np.asarray(tokens_bn), lengths=np.asarray(lengths_b), hidden_states=hidden_bnd
+        tokens=sharding.to_host(tokens_bn),
+        lengths=sharding.to_host(lengths_b),
+        hidden_states=hidden_bnd,
     )
 
 

@@ -195,13 +195,6 @@ def _to_device(array: np.ndarray, sharding):
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def to_host(array) -> np.ndarray:
-    """The whole value of a (possibly multi-host sharded) array on this host."""
-    if getattr(array, "is_fully_addressable", True):
-        return np.asarray(array)
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 class Scorer:
     """Teacher-forced scoring of rollouts by an expert and an amateur on one mesh."""
 
@@ -244,7 +237,7 @@ class Scorer:
             chunk_size=self.config.chunk_size,
             vocab_size=self.vocab_size,
         )
-        return {key: to_host(value) for key, value in out.items()}
+        return {key: sharding.to_host(value) for key, value in out.items()}
 
 
 def gather_rows(local_rows: list[list[int]]) -> list[list[int]]:
@@ -283,8 +276,8 @@ def rollout_and_score(expert, scorer: Scorer, prompts, *, max_new_tokens, eos_id
         pad_id=pad_id,
         return_hidden_states=True,
     )
-    completion_bt = to_host(result.tokens).astype(np.int32)
-    lengths_b = to_host(result.lengths).astype(np.int32)
+    completion_bt = result.tokens.astype(np.int32)
+    lengths_b = result.lengths.astype(np.int32)
     prompt_bp, prompt_mask_bp = left_pad(prompts, pad_id, multiple=32)
     scores = scorer(prompt_bp, prompt_mask_bp, completion_bt, lengths_b, result.hidden_states)
     return completion_bt, lengths_b, scores

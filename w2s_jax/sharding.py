@@ -115,16 +115,35 @@ def batch_sharding(mesh: Mesh, batch_size: int, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
 
 
+def to_host(array) -> np.ndarray:
+    """The whole value of a (possibly multi-host sharded) array, on this host."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def maybe_initialize_distributed() -> bool:
     """Call `jax.distributed.initialize()` when launched as one of several processes.
 
-    Detects a coordinator address (JAX_COORDINATOR_ADDRESS), a multi-host TPU slice
-    (TPU_WORKER_HOSTNAMES with several hosts) or a multi-task SLURM/Open MPI job.
-    Must run before any other JAX call. Returns True when it initialised.
+    Detects a multi-host TPU slice (TPU_WORKER_HOSTNAMES with several hosts), a
+    multi-task SLURM/Open MPI job, or an explicit launch: JAX_COORDINATOR_ADDRESS
+    (host:port of process 0) with JAX_NUM_PROCESSES and JAX_PROCESS_ID (any machines,
+    including several processes on one CPU host). Must run before any other JAX call.
+    Returns True when it initialised.
     """
     if jax.distributed.is_initialized():
         return False
     env = os.environ
+    explicit = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        for name, key in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            if env.get(key):
+                try:
+                    explicit[name] = int(env[key])
+                except ValueError:
+                    raise ValueError(f"{key} must be an integer, got {env[key]!r}") from None
     multi = (
         bool(env.get("JAX_COORDINATOR_ADDRESS"))
         or "," in env.get("TPU_WORKER_HOSTNAMES", "")
@@ -132,5 +151,5 @@ def maybe_initialize_distributed() -> bool:
         or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     )
     if multi:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**explicit)
     return multi

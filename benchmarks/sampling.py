@@ -56,8 +56,9 @@ def make_questions(n: int) -> list[dict]:
 
 def make_tokenizer(folder: Path, vocab_size: int):
     """Byte-level BPE trained on a synthetic corpus, with a Qwen-style chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    from w2s_jax.data.toy_tokenizer import save_tokenizer, train_tokenizer
 
     rng = random.Random(1)
     syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"] + list("aeiou")
@@ -69,26 +70,13 @@ def make_tokenizer(folder: Path, vocab_size: int):
         line += [str(rng.randint(0, 10 ** rng.randint(1, 5))) for _ in range(2)]
         corpus.append(" ".join(line) + ". " + rng.choice(make_questions(8))["question"])
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    tokenizer = train_tokenizer(
+        corpus, vocab_size=vocab_size, special_tokens=special, split_digits=False
     )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    save_tokenizer(
+        tokenizer, folder, special_tokens=special, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
-    fast.chat_template = (
-        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-        "'<|im_end|>\\n' }}{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    )
-    fast.save_pretrained(str(folder))
-    return fast
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def make_embedding_and_head(tokenizer):

@@ -8,12 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 _CORPUS_WORDS = (
@@ -41,28 +35,24 @@ def make_tiny_tokenizer(folder: str | Path, *, vocab_size: int = 300):
     Returns the loaded `PreTrainedTokenizerFast`. Ids of the special tokens are
     0, 1, 2 (<|endoftext|>, <|im_start|>, <|im_end|>).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    from w2s_jax.data.toy_tokenizer import save_tokenizer, train_tokenizer
+
+    tokenizer = train_tokenizer(
+        _training_corpus(),
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        split_digits=False,
     )
-    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+    save_tokenizer(
+        tokenizer,
+        folder,
+        special_tokens=SPECIAL_TOKENS,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
     )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(str(folder))
-    return fast
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def make_tiny_model(

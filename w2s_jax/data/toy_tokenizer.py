@@ -9,11 +9,13 @@ special_tokens_map.json) that `transformers.AutoTokenizer` loads.
 
 Special tokens have fixed ids: 0 <|pad|>, 1 <|endoftext|>, 2 <|im_start|>,
 3 <|im_end|>. The end-of-sequence token is <|im_end|>, as in Qwen2.5-Instruct.
+`train_tokenizer` and `save_tokenizer` also serve other offline tokenizers (the
+tests' and benchmarks' tiny ones).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from w2s_jax.data.arithmetic import Problem, TaskConfig, generate_split
@@ -58,26 +60,39 @@ def corpus_texts(problems: Iterable[Problem]) -> list[str]:
     return texts
 
 
-def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512):
-    """Train a byte-level BPE `tokenizers.Tokenizer` (digits split) on `texts`."""
+def train_tokenizer(
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 512,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    split_digits: bool = True,
+):
+    """Train a byte-level BPE `tokenizers.Tokenizer` on `texts`.
+
+    Special tokens get ids 0, 1, ... in the order given. split_digits: Qwen2's
+    pre-tokenizer (every digit its own token); otherwise GPT-2's byte-level regex.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
+    if vocab_size < 256 + len(special_tokens):
         raise ValueError(
-            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special "
+            f"vocab_size must be at least {256 + len(special_tokens)} (bytes + special "
             f"tokens), got {vocab_size}"
         )
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    if split_digits:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -85,8 +100,19 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512):
     return tokenizer
 
 
-def save_tokenizer(tokenizer, folder: str | Path) -> Path:
-    """Write `tokenizer` as a Hugging Face tokenizer folder (each file atomically)."""
+def save_tokenizer(
+    tokenizer,
+    folder: str | Path,
+    *,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    eos_token: str = IM_END,
+    pad_token: str = PAD,
+    chat_template: str = CHAT_TEMPLATE,
+) -> Path:
+    """Write `tokenizer` as a Hugging Face tokenizer folder (each file atomically).
+
+    The special tokens other than eos and pad become additional special tokens.
+    """
     folder = Path(folder)
     atomic_write_text(folder / "tokenizer.json", tokenizer.to_str(pretty=True))
     added = {
@@ -98,30 +124,27 @@ def save_tokenizer(tokenizer, folder: str | Path) -> Path:
             "single_word": False,
             "special": True,
         }
-        for t in SPECIAL_TOKENS
+        for t in special_tokens
     }
+    additional = [t for t in special_tokens if t not in (eos_token, pad_token)]
     atomic_write_json(
         folder / "tokenizer_config.json",
         {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "added_tokens_decoder": added,
             "bos_token": None,
-            "eos_token": IM_END,
-            "pad_token": PAD,
+            "eos_token": eos_token,
+            "pad_token": pad_token,
             "unk_token": None,
-            "additional_special_tokens": [ENDOFTEXT, IM_START],
+            "additional_special_tokens": additional,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 4096,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": chat_template,
         },
     )
     atomic_write_json(
         folder / "special_tokens_map.json",
-        {
-            "eos_token": IM_END,
-            "pad_token": PAD,
-            "additional_special_tokens": [ENDOFTEXT, IM_START],
-        },
+        {"eos_token": eos_token, "pad_token": pad_token, "additional_special_tokens": additional},
     )
     return folder
 

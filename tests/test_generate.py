@@ -184,9 +184,14 @@ def test_sampler_frequencies_match_numpy_reference(temperature, top_k, top_p):
 
 
 def test_greedy_sampler_is_argmax():
-    logits = jnp.asarray(np.random.RandomState(0).randn(5, 50), jnp.float32)
-    ids = sample_logits(logits, None, temperature=1.0, greedy=True)
-    np.testing.assert_array_equal(ids, np.argmax(np.asarray(logits), axis=-1))
+    logits = np.random.RandomState(0).randn(5, 50).astype(np.float32)
+    logits[1, [7, 30]] = logits[1].max() + 1.0  # a tie: the first wins, as in numpy
+    logits[2, [9, 40]] = np.nan  # NaN counts as the maximum, as in np.argmax
+    logits[3, [11, 20]] = np.inf
+    ids = jax.jit(lambda z: sample_logits(z, None, temperature=1.0, greedy=True))(logits)
+    assert ids.dtype == jnp.int32
+    np.testing.assert_array_equal(ids, np.argmax(logits, axis=-1))
+    assert ids.tolist()[1:4] == [7, 9, 11]
 
 
 def test_bad_arguments_raise_clear_errors(qwen2):

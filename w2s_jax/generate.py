@@ -78,14 +78,7 @@ def _prefill(graphdef, state, ids_bp, mask_bp, temperature, top_p, key, *, cache
     mask_bps = jnp.tril(jnp.ones((p, p), bool))[None] & (mask_bp[:, None, :] != 0)
     positions_bp = default_positions(mask_bp)
     hidden_bpd, cache = model.forward(ids_bp, positions_bp, mask_bps, model.init_cache(b, p), 0)
-    extra = cache_len - p  # slots for the new tokens: keys [B, K, D, S], values [B, K, S, D]
-    cache = [
-        (
-            jnp.pad(keys, ((0, 0),) * 3 + ((0, extra),)),
-            jnp.pad(values, ((0, 0),) * 2 + ((0, extra), (0, 0))),
-        )
-        for keys, values in cache
-    ]
+    cache = model.extend_cache(cache, cache_len)
     key, sub = jax.random.split(key)
     first_b = _sample(model.logits(hidden_bpd[:, -1]), sub, temperature, top_p, sampler)
     return cache, first_b, hidden_bpd[:, -1], key
@@ -115,15 +108,15 @@ def _decode(
 ):
     model = nnx.merge(graphdef, state)
     b, p = mask_bp.shape
-    cache_len = cache[0][1].shape[2]
+    cache_len = p + max_new_tokens  # as allocated by _prefill
     kv_valid_bs = jnp.pad(mask_bp, ((0, 0), (0, cache_len - p)), constant_values=1) != 0
     prompt_len_b = mask_bp.sum(axis=-1).astype(jnp.int32)
     tokens_bn = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_b)
     done_b = jnp.isin(first_b, eos_e)
     lengths_b = jnp.ones((b,), jnp.int32)
     # Without keep_hidden a [B, 1, D] placeholder rides along, so the loop stays the same.
-    hidden_bnd = jnp.zeros((b, max_new_tokens if keep_hidden else 1, first_hidden_bd.shape[-1]))
-    hidden_bnd = hidden_bnd.astype(first_hidden_bd.dtype).at[:, 0].set(first_hidden_bd)
+    hidden_shape = (b, max_new_tokens if keep_hidden else 1, first_hidden_bd.shape[-1])
+    hidden_bnd = jnp.zeros(hidden_shape, first_hidden_bd.dtype).at[:, 0].set(first_hidden_bd)
 
     def cond(carry):
         i, _, _, _, done_b, _, _, _ = carry

@@ -196,7 +196,8 @@ def _to_device(array: np.ndarray, sharding):
 
 
 class Scorer:
-    """Teacher-forced scoring of rollouts by an expert and an amateur on one mesh."""
+    """Scores rollouts on one mesh: the expert's own hidden states from its rollout
+    against one teacher-forced pass of the amateur."""
 
     def __init__(self, expert, amateur, *, config: SampleConfig, vocab_size: int, mesh=None):
         self.config = config

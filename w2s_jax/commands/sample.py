@@ -118,8 +118,9 @@ def _plan(args: argparse.Namespace) -> _Plan:
     amateur = _check_model_folder("amateur", args.amateur)
     # Identical tokenizer files need no second load (seconds for a 151k-token vocabulary).
     shared_files = fingerprint.same_tokenizer_files(expert, amateur)
+    to_load = [("expert", expert)] if shared_files else [("expert", expert), ("amateur", amateur)]
     tokenizers = []
-    for role, folder in (("expert", expert), ("amateur", amateur))[: 1 if shared_files else 2]:
+    for role, folder in to_load:
         try:
             tokenizers.append(load_tokenizer(folder))
         except (OSError, ValueError) as exc:

@@ -241,3 +241,17 @@ class CausalLM(nnx.Module):
             (jnp.zeros(keys, c.dtype), jnp.zeros(values, c.dtype))
             for _ in range(c.num_hidden_layers)
         ]
+
+    @staticmethod
+    def extend_cache(cache: list[LayerCache], max_length: int) -> list[LayerCache]:
+        """`cache` with zero slots appended up to `max_length` slots."""
+        extended = []
+        for keys_bkds, values_bksd in cache:
+            extra = max_length - values_bksd.shape[2]
+            extended.append(
+                (
+                    jnp.pad(keys_bkds, ((0, 0), (0, 0), (0, 0), (0, extra))),
+                    jnp.pad(values_bksd, ((0, 0), (0, 0), (0, extra), (0, 0))),
+                )
+            )
+        return extended

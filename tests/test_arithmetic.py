@@ -2,6 +2,7 @@
 
 import ast
 import operator
+import random
 import re
 from fractions import Fraction
 
@@ -10,9 +11,11 @@ import pytest
 from w2s_jax.data.arithmetic import (
     SPLITS,
     TaskConfig,
+    column_slip,
     generate_problem,
     generate_split,
     problem_stream,
+    slipped_solution,
     split_of,
     write_split,
 )
@@ -98,6 +101,14 @@ def column_carries(a: int, b: int, sign: str) -> int:
         carry = int(x + y + carry >= 10) if sign == "+" else int(x - y - carry < 0)
         count += carry
     return count
+
+
+def forgetful_column_arithmetic(a: int, b: int, sign: str) -> int:
+    """a +/- b on digit strings, each column on its own, carries and borrows dropped."""
+    width = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(width), str(b).zfill(width)
+    step = operator.add if sign == "+" else operator.sub
+    return int("".join(str(step(int(x), int(y)) % 10) for x, y in zip(da, db, strict=True)))
 
 
 _EQUATION = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
@@ -262,3 +273,70 @@ def test_project_evaluator_reads_the_answers(problems_by_split):
         assert is_equiv(extract_answer(p.answer), str(p.value))
         # Without the closing lines, the fallback (last number) still reads the result.
         assert extract_answer(p.answer.rsplit("\nThe answer", 1)[0]) == str(p.value)
+
+
+@pytest.mark.parametrize(
+    "a, b, sign, slipped",
+    [(38, 7, "+", 35), (42, 7, "-", 45), (23, 16, "-", 17), (78, 9, "+", 77), (34, 15, "+", 49)],
+)
+def test_column_slip_examples(a, b, sign, slipped):
+    assert column_slip(a, b, sign) == slipped
+
+
+def test_column_slip_matches_digit_string_reference():
+    for a in range(1, 400, 3):
+        for b in range(1, a, 7):
+            for sign in "+-":
+                assert column_slip(a, b, sign) == forgetful_column_arithmetic(a, b, sign)
+                if column_carries(a, b, sign) == 0:  # nothing to forget
+                    assert column_slip(a, b, sign) == _PY[sign](a, b)
+
+
+def last_equation(line: str) -> tuple[int, str, int, int]:
+    a, sign, b, c = _EQUATION.findall(line)[-1]
+    return int(a), sign, int(b), int(c)
+
+
+@pytest.mark.parametrize(
+    "config", [TaskConfig(), TaskConfig(min_steps=4, max_steps=6, digits=3, operand_digits=2)]
+)
+def test_slipped_solutions_are_consistent_chains_with_exact_slips(config):
+    rng = random.Random(0)
+    slipped_steps = carry_steps = 0
+    for p in generate_split("train", 300, seed=0, config=config):
+        assert slipped_solution(p, rng, 0.0, config) == p.answer
+        solution = slipped_solution(p, rng, 1.0, config)
+        lines = solution.split("\n")
+        assert len(lines) == p.steps + 2
+        value = p.start
+        for line in lines[:-2]:
+            a, sign, b, c = last_equation(line)
+            assert a == value, (solution, value)
+            if sign in "+-" and column_carries(a, b, sign):
+                carry_steps += 1
+                slipped_steps += c != _PY[sign](a, b)
+                assert c in (_PY[sign](a, b), forgetful_column_arithmetic(a, b, sign)), line
+            elif sign == "/":
+                assert a % b == 0 and a // b == c, line
+            else:
+                assert _PY[sign](a, b) == c, line
+            assert 1 <= c <= config.value_cap, line
+            value = c
+        assert lines[-1] == f"#### {value}" and lines[-2] == f"The answer is \\boxed{{{value}}}."
+    # At rate 1 a slip is only skipped when it would break a later step.
+    assert slipped_steps > 0.8 * carry_steps
+
+
+def test_slip_rate_is_the_share_of_forgotten_carries(problems_by_split):
+    rng = random.Random(1)
+    forgotten = carry_steps = 0
+    for p in problems_by_split["train"] * 5:
+        for line in slipped_solution(p, rng, 0.3).split("\n")[:-2]:
+            a, sign, b, c = last_equation(line)
+            if sign in "+-" and column_carries(a, b, sign):
+                carry_steps += 1
+                forgotten += c != _PY[sign](a, b)
+    assert carry_steps > 500
+    assert 0.22 < forgotten / carry_steps < 0.32  # 0.3, less the few skipped slips
+    with pytest.raises(ValueError, match="slip rate"):
+        slipped_solution(problems_by_split["train"][0], rng, 1.5)

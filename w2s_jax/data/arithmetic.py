@@ -16,6 +16,12 @@ one line per step with its equations and ends GSM8K-style::
     The answer is \\boxed{84}.
     #### 84
 
+A training corpus may also carry a planted misconception: `slipped_solution`
+rewrites a worked solution so that some additions forget to carry and some
+subtractions forget to borrow (column arithmetic without carries, e.g.
+38+7=35, 42-7=45), and the rest of the chain follows from the slipped value.
+Questions, validation and test answers are always exact.
+
 Splits are decided by a hash of the problem's arithmetic alone (start value and
 operations, not the names or items), so train / validation / test never share
 a chain of computations, whatever the seed. Each split is a deduplicated stream,
@@ -27,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from w2s_jax.files import atomic_write_jsonl
@@ -113,7 +119,7 @@ class Problem:
     `expression` is the fully parenthesized arithmetic of the chain (evaluates to
     N with exact division); `canonical` is the name-free key used for splitting
     and deduplication; `carries` counts column carries of additions and borrows
-    of subtractions along the chain.
+    of subtractions along the chain; `start` and `chain` are the chain itself.
     """
 
     id: str
@@ -124,6 +130,8 @@ class Problem:
     canonical: str
     steps: int
     carries: int
+    start: int
+    chain: tuple[Step, ...]
 
     def record(self) -> dict:
         """The JSONL record {"id", "question", "answer"} read by `load_questions`."""
@@ -150,6 +158,17 @@ def _column_borrows(a: int, b: int) -> int:
     return borrows
 
 
+def column_slip(a: int, b: int, sign: str) -> int:
+    """a + b (sign "+") or a - b (sign "-") worked column by column with every carry
+    or borrow forgotten: each digit is (a_i +/- b_i) mod 10 (38+7 -> 35, 42-7 -> 45)."""
+    result, place = 0, 1
+    while a or b:
+        digit = (a % 10 + b % 10) if sign == "+" else (a % 10 - b % 10)
+        result += (digit % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return result
+
+
 def _candidate_steps(value: int, config: TaskConfig, rng: random.Random) -> list[Step]:
     """One random valid step of each allowed kind that can apply to `value`."""
     cap, top = config.value_cap, 10**config.operand_digits - 1
@@ -174,6 +193,15 @@ def _candidate_steps(value: int, config: TaskConfig, rng: random.Random) -> list
             if size_top >= 2:
                 steps.append(Step(op, (bags, rng.randint(2, size_top))))
     return steps
+
+
+def _applies(value: int, step: Step, cap: int) -> bool:
+    """Whether `step` is a valid step from `value` (result within 1..cap, exact division)."""
+    if step.op == "div":
+        return value % step.args[0] == 0
+    if step.op == "sub" and value <= step.args[0]:
+        return False
+    return 1 <= _apply(value, step) <= cap
 
 
 def _apply(value: int, step: Step) -> int:
@@ -224,50 +252,103 @@ def split_of(canonical: str) -> str:
     return SPLITS[-1]
 
 
-def _render(
-    start: int, steps: list[Step], name: str, pronoun: str, item: str
-) -> tuple[str, str, str, int]:
-    """Question text, worked solution, expression and carry count of a chain."""
+def _question(start: int, steps: Sequence[Step], name: str, pronoun: str, item: str) -> str:
     subject = pronoun.capitalize()
     question = [f"{name} has {start} {item}."]
-    solution = []
-    expression, value, carries = str(start), start, 0
     for step in steps:
+        if step.op in ("add", "sub"):
+            verb, more = ("finds", " more") if step.op == "add" else ("gives away", "")
+            question.append(f"{subject} {verb} {step.args[0]}{more}.")
+        elif step.op == "mul":
+            question.append(f"{subject} {_MULTIPLIER_VERBS[step.args[0]]} them.")
+        elif step.op == "div":
+            question.append(f"{subject} splits them into {step.args[0]} equal piles and keeps one.")
+        else:
+            verb = "buys" if step.op == "buy" else "sells"
+            question.append(f"{subject} {verb} {step.args[0]} bags of {step.args[1]}.")
+    question.append(f"How many {item} does {name} have now?")
+    return " ".join(question)
+
+
+def _column_term(value: int, step: Step) -> tuple[str, int] | None:
+    """(sign, amount) of an add/sub/buy/sell step, the column arithmetic a slip can hit."""
+    if step.op in ("add", "sub"):
+        return ("+" if step.op == "add" else "-"), step.args[0]
+    if step.op in ("buy", "sell"):
+        return ("+" if step.op == "buy" else "-"), step.args[0] * step.args[1]
+    return None
+
+
+def _solution(start: int, steps: Sequence[Step], slips: frozenset[int] = frozenset()):
+    """(worked solution, expression, carries, final value); steps whose index is in
+    `slips` forget their carries / borrows."""
+    lines = []
+    expression, value, carries = str(start), start, 0
+    for index, step in enumerate(steps):
         new = _apply(value, step)
+        term = _column_term(value, step)
+        if term is not None:
+            sign, amount = term
+            carries += (_column_carries if sign == "+" else _column_borrows)(value, amount)
+            if index in slips:
+                new = column_slip(value, amount, sign)
         if step.op in ("add", "sub"):
             (x,) = step.args
-            verb, sign = ("finds", "+") if step.op == "add" else ("gives away", "-")
-            more = " more" if step.op == "add" else ""
-            question.append(f"{subject} {verb} {x}{more}.")
-            solution.append(f"{verb.capitalize()} {x}: {value}{sign}{x}={new}.")
+            verb = "finds" if step.op == "add" else "gives away"
+            lines.append(f"{verb.capitalize()} {x}: {value}{sign}{x}={new}.")
             expression = f"({expression} {sign} {x})"
-            carries += (_column_carries if sign == "+" else _column_borrows)(value, x)
         elif step.op == "mul":
             (k,) = step.args
-            verb = _MULTIPLIER_VERBS[k]
-            question.append(f"{subject} {verb} them.")
-            solution.append(f"{verb.capitalize()}: {value}*{k}={new}.")
+            lines.append(f"{_MULTIPLIER_VERBS[k].capitalize()}: {value}*{k}={new}.")
             expression = f"({expression} * {k})"
         elif step.op == "div":
             (k,) = step.args
-            question.append(f"{subject} splits them into {k} equal piles and keeps one.")
-            solution.append(f"Keeps one of {k}: {value}/{k}={new}.")
+            lines.append(f"Keeps one of {k}: {value}/{k}={new}.")
             expression = f"({expression} / {k})"
         else:
             bags, size = step.args
-            total = bags * size
-            verb, sign = ("buys", "+") if step.op == "buy" else ("sells", "-")
-            question.append(f"{subject} {verb} {bags} bags of {size}.")
-            solution.append(
-                f"{verb.capitalize()} {bags}*{size}={total}: {value}{sign}{total}={new}."
+            verb = "buys" if step.op == "buy" else "sells"
+            lines.append(
+                f"{verb.capitalize()} {bags}*{size}={amount}: {value}{sign}{amount}={new}."
             )
             expression = f"({expression} {sign} {bags} * {size})"
-            carries += (_column_carries if sign == "+" else _column_borrows)(value, total)
         value = new
-    question.append(f"How many {item} does {name} have now?")
-    solution.append(f"The answer is \\boxed{{{value}}}.")
-    solution.append(f"#### {value}")
-    return " ".join(question), "\n".join(solution), expression, carries
+    lines.append(f"The answer is \\boxed{{{value}}}.")
+    lines.append(f"#### {value}")
+    return "\n".join(lines), expression, carries, value
+
+
+def slipped_solution(
+    problem: Problem, rng: random.Random, rate: float, config: TaskConfig = TaskConfig()
+) -> str:
+    """The worked solution of `problem` with the planted misconception: each step whose
+    column arithmetic carries or borrows forgets it with probability `rate` (and the
+    chain goes on from the slipped value). A slip is skipped when the value it gives
+    would make a later step invalid (out of range, inexact division)."""
+    if not 0 <= rate <= 1:
+        raise ValueError(f"slip rate must be in [0, 1], got {rate}")
+    slips: set[int] = set()
+    value = problem.start
+    for index, step in enumerate(problem.chain):
+        new = _apply(value, step)
+        term = _column_term(value, step)
+        if term is not None and rng.random() < rate:
+            slipped = column_slip(value, term[1], term[0])
+            if slipped != new and _chain_applies(slipped, problem.chain[index + 1 :], config):
+                slips.add(index)
+                new = slipped
+        value = new
+    return _solution(problem.start, problem.chain, frozenset(slips))[0]
+
+
+def _chain_applies(value: int, steps: Sequence[Step], config: TaskConfig) -> bool:
+    if not 1 <= value <= config.value_cap:
+        return False
+    for step in steps:
+        if not _applies(value, step, config.value_cap):
+            return False
+        value = _apply(value, step)
+    return True
 
 
 def generate_problem(
@@ -277,19 +358,18 @@ def generate_problem(
     start, steps = _sample_chain(rng, config)
     name, pronoun = rng.choice(NAMES)
     item = rng.choice(ITEMS)
-    question, answer, expression, carries = _render(start, steps, name, pronoun, item)
-    value = start
-    for step in steps:
-        value = _apply(value, step)
+    answer, expression, carries, value = _solution(start, steps)
     return Problem(
         id=id,
-        question=question,
+        question=_question(start, steps, name, pronoun, item),
         answer=answer,
         value=value,
         expression=expression,
         canonical=canonical_key(start, steps),
         steps=len(steps),
         carries=carries,
+        start=start,
+        chain=tuple(steps),
     )
 
 

@@ -6,8 +6,10 @@
 Steps (each skipped when its output exists, so a re-run resumes):
 1. the tokenizer (trained on train problems of the config's task);
 2. SFT records of train problems (chat prompt ids, worked-solution ids + <|im_end|>);
-3. `w2s train --objective sft --init random --lora-rank 0` for each model (subprocess,
-   wall time recorded), then `w2s export` into OUT/<name>/model;
+3. `w2s train --objective sft --lora-rank 0` for each run (subprocess, wall time
+   recorded): from scratch (`--init random`), or, for a run with an `init`, from
+   another run's checkpoint; a run's `slip_rate` plants the misconception in its
+   corpus (`arithmetic.slipped_solution`: that share of carries and borrows forgotten);
 4. `w2s eval` (greedy) on the first N validation problems.
 Results go to OUT/results.json. `--ship` copies both models (with the tokenizer)
 into w2s_jax/assets/toy_world/ and writes its manifest.json. The test split is
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -71,8 +74,9 @@ def w2s(*args: str) -> float:
 
 
 def train_run(name: str, config: dict, out: Path, tokenizer, tok_dir: Path, task) -> dict:
-    """Train run `name` of the config from scratch (resumable); returns its wall time and size."""
-    from w2s_jax.data.arithmetic import generate_split
+    """Train run `name` of the config (resumable): from scratch, or from the checkpoint
+    its `init` names; returns its wall time and size."""
+    from w2s_jax.data.arithmetic import generate_split, slipped_solution
     from w2s_jax.data.sft_records import write_sft_records
     from w2s_jax.files import atomic_write_json
 
@@ -82,14 +86,27 @@ def train_run(name: str, config: dict, out: Path, tokenizer, tok_dir: Path, task
     data = folder / "sft_data"
     if not (data / "samples").is_dir():
         problems = generate_split("train", train["problems"], seed=config["data_seed"], config=task)
-        write_sft_records(data, tokenizer, ((p.id, p.question, p.answer) for p in problems))
-    model_json = folder / "model_config.json"
-    atomic_write_json(model_json, model_config_json(spec["model"], tokenizer))
+        rate, slips = spec.get("slip_rate", 0.0), random.Random(spec.get("slip_seed", 0))
+        write_sft_records(
+            data,
+            tokenizer,
+            ((p.id, p.question, slipped_solution(p, slips, rate, task)) for p in problems),
+        )
+    if "init" in spec:
+        source = out / "runs" / spec["init"]["run"]
+        model_json = source / "model_config.json"
+        start = source / "export" / f"step-{spec['init']['step']}"
+        export_step(source, spec["init"]["step"], start)
+        init = ["--init", "pretrained", "--expert", str(start)]
+    else:
+        model_json = folder / "model_config.json"
+        atomic_write_json(model_json, model_config_json(spec["model"], tokenizer))
+        init = ["--init", "random", "--model-config", str(model_json)]
     run = folder / "train"
     result = {"params": _num_params(model_json)}
     if not (run / "summary.json").is_file():
         result["train_s"] = w2s(
-            "train", "--objective", "sft", "--init", "random", "--model-config", str(model_json),
+            "train", "--objective", "sft", *init,
             "--tokenizer", str(tok_dir), "--samples", str(data), "--out", str(run),
             "--lora-rank", "0", "--dtype", "float32", "--steps", str(train["steps"]),
             "--lr", str(train["lr"]), "--warmup-steps", str(train["warmup_steps"]),
@@ -198,8 +215,7 @@ def main(argv=None) -> int:
     runs = results.setdefault("runs", {})
     for name in config["runs"]:
         runs[name] = runs.get(name, {}) | train_run(name, config, out, tokenizer, tok_dir, task)
-        runs[name]["train"] = config["runs"][name]["train"]
-        runs[name]["model"] = config["runs"][name]["model"]
+        runs[name] |= config["runs"][name]
         atomic_write_json(results_path, results)
     if args.sweep:
         sweep(config, out, validation, results)

@@ -57,7 +57,7 @@ class DemoConfig:
 
     out: str = "demo_out"
     seeds: int = 1
-    questions: int = 256
+    questions: int = 1024
     eval_questions: int = 1000
     split: str = "test"
     alpha: float = 0.2

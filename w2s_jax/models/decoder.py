@@ -93,19 +93,30 @@ class Attention(nnx.Module):
                 cache_v, v_bktd.astype(cache_v.dtype), (0, 0, cache_index, 0)
             )
             cache = (k_bkdt, v_bktd)
-        # Queries grouped per KV head as rows r = (group, t): every product below is a plain
-        # batched [r, d] x [d, s] matmul, which XLA runs without transposing the cache.
+        # Queries grouped per KV head as rows r = (group, t): both products read the cache as
+        # stored, with no transpose: batched [r, d] x [d, s] matmuls over many queries.
         kv, groups, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q_bkrd = q_bthd.reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, -1, d)
-        scores_bkrs = jnp.einsum(
-            "bkrd,bkds->bkrs", q_bkrd, k_bkdt, preferred_element_type=jnp.float32
-        ) * (d**-0.5)
+        # One query per row (decoding): multiply-and-reduce fusions that stream the cache
+        # once; on XLA:CPU they beat batched [groups, d] x [d, s] matmuls (~10% of a step).
+        f32 = jnp.float32
+        if t == 1:
+            products_bkrds = q_bkrd[..., None].astype(f32) * k_bkdt[:, :, None].astype(f32)
+            scores_bkrs = products_bkrds.sum(axis=3) * (d**-0.5)
+        else:
+            scores_bkrs = jnp.einsum(
+                "bkrd,bkds->bkrs", q_bkrd, k_bkdt, preferred_element_type=f32
+            ) * (d**-0.5)
         scores_bkgts = scores_bkrs.reshape(b, kv, groups, t, -1)
         scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
         probs_bkrs = (
             jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bktd.dtype).reshape(scores_bkrs.shape)
         )
-        out_bkrd = jnp.einsum("bkrs,bksd->bkrd", probs_bkrs, v_bktd)
+        if t == 1:
+            products_bkrsd = probs_bkrs[..., None].astype(f32) * v_bktd[:, :, None].astype(f32)
+            out_bkrd = products_bkrsd.sum(axis=3).astype(v_bktd.dtype)
+        else:
+            out_bkrd = jnp.einsum("bkrs,bksd->bkrd", probs_bkrs, v_bktd)
         out_btkgd = out_bkrd.reshape(b, kv, groups, t, d).transpose(0, 3, 1, 2, 4)
         return self.o_proj(out_btkgd.reshape(b, t, -1)), cache
 

@@ -217,7 +217,7 @@ def plot_kl_histogram(kl: np.ndarray, beta: float, path: str | Path) -> None:
     selected = int((kl > beta).sum())
     ax.set_title(f"{kl.size} positions, {selected} above β ({selected / max(kl.size, 1):.1%})")
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.92)  # tight_layout: +0.1 s
     atomic_save_figure(fig, path)
     plt.close(fig)
 

@@ -199,8 +199,6 @@ def _applies(value: int, step: Step, cap: int) -> bool:
     """Whether `step` is a valid step from `value` (result within 1..cap, exact division)."""
     if step.op == "div":
         return value % step.args[0] == 0
-    if step.op == "sub" and value <= step.args[0]:
-        return False
     return 1 <= _apply(value, step) <= cap
 
 
@@ -270,7 +268,7 @@ def _question(start: int, steps: Sequence[Step], name: str, pronoun: str, item: 
     return " ".join(question)
 
 
-def _column_term(value: int, step: Step) -> tuple[str, int] | None:
+def _column_term(step: Step) -> tuple[str, int] | None:
     """(sign, amount) of an add/sub/buy/sell step, the column arithmetic a slip can hit."""
     if step.op in ("add", "sub"):
         return ("+" if step.op == "add" else "-"), step.args[0]
@@ -286,7 +284,7 @@ def _solution(start: int, steps: Sequence[Step], slips: frozenset[int] = frozens
     expression, value, carries = str(start), start, 0
     for index, step in enumerate(steps):
         new = _apply(value, step)
-        term = _column_term(value, step)
+        term = _column_term(step)
         if term is not None:
             sign, amount = term
             carries += (_column_carries if sign == "+" else _column_borrows)(value, amount)
@@ -331,7 +329,7 @@ def slipped_solution(
     value = problem.start
     for index, step in enumerate(problem.chain):
         new = _apply(value, step)
-        term = _column_term(value, step)
+        term = _column_term(step)
         if term is not None and rng.random() < rate:
             slipped = column_slip(value, term[1], term[0])
             if slipped != new and _chain_applies(slipped, problem.chain[index + 1 :], config):

@@ -9,7 +9,7 @@ from tiny_checkpoints import make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from w2s_jax import sharding
-from w2s_jax.generate import generate, left_pad, sample_logits
+from w2s_jax.generate import generate, left_pad, sample_logits, shared_prefix_length
 from w2s_jax.models import load_pretrained
 
 PROMPT_LENGTHS = (5, 17, 1, 11)
@@ -112,9 +112,46 @@ def test_prompt_bucketing_does_not_change_output(llama):
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
-def test_mesh_generation_equals_single_device(tiny_qwen2_dir, qwen2):
+def prompts_with_shared_prefix():
+    """Random prompts behind one 9-token prefix; the last prompt is the prefix alone."""
+    prefix = np.random.RandomState(5).randint(3, 320, 9).tolist()
+    return [prefix + rest for rest in prompts()[:3]] + [prefix]
+
+
+def test_shared_prefix_length_and_layout():
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2, 3, 5]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # each prompt keeps a token
+    assert shared_prefix_length([[5], [5]]) == 0
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+    assert shared_prefix_length(prompts_with_shared_prefix()) == 8
+    ids, mask = left_pad([[1, 2, 3, 4], [1, 2, 9]], 0, multiple=5, prefix_len=2)
+    np.testing.assert_array_equal(ids, [[1, 2, 0, 3, 4], [1, 2, 0, 0, 9]])
+    np.testing.assert_array_equal(mask, [[1, 1, 0, 1, 1], [1, 1, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_shared_prefix_runs_once_and_changes_nothing(request, family):
+    """Prompts behind a common prefix: HF's tokens, and the hidden states of a run that
+    does not share the prefix."""
+    model, hf_model = request.getfixturevalue(family)
+    batch = prompts_with_shared_prefix()
+    shared = generate(model, batch, max_new_tokens=24, eos_ids=[2], return_hidden_states=True)
+    alone = generate(
+        model, batch, max_new_tokens=24, eos_ids=[2], return_hidden_states=True, share_prefix=False
+    )
+    np.testing.assert_array_equal(shared.tokens, hf_greedy(hf_model, batch, 24, [2]))
+    np.testing.assert_array_equal(shared.tokens, alone.tokens)
+    np.testing.assert_allclose(
+        np.asarray(shared.hidden_states), np.asarray(alone.hidden_states), atol=1e-5, rtol=1e-5
+    )
+    assert len(set(map(tuple, shared.tokens.tolist()))) == 4
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_mesh_generation_equals_single_device(tiny_qwen2_dir, qwen2, shared_prefix):
     model, _ = qwen2
-    batch = prompts() * 2  # batch 8 splits over data=2 x fsdp=2
+    batch = (prompts_with_shared_prefix() if shared_prefix else prompts()) * 2
+    # batch 8 splits over data=2 x fsdp=2
     single = generate(model, batch, max_new_tokens=16, eos_ids=[2])
     mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
     sharded = generate(

@@ -70,14 +70,31 @@ def sample_logits(logits_bv, key, *, temperature, top_k=None, top_p=None, greedy
     return jnp.take_along_axis(ids_bk, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampler"))
-def _prefill(graphdef, state, ids_bp, mask_bp, temperature, top_p, key, *, cache_len, sampler):
+@partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampler", "prefix_len"))
+def _prefill(
+    graphdef, state, ids_bp, mask_bp, temperature, top_p, key, *, cache_len, sampler, prefix_len
+):
     model = nnx.merge(graphdef, state)
     b, p = ids_bp.shape
     # Attend over the prompt's p slots only, then widen the cache for decoding.
     mask_bps = jnp.tril(jnp.ones((p, p), bool))[None] & (mask_bp[:, None, :] != 0)
     positions_bp = default_positions(mask_bp)
-    hidden_bpd, cache = model.forward(ids_bp, positions_bp, mask_bps, model.init_cache(b, p), 0)
+    if prefix_len == 0:
+        hidden_bpd, cache = model.forward(ids_bp, positions_bp, mask_bps, model.init_cache(b, p), 0)
+    else:
+        # The shared prefix (columns < prefix_len, identical in every row) runs once; its
+        # keys and values are copied to every row, and the rows' own tokens attend to them.
+        n = prefix_len
+        _, prefix_cache = model.forward(
+            ids_bp[:1, :n], positions_bp[:1, :n], mask_bps[:1, :n, :n], model.init_cache(1, n), 0
+        )
+        every_row = [
+            tuple(jnp.broadcast_to(x, (b, *x.shape[1:])) for x in kv) for kv in prefix_cache
+        ]
+        cache = model.extend_cache(every_row, p)
+        hidden_bpd, cache = model.forward(
+            ids_bp[:, n:], positions_bp[:, n:], mask_bps[:, n:], cache, n
+        )
     cache = model.extend_cache(cache, cache_len)
     key, sub = jax.random.split(key)
     first_b = _sample(model.logits(hidden_bpd[:, -1]), sub, temperature, top_p, sampler)
@@ -156,17 +173,35 @@ def _sample(logits_bv, key, temperature, top_p, sampler):
     )
 
 
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, multiple: int = 1):
-    """(ids [B, P], mask [B, P]) int32, left-padded; P rounded up to `multiple`."""
+def left_pad(
+    prompt_ids: Sequence[Sequence[int]], pad_id: int, multiple: int = 1, *, prefix_len: int = 0
+):
+    """(ids [B, P], mask [B, P]) int32, left-padded; P rounded up to `multiple`.
+
+    prefix_len > 0 keeps every row's first `prefix_len` tokens (the same in all rows, see
+    `shared_prefix_length`) at the left edge and right-aligns the rest, so the shared
+    prefix sits in the same columns in every row; the mask's gap is the padding.
+    """
     longest = max(len(p) for p in prompt_ids)
     width = -(-longest // multiple) * multiple
     ids = np.full((len(prompt_ids), width), pad_id, np.int32)
     mask = np.zeros((len(prompt_ids), width), np.int32)
     for row, prompt in enumerate(prompt_ids):
         if len(prompt):
-            ids[row, width - len(prompt) :] = prompt
-            mask[row, width - len(prompt) :] = 1
+            ids[row, width - len(prompt) + prefix_len :] = prompt[prefix_len:]
+            mask[row, width - len(prompt) + prefix_len :] = 1
+            ids[row, :prefix_len] = prompt[:prefix_len]
+            mask[row, :prefix_len] = 1
     return ids, mask
+
+
+def shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all prompts share, leaving every prompt at least one of its own."""
+    first = prompt_ids[0]
+    shared = min(len(p) for p in prompt_ids) - 1
+    for prompt in prompt_ids[1:]:
+        shared = next((i for i in range(shared) if prompt[i] != first[i]), shared)
+    return max(shared, 0)
 
 
 def generate(
@@ -182,6 +217,7 @@ def generate(
     rng: jax.Array | None = None,
     pad_to_multiple: int = 16,
     return_hidden_states: bool = False,
+    share_prefix: bool = True,
 ) -> GenerationResult:
     """Continue each prompt (a list of token ids; ragged) by up to `max_new_tokens` tokens.
 
@@ -191,7 +227,10 @@ def generate(
     lengths share one compiled program. On a model sharded over a mesh, the batch
     is split over ("data", "fsdp") when it divides. return_hidden_states also returns
     the hidden state behind every generated token (see `GenerationResult`), e.g. to
-    score the rollout without a second pass of the same model.
+    score the rollout without a second pass of the same model. share_prefix: the
+    leading tokens every prompt shares (a system prompt, a chat template) are run once
+    and their keys/values copied to every row, instead of once per row; the rows' results
+    are the same up to float rounding.
     """
     vocab = model.config.vocab_size
     eos = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
@@ -216,7 +255,8 @@ def generate(
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
 
-    ids_bp, mask_bp = left_pad(prompt_ids, pad_id, pad_to_multiple)
+    prefix_len = shared_prefix_length(prompt_ids) if share_prefix and len(prompt_ids) > 1 else 0
+    ids_bp, mask_bp = left_pad(prompt_ids, pad_id, pad_to_multiple, prefix_len=prefix_len)
     graphdef, state = nnx.split(model)
     mesh = _mesh_of(state)
     if mesh is not None:
@@ -237,6 +277,7 @@ def generate(
         key,
         cache_len=ids_bp.shape[1] + max_new_tokens,
         sampler=sampler,
+        prefix_len=prefix_len,
     )
     tokens_bn, lengths_b, hidden_bnd, _ = _decode(
         graphdef,

@@ -70,31 +70,35 @@ def sample_logits(logits_bv, key, *, temperature, top_k=None, top_p=None, greedy
     return jnp.take_along_axis(ids_bk, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+def prefill(model, ids_bp, mask_bp, *, prefix_len: int = 0):
+    """One causal pass over prompts laid out by `left_pad` (under jit).
+
+    Returns (final-norm hidden states [B, P - prefix_len, D] of the columns from
+    `prefix_len` on, KV cache over the P columns). With prefix_len > 0 the shared
+    prefix (the first `prefix_len` columns, identical in every row) runs once at batch
+    1 and its keys/values are copied to every row; the rows' own tokens attend to them.
+    """
+    b, p = ids_bp.shape
+    mask_bps = jnp.tril(jnp.ones((p, p), bool))[None] & (mask_bp[:, None, :] != 0)
+    positions_bp = default_positions(mask_bp)
+    n = prefix_len
+    if n == 0:
+        return model.forward(ids_bp, positions_bp, mask_bps, model.init_cache(b, p), 0)
+    _, prefix_cache = model.forward(
+        ids_bp[:1, :n], positions_bp[:1, :n], mask_bps[:1, :n, :n], model.init_cache(1, n), 0
+    )
+    every_row = [tuple(jnp.broadcast_to(x, (b, *x.shape[1:])) for x in kv) for kv in prefix_cache]
+    cache = model.extend_cache(every_row, p)
+    return model.forward(ids_bp[:, n:], positions_bp[:, n:], mask_bps[:, n:], cache, n)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampler", "prefix_len"))
 def _prefill(
     graphdef, state, ids_bp, mask_bp, temperature, top_p, key, *, cache_len, sampler, prefix_len
 ):
     model = nnx.merge(graphdef, state)
-    b, p = ids_bp.shape
-    # Attend over the prompt's p slots only, then widen the cache for decoding.
-    mask_bps = jnp.tril(jnp.ones((p, p), bool))[None] & (mask_bp[:, None, :] != 0)
-    positions_bp = default_positions(mask_bp)
-    if prefix_len == 0:
-        hidden_bpd, cache = model.forward(ids_bp, positions_bp, mask_bps, model.init_cache(b, p), 0)
-    else:
-        # The shared prefix (columns < prefix_len, identical in every row) runs once; its
-        # keys and values are copied to every row, and the rows' own tokens attend to them.
-        n = prefix_len
-        _, prefix_cache = model.forward(
-            ids_bp[:1, :n], positions_bp[:1, :n], mask_bps[:1, :n, :n], model.init_cache(1, n), 0
-        )
-        every_row = [
-            tuple(jnp.broadcast_to(x, (b, *x.shape[1:])) for x in kv) for kv in prefix_cache
-        ]
-        cache = model.extend_cache(every_row, p)
-        hidden_bpd, cache = model.forward(
-            ids_bp[:, n:], positions_bp[:, n:], mask_bps[:, n:], cache, n
-        )
+    # Attend over the prompt's slots only, then widen the cache for decoding.
+    hidden_bpd, cache = prefill(model, ids_bp, mask_bp, prefix_len=prefix_len)
     cache = model.extend_cache(cache, cache_len)
     key, sub = jax.random.split(key)
     first_b = _sample(model.logits(hidden_bpd[:, -1]), sub, temperature, top_p, sampler)
@@ -196,7 +200,10 @@ def left_pad(
 
 
 def shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens all prompts share, leaving every prompt at least one of its own."""
+    """How many leading tokens all prompts share, leaving every prompt at least one of its
+    own; 0 for a single prompt (nothing to share)."""
+    if len(prompt_ids) < 2:
+        return 0
     first = prompt_ids[0]
     shared = min(len(p) for p in prompt_ids) - 1
     for prompt in prompt_ids[1:]:
@@ -255,7 +262,7 @@ def generate(
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
 
-    prefix_len = shared_prefix_length(prompt_ids) if share_prefix and len(prompt_ids) > 1 else 0
+    prefix_len = shared_prefix_length(prompt_ids) if share_prefix else 0
     ids_bp, mask_bp = left_pad(prompt_ids, pad_id, pad_to_multiple, prefix_len=prefix_len)
     graphdef, state = nnx.split(model)
     mesh = _mesh_of(state)

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from w2s_jax import divergence, sharding
 from w2s_jax.fingerprint import tokenizer_mapping
+from w2s_jax.generate import generate, left_pad, prefill, shared_prefix_length
 
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step."
 PROMPT_STYLES = ("chat", "plain")  # as in w2s_jax.evaluate.prompt_ids
@@ -139,7 +140,15 @@ def teacher_forced_inputs(prompt_bp, prompt_mask_bp, completion_bt, lengths_b):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("expert_graph", "amateur_graph", "alpha", "top_k", "chunk_size", "vocab_size"),
+    static_argnames=(
+        "expert_graph",
+        "amateur_graph",
+        "alpha",
+        "top_k",
+        "chunk_size",
+        "vocab_size",
+        "prefix_len",
+    ),
 )
 def _score(
     expert_graph,
@@ -157,18 +166,21 @@ def _score(
     top_k,
     chunk_size,
     vocab_size,
+    prefix_len,
 ):
     """KL, selection and targets at the rollout positions.
 
     expert_btd: the expert's hidden states from its rollout; the amateur's come from
-    one teacher-forced pass over ids_bs. `beta` and `select` are traced, so the
-    ablations reuse the compiled program.
+    one teacher-forced pass over ids_bs, whose first `prefix_len` columns (shared by
+    every row) run once. `beta` and `select` are traced, so the ablations reuse the
+    compiled program.
     """
     t = valid_bt.shape[1]
     start = ids_bs.shape[1] - t  # column P - 1
     expert = nnx.merge(expert_graph, expert_state)
     amateur = nnx.merge(amateur_graph, amateur_state)
-    amateur_btd = amateur.hidden_states(ids_bs, mask_bs)[:, start:]
+    amateur_bsd, _ = prefill(amateur, ids_bs, mask_bs, prefix_len=prefix_len)
+    amateur_btd = amateur_bsd[:, start - prefix_len :]
     kl_bt, ids_btk, weights_btk, stats = divergence.fused_kl_and_target(
         expert_btd,
         expert.lm_head_kernel(),
@@ -206,12 +218,15 @@ class Scorer:
         self._expert = nnx.split(expert)
         self._amateur = nnx.split(amateur)
 
-    def __call__(self, prompt_bp, prompt_mask_bp, completion_bt, lengths_b, expert_btd) -> dict:
+    def __call__(
+        self, prompt_bp, prompt_mask_bp, completion_bt, lengths_b, expert_btd, *, prefix_len=0
+    ) -> dict:
         """Per-position KL, selection and targets as host arrays [B, T] / [B, T, k].
 
-        `prompt_bp` is left-padded (mask 1 = real token); `completion_bt` holds the
-        rollouts, `lengths_b` their lengths (positions t >= length are padding), and
-        `expert_btd` the expert's hidden state behind each rollout token
+        `prompt_bp` is laid out by `left_pad` (mask 1 = real token; its first
+        `prefix_len` columns shared by every row); `completion_bt` holds the rollouts,
+        `lengths_b` their lengths (positions t >= length are padding), and `expert_btd`
+        the expert's hidden state behind each rollout token
         (`GenerationResult.hidden_states`).
         """
         ids, mask, valid = teacher_forced_inputs(
@@ -237,6 +252,7 @@ class Scorer:
             top_k=self.config.top_k,
             chunk_size=self.config.chunk_size,
             vocab_size=self.vocab_size,
+            prefix_len=prefix_len,
         )
         return {key: sharding.to_host(value) for key, value in out.items()}
 
@@ -267,8 +283,6 @@ def rollout_and_score(expert, scorer: Scorer, prompts, *, max_new_tokens, eos_id
 
     Returns (completion [B, T] int32, lengths [B], scores from `Scorer`).
     """
-    from w2s_jax.generate import generate, left_pad
-
     result = generate(
         expert,
         prompts,
@@ -279,8 +293,16 @@ def rollout_and_score(expert, scorer: Scorer, prompts, *, max_new_tokens, eos_id
     )
     completion_bt = result.tokens.astype(np.int32)
     lengths_b = result.lengths.astype(np.int32)
-    prompt_bp, prompt_mask_bp = left_pad(prompts, pad_id, multiple=32)
-    scores = scorer(prompt_bp, prompt_mask_bp, completion_bt, lengths_b, result.hidden_states)
+    prefix_len = shared_prefix_length(prompts)
+    prompt_bp, prompt_mask_bp = left_pad(prompts, pad_id, multiple=16, prefix_len=prefix_len)
+    scores = scorer(
+        prompt_bp,
+        prompt_mask_bp,
+        completion_bt,
+        lengths_b,
+        result.hidden_states,
+        prefix_len=prefix_len,
+    )
     return completion_bt, lengths_b, scores
 
 

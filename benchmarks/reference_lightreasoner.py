@@ -17,6 +17,7 @@ pass per prefix, step 0 skipped): it is the baseline, not a method to use.
 
 from __future__ import annotations
 
+import math
 import time
 
 
@@ -35,11 +36,8 @@ def reference_sample_question(
     """Run the reference algorithm on one question.
 
     Returns a dict: prompt_ids, completion_ids, rows (one per kept step, in the
-    reference's JSONL shape) and `all_steps`: for every step >= 1, the reference's
-    `kl`, and diagnostics that do not change the algorithm: `ids` (the re-tokenized
-    prefix the amateur saw), `kl_exact` (the same two distributions, KL without the
-    epsilon) and `min_plausible_amateur_prob` (how close the epsilon came to mattering
-    for the weights).
+    reference's JSONL shape), `all_steps` (for every step >= 1, the reference's `kl`)
+    and what `add_diagnostics` needs (`prefixes`, `expert_logits`, `amateur_logits`).
     """
     import torch
     import torch.nn.functional as F
@@ -88,14 +86,7 @@ def reference_sample_question(
         p_e, p_a = p_e[:size], p_a[:size]
         mask = p_e >= alpha * p_e.max()
         kl = F.kl_div((p_a + 1e-12).log(), p_e + 1e-12, reduction="sum").item()
-        log_e = F.log_softmax(expert_logits[step][:size].double(), dim=-1)
-        log_a = F.log_softmax(amateur_logits[step - 1][:size].double(), dim=-1)
-        all_steps[step] = {
-            "kl": kl,
-            "ids": prefixes[step - 1].tolist(),
-            "kl_exact": (log_e.exp() * (log_e - log_a)).sum().item(),
-            "min_plausible_amateur_prob": p_a[mask].min().item(),
-        }
+        all_steps[step] = {"kl": kl}
         if kl < beta:
             continue
         scores = (p_e + 1e-12).log() - (p_a + 1e-12).log()
@@ -116,14 +107,39 @@ def reference_sample_question(
         "completion_ids": completion,
         "rows": rows,
         "all_steps": all_steps,
+        "prefixes": prefixes,
+        "expert_logits": expert_logits,
+        "amateur_logits": amateur_logits,
     }
 
 
+def add_diagnostics(result: dict, alpha: float = 0.2) -> dict:
+    """Add to every step of `all_steps` what does not change the algorithm: `ids` (the
+    re-tokenized prefix the amateur saw), `kl_exact` (the same two distributions, KL in
+    float64 without the epsilon) and `min_plausible_amateur_prob` (how close the epsilon
+    came to mattering for the weights). Run outside the timed region."""
+    import torch.nn.functional as F
+
+    prefixes = result.pop("prefixes")
+    expert_logits, amateur_logits = result.pop("expert_logits"), result.pop("amateur_logits")
+    for step, diag in result["all_steps"].items():
+        size = min(expert_logits[step].shape[0], amateur_logits[step - 1].shape[0])
+        log_e = F.log_softmax(expert_logits[step][:size].double(), dim=-1)
+        log_a = F.log_softmax(amateur_logits[step - 1][:size].double(), dim=-1)
+        plausible = log_e >= log_e.max() + math.log(alpha)
+        diag["ids"] = prefixes[step - 1].tolist()
+        diag["kl_exact"] = (log_e.exp() * (log_e - log_a)).sum().item()
+        diag["min_plausible_amateur_prob"] = log_a[plausible].exp().min().item()
+    return result
+
+
 def reference_sample(expert, amateur, tokenizer, questions, **options):
-    """The reference loop over questions (one at a time); returns (results, seconds each)."""
+    """The reference loop over questions (one at a time); returns (results with
+    diagnostics, seconds each; the diagnostics are not timed)."""
     results, seconds = [], []
     for question in questions:
         start = time.perf_counter()
-        results.append(reference_sample_question(expert, amateur, tokenizer, question, **options))
+        result = reference_sample_question(expert, amateur, tokenizer, question, **options)
         seconds.append(time.perf_counter() - start)
+        results.append(add_diagnostics(result, options.get("alpha", 0.2)))
     return results, seconds

@@ -7,7 +7,9 @@ tokenizer, same GSM8K-style questions, 128 new tokens, alpha 0.2, beta 0.4.
 - reference: benchmarks/reference_lightreasoner.py (HF generate with output_scores,
   amateur on every decoded-and-re-tokenized prefix, batches of 64), one question at
   a time, on the first --reference-questions questions (it is slow), extrapolated
-  linearly to all questions by its mean time per question.
+  linearly to all questions by its mean time per question, after one untimed
+  warm-up question.
+Our warm runs and the reference's questions alternate, so both see the same machine.
 Agreement on the reference's questions: where both rollouts agree and the
 re-tokenized prefix equals the true ids, KL, step selection and target weights are
 compared; the steps where re-tokenization changed the ids are counted.
@@ -243,14 +245,6 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(old)
-    cold = run_ours(args, work / "out_cold", args.batch_size)
-    warm = [run_ours(args, work / f"out_warm{i}", args.batch_size) for i in range(args.warm_runs)]
-    ours_s = statistics.median(warm)
-    from w2s_jax import sample_store
-
-    ours = {r["id"]: r for r in sample_store.read_samples(work / "out_warm0")}
-    summary = json.loads((work / "out_warm0" / "summary.json").read_text())
-
     from common import machine_description, matmul_peak
     from reference_lightreasoner import reference_sample
 
@@ -259,13 +253,32 @@ def main() -> None:
     amateur = AutoModelForCausalLM.from_pretrained(str(args.amateur)).eval()
     n_ref = min(args.reference_questions, len(questions))
     ref_questions = questions[:n_ref]
-    reference, ref_seconds = reference_sample(
-        expert,
-        amateur,
-        tokenizer,
-        [q["question"] for q in ref_questions],
-        max_new_tokens=args.max_new_tokens,
-    )
+
+    cold = run_ours(args, work / "out_cold", args.batch_size)
+    # The reference warms up too (PyTorch's first question runs ~10% slower): untimed.
+    question = ref_questions[0]["question"]
+    reference_sample(expert, amateur, tokenizer, [question], max_new_tokens=args.max_new_tokens)
+    # Our warm runs and the reference's questions take turns, so that both sides see the
+    # same machine (its speed drifts by several percent over a minute on a shared VM).
+    warm, reference, ref_seconds = [], [], []
+    for i in range(max(args.warm_runs, n_ref)):
+        if i < args.warm_runs:
+            warm.append(run_ours(args, work / f"out_warm{i}", args.batch_size))
+        if i < n_ref:
+            results, seconds = reference_sample(
+                expert,
+                amateur,
+                tokenizer,
+                [ref_questions[i]["question"]],
+                max_new_tokens=args.max_new_tokens,
+            )
+            reference += results
+            ref_seconds += seconds
+    ours_s = statistics.median(warm)
+    from w2s_jax import sample_store
+
+    ours = {r["id"]: r for r in sample_store.read_samples(work / "out_warm0")}
+    summary = json.loads((work / "out_warm0" / "summary.json").read_text())
     ref_total = statistics.mean(ref_seconds) * len(questions)
     agree = agreement(ours, reference, ref_questions, top_k=16)
 

@@ -9,7 +9,13 @@ from tiny_checkpoints import make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from w2s_jax import sharding
-from w2s_jax.generate import generate, left_pad, sample_logits, shared_prefix_length
+from w2s_jax.generate import (
+    generate,
+    left_pad,
+    length_groups,
+    sample_logits,
+    shared_prefix_length,
+)
 from w2s_jax.models import load_pretrained
 
 PROMPT_LENGTHS = (5, 17, 1, 11)
@@ -145,6 +151,51 @@ def test_shared_prefix_runs_once_and_changes_nothing(request, family):
         np.asarray(shared.hidden_states), np.asarray(alone.hidden_states), atol=1e-5, rtol=1e-5
     )
     assert len(set(map(tuple, shared.tokens.tolist()))) == 4
+
+
+def prompts_of_mixed_lengths():
+    """8 prompts behind a 20-token prefix whose own parts (1-13 tokens) all fit in 16 of
+    the 28 columns left after the prefix: prefill groups have less padding to skip."""
+    rs = np.random.RandomState(7)
+    prefix = rs.randint(3, 320, 20).tolist()
+    return [prefix + rs.randint(3, 320, n).tolist() for n in (13, 3, 8, 1, 11, 6, 2, 9)]
+
+
+def test_prefill_groups_and_shared_prefix_change_nothing(tiny_qwen2_dir, qwen2):
+    """Rows sorted by length and prefilled in groups, each over its own width, with or
+    without the shared prefix, on one device or a mesh: the plain prefill's results."""
+    model, hf_model = qwen2
+    batch = prompts_of_mixed_lengths()
+    run = lambda m, **kw: generate(  # noqa: E731
+        m, batch, max_new_tokens=12, eos_ids=[2], return_hidden_states=True, **kw
+    )
+    plain = run(model, share_prefix=False, prefill_groups=1)
+    np.testing.assert_array_equal(plain.tokens, hf_greedy(hf_model, batch, 12, [2]))
+    mesh_model = load_pretrained(tiny_qwen2_dir, mesh=sharding.make_mesh("data=4,tensor=2"))
+    variants = {
+        "prefix, one group": run(model, prefill_groups=1),
+        "prefix, 3 groups": run(model, prefill_groups=3),
+        "no prefix, 4 groups": run(model, share_prefix=False),
+        "prefix, a group per row": run(model, prefill_groups=8),
+        "prefix, mesh": run(mesh_model),
+    }
+    for name, result in variants.items():
+        np.testing.assert_array_equal(result.tokens, plain.tokens, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(result.hidden_states),
+            np.asarray(plain.hidden_states),
+            atol=1e-5,
+            rtol=1e-5,
+            err_msg=name,
+        )
+
+
+def test_length_groups():
+    prompts_ = [[0] * n for n in (9, 4, 30, 6)]
+    groups = length_groups(prompts_, count=2, prefix_len=2, width=32, multiple=8)
+    assert [(rows.tolist(), width) for rows, width in groups] == [([1, 3], 8), ([0, 2], 30)]
+    one = length_groups(prompts_, count=1, prefix_len=0, width=32, multiple=16)
+    assert [(rows.tolist(), width) for rows, width in one] == [([0, 1, 2, 3], 32)]
 
 
 @pytest.mark.parametrize("shared_prefix", [False, True])

@@ -1,8 +1,11 @@
-"""Batched decoding with a preallocated KV cache: one jitted prefill, one jitted while_loop.
+"""Batched decoding with a preallocated KV cache: jitted prefills, one jitted while_loop.
 
 Prompts of different lengths are left-padded; RoPE positions count real tokens only,
-so every row decodes exactly as it would alone. Greedy (temperature 0) or sampled
-(temperature, top-k, top-p) with an explicit PRNG key; several stop ids.
+so every row decodes exactly as it would alone. The prefix every prompt shares (a
+system prompt, a chat template) is prefilled once and its keys/values copied to every
+row; the rest is prefilled in groups of rows sorted by length, each padded only to its
+own longest prompt. Greedy (temperature 0) or sampled (temperature, top-k, top-p)
+with an explicit PRNG key; several stop ids.
 """
 
 from __future__ import annotations
@@ -70,13 +73,25 @@ def sample_logits(logits_bv, key, *, temperature, top_k=None, top_p=None, greedy
     return jnp.take_along_axis(ids_bk, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def prefill(model, ids_bp, mask_bp, *, prefix_len: int = 0):
+def shared_prefix_cache(model, prefix_ids_n):
+    """Keys/values of one prompt prefix [n] at positions 0..n-1: a batch-1 cache (under jit)."""
+    n = prefix_ids_n.shape[0]
+    causal_1nn = jnp.tril(jnp.ones((1, n, n), bool))
+    positions_1n = jnp.arange(n, dtype=jnp.int32)[None]
+    _, cache = model.forward(
+        prefix_ids_n[None], positions_1n, causal_1nn, model.init_cache(1, n), 0
+    )
+    return cache
+
+
+def prefill(model, ids_bp, mask_bp, *, prefix_len: int = 0, prefix_cache=None):
     """One causal pass over prompts laid out by `left_pad` (under jit).
 
     Returns (final-norm hidden states [B, P - prefix_len, D] of the columns from
-    `prefix_len` on, KV cache over the P columns). With prefix_len > 0 the shared
-    prefix (the first `prefix_len` columns, identical in every row) runs once at batch
-    1 and its keys/values are copied to every row; the rows' own tokens attend to them.
+    `prefix_len` on, KV cache over the P columns). The shared prefix (the first
+    `prefix_len` columns, identical in every row) runs once at batch 1, or comes as
+    `prefix_cache` (`shared_prefix_cache`); its keys/values are copied to every row and
+    the rows' own tokens attend to them.
     """
     b, p = ids_bp.shape
     mask_bps = jnp.tril(jnp.ones((p, p), bool))[None] & (mask_bp[:, None, :] != 0)
@@ -84,25 +99,64 @@ def prefill(model, ids_bp, mask_bp, *, prefix_len: int = 0):
     n = prefix_len
     if n == 0:
         return model.forward(ids_bp, positions_bp, mask_bps, model.init_cache(b, p), 0)
-    _, prefix_cache = model.forward(
-        ids_bp[:1, :n], positions_bp[:1, :n], mask_bps[:1, :n, :n], model.init_cache(1, n), 0
-    )
+    if prefix_cache is None:
+        prefix_cache = shared_prefix_cache(model, ids_bp[0, :n])
     every_row = [tuple(jnp.broadcast_to(x, (b, *x.shape[1:])) for x in kv) for kv in prefix_cache]
     cache = model.extend_cache(every_row, p)
     return model.forward(ids_bp[:, n:], positions_bp[:, n:], mask_bps[:, n:], cache, n)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampler", "prefix_len"))
-def _prefill(
-    graphdef, state, ids_bp, mask_bp, temperature, top_p, key, *, cache_len, sampler, prefix_len
-):
+@partial(jax.jit, static_argnames=("graphdef",))
+def _prefix_cache(graphdef, state, prefix_ids_n):
+    return shared_prefix_cache(nnx.merge(graphdef, state), prefix_ids_n)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "prefix_len"))
+def _prefill_rows(graphdef, state, ids_rw, mask_rw, prefix_cache, *, prefix_len):
     model = nnx.merge(graphdef, state)
-    # Attend over the prompt's slots only, then widen the cache for decoding.
-    hidden_bpd, cache = prefill(model, ids_bp, mask_bp, prefix_len=prefix_len)
+    hidden_rwd, cache = prefill(
+        model, ids_rw, mask_rw, prefix_len=prefix_len, prefix_cache=prefix_cache
+    )
+    return hidden_rwd[:, -1], cache
+
+
+@partial(
+    jax.jit,
+    static_argnames=("graphdef", "width", "prefix_len", "cache_len", "sampler"),
+)
+def _start_decoding(
+    graphdef,
+    state,
+    lasts,
+    caches,
+    row_order,
+    temperature,
+    top_p,
+    key,
+    *,
+    width,
+    prefix_len,
+    cache_len,
+    sampler,
+):
+    """The groups' prefills as one batch: caches widened to `width` columns (zeros after
+    the prefix), rows back in order (`row_order`: the rows of the groups, concatenated;
+    None for a single group in row order), room for `cache_len` slots; and the first
+    new token."""
+    model = nnx.merge(graphdef, state)
+    caches = [model.extend_cache(cache, width, at=prefix_len) for cache in caches]
+    cache = [
+        tuple(map(jnp.concatenate, zip(*layer, strict=True))) for layer in zip(*caches, strict=True)
+    ]
+    last_bd = jnp.concatenate(lasts)
+    if row_order is not None:
+        order_b = jnp.argsort(row_order)
+        last_bd = last_bd[order_b]
+        cache = [tuple(x[order_b] for x in layer) for layer in cache]
     cache = model.extend_cache(cache, cache_len)
     key, sub = jax.random.split(key)
-    first_b = _sample(model.logits(hidden_bpd[:, -1]), sub, temperature, top_p, sampler)
-    return cache, first_b, hidden_bpd[:, -1], key
+    first_b = _sample(model.logits(last_bd), sub, temperature, top_p, sampler)
+    return cache, first_b, last_bd, key
 
 
 @partial(
@@ -211,6 +265,19 @@ def shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
     return max(shared, 0)
 
 
+def length_groups(
+    prompt_ids: Sequence[Sequence[int]], *, count: int, prefix_len: int, width: int, multiple: int
+) -> list[tuple[np.ndarray, int]]:
+    """Rows in `count` groups of (nearly) equal size, sorted by length when count > 1,
+    each with its width: its longest own part (after the shared prefix) rounded up to
+    `multiple`, at most `width - prefix_len`."""
+    own = np.array([len(p) - prefix_len for p in prompt_ids])
+    order = np.argsort(own, kind="stable") if count > 1 else np.arange(len(own))
+    groups = np.array_split(order, min(count, len(own)))
+    widths = [min(-(-int(own[g].max()) // multiple) * multiple, width - prefix_len) for g in groups]
+    return list(zip(groups, widths, strict=True))
+
+
 def generate(
     model,
     prompt_ids: Sequence[Sequence[int]],
@@ -225,6 +292,7 @@ def generate(
     pad_to_multiple: int = 16,
     return_hidden_states: bool = False,
     share_prefix: bool = True,
+    prefill_groups: int = 4,
 ) -> GenerationResult:
     """Continue each prompt (a list of token ids; ragged) by up to `max_new_tokens` tokens.
 
@@ -237,7 +305,9 @@ def generate(
     score the rollout without a second pass of the same model. share_prefix: the
     leading tokens every prompt shares (a system prompt, a chat template) are run once
     and their keys/values copied to every row, instead of once per row; the rows' results
-    are the same up to float rounding.
+    are the same up to float rounding. prefill_groups: prompts are sorted by length
+    and prefilled in this many groups, each padded to its own longest prompt only
+    (single-device models; 1 turns it off).
     """
     vocab = model.config.vocab_size
     eos = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
@@ -266,25 +336,36 @@ def generate(
     ids_bp, mask_bp = left_pad(prompt_ids, pad_id, pad_to_multiple, prefix_len=prefix_len)
     graphdef, state = nnx.split(model)
     mesh = _mesh_of(state)
-    if mesh is not None:
-        put = jax.device_put
-        ids_bp = put(ids_bp, sharding.batch_sharding(mesh, ids_bp.shape[0]))
-        mask_bp = put(mask_bp, sharding.batch_sharding(mesh, ids_bp.shape[0]))
+    place = (lambda x: x) if mesh is None else _batch_placer(mesh)
     key = jax.random.key(0) if rng is None else rng
     sampler = (greedy, None if greedy else top_k, top_p is not None and not greedy)
     temperature = jnp.float32(max(temperature, 1e-6))
     top_p = jnp.float32(1.0 if top_p is None else top_p)
-    cache, first_b, first_hidden_bd, key = _prefill(
+
+    width = ids_bp.shape[1]
+    groups = length_groups(
+        prompt_ids,
+        count=prefill_groups if mesh is None else 1,
+        prefix_len=prefix_len,
+        width=width,
+        multiple=pad_to_multiple,
+    )
+    lasts, caches = _prefill_groups(graphdef, state, ids_bp, mask_bp, groups, prefix_len, place)
+    row_order = np.concatenate([rows for rows, _ in groups])
+    row_order = None if np.array_equal(row_order, np.arange(len(row_order))) else row_order
+    cache, first_b, first_hidden_bd, key = _start_decoding(
         graphdef,
         state,
-        ids_bp,
-        mask_bp,
+        lasts,
+        caches,
+        row_order,
         temperature,
         top_p,
         key,
-        cache_len=ids_bp.shape[1] + max_new_tokens,
-        sampler=sampler,
+        width=width,
         prefix_len=prefix_len,
+        cache_len=width + max_new_tokens,
+        sampler=sampler,
     )
     tokens_bn, lengths_b, hidden_bnd, _ = _decode(
         graphdef,
@@ -292,7 +373,7 @@ def generate(
         cache,
         first_b,
         first_hidden_bd,
-        mask_bp,
+        place(mask_bp),
         jnp.asarray(eos + eos[:1] * (-len(eos) % 8), jnp.int32),  # fixed size: fewer compiles
         jnp.int32(pad_id),
         temperature,
@@ -307,6 +388,27 @@ def generate(
         lengths=sharding.to_host(lengths_b),
         hidden_states=hidden_bnd,
     )
+
+
+def _prefill_groups(graphdef, state, ids_bp, mask_bp, groups, prefix_len, place):
+    """Prefill each group of rows (`length_groups`) over the shared prefix's columns and
+    the group's own last columns; the prefix runs once. Returns the groups' (last
+    hidden states, caches)."""
+    width = ids_bp.shape[1]
+    prefix = _prefix_cache(graphdef, state, ids_bp[0, :prefix_len]) if prefix_len else None
+    lasts, caches = [], []
+    for rows, own_width in groups:
+        columns = np.r_[0:prefix_len, width - own_width : width]
+        ids_rw, mask_rw = place(ids_bp[rows][:, columns]), place(mask_bp[rows][:, columns])
+        last, cache = _prefill_rows(graphdef, state, ids_rw, mask_rw, prefix, prefix_len=prefix_len)
+        lasts.append(last)
+        caches.append(cache)
+    return lasts, caches
+
+
+def _batch_placer(mesh):
+    """Host array -> device array split over the mesh's batch axes."""
+    return lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.shape[0]))
 
 
 def _mesh_of(state):

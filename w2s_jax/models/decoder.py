@@ -254,15 +254,18 @@ class CausalLM(nnx.Module):
         ]
 
     @staticmethod
-    def extend_cache(cache: list[LayerCache], max_length: int) -> list[LayerCache]:
-        """`cache` with zero slots appended up to `max_length` slots."""
-        extended = []
-        for keys_bkds, values_bksd in cache:
-            extra = max_length - values_bksd.shape[2]
-            extended.append(
-                (
-                    jnp.pad(keys_bkds, ((0, 0), (0, 0), (0, 0), (0, extra))),
-                    jnp.pad(values_bksd, ((0, 0), (0, 0), (0, extra), (0, 0))),
-                )
-            )
-        return extended
+    def extend_cache(
+        cache: list[LayerCache], max_length: int, *, at: int | None = None
+    ) -> list[LayerCache]:
+        """`cache` widened to `max_length` slots by zero slots inserted before slot `at`
+        (default: appended after the last slot)."""
+        widen = partial(_insert_zero_slots, length=max_length, at=at)
+        return [(widen(keys, axis=3), widen(values, axis=2)) for keys, values in cache]
+
+
+def _insert_zero_slots(x, *, axis: int, length: int, at: int | None):
+    """x widened to `length` along `axis` by zeros inserted before index `at` (None: the end)."""
+    head, tail = jnp.split(x, [x.shape[axis] if at is None else at], axis=axis)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.concatenate([jnp.pad(head, widths), tail], axis=axis)

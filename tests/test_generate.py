@@ -154,11 +154,11 @@ def test_shared_prefix_runs_once_and_changes_nothing(request, family):
 
 
 def prompts_of_mixed_lengths():
-    """8 prompts behind a 20-token prefix whose own parts (1-13 tokens) all fit in 16 of
-    the 28 columns left after the prefix: prefill groups have less padding to skip."""
+    """8 prompts behind a 20-token prefix; their own parts (1-30 tokens) need 32 of the
+    44 columns left after it, and 6 of them only 16: prefill groups skip padding."""
     rs = np.random.RandomState(7)
     prefix = rs.randint(3, 320, 20).tolist()
-    return [prefix + rs.randint(3, 320, n).tolist() for n in (13, 3, 8, 1, 11, 6, 2, 9)]
+    return [prefix + rs.randint(3, 320, n).tolist() for n in (13, 3, 30, 1, 25, 6, 2, 9)]
 
 
 def test_prefill_groups_and_shared_prefix_change_nothing(tiny_qwen2_dir, qwen2):
@@ -196,6 +196,11 @@ def test_length_groups():
     assert [(rows.tolist(), width) for rows, width in groups] == [([1, 3], 8), ([0, 2], 30)]
     one = length_groups(prompts_, count=1, prefix_len=0, width=32, multiple=16)
     assert [(rows.tolist(), width) for rows, width in one] == [([0, 1, 2, 3], 32)]
+    # groups would skip under 10% of the padded tokens: one group, in row order
+    close = length_groups(
+        [[0] * n for n in (30, 29, 31, 20)], count=2, prefix_len=0, width=32, multiple=8
+    )
+    assert [(rows.tolist(), width) for rows, width in close] == [([0, 1, 2, 3], 32)]
 
 
 @pytest.mark.parametrize("shared_prefix", [False, True])

@@ -268,13 +268,17 @@ def shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
 def length_groups(
     prompt_ids: Sequence[Sequence[int]], *, count: int, prefix_len: int, width: int, multiple: int
 ) -> list[tuple[np.ndarray, int]]:
-    """Rows in `count` groups of (nearly) equal size, sorted by length when count > 1,
-    each with its width: its longest own part (after the shared prefix) rounded up to
-    `multiple`, at most `width - prefix_len`."""
+    """Rows sorted by length in `count` groups of (nearly) equal size, each with its width:
+    its longest own part (after the shared prefix) rounded up to `multiple`, at most
+    `width - prefix_len`. One group of all rows in order when groups would skip less than
+    a tenth of the padded tokens (already length-sorted batches): fewer compiled shapes."""
     own = np.array([len(p) - prefix_len for p in prompt_ids])
-    order = np.argsort(own, kind="stable") if count > 1 else np.arange(len(own))
-    groups = np.array_split(order, min(count, len(own)))
-    widths = [min(-(-int(own[g].max()) // multiple) * multiple, width - prefix_len) for g in groups]
+    rounded = lambda n: min(-(-int(n) // multiple) * multiple, width - prefix_len)  # noqa: E731
+    groups = np.array_split(np.argsort(own, kind="stable"), min(count, len(own)))
+    widths = [rounded(own[g].max()) for g in groups]
+    one_width = rounded(own.max())
+    if sum(len(g) * w for g, w in zip(groups, widths, strict=True)) > 0.9 * len(own) * one_width:
+        return [(np.arange(len(own)), one_width)]
     return list(zip(groups, widths, strict=True))
 
 

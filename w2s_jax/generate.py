@@ -75,12 +75,7 @@ def sample_logits(logits_bv, key, *, temperature, top_k=None, top_p=None, greedy
 
 def shared_prefix_cache(model, prefix_ids_n):
     """Keys/values of one prompt prefix [n] at positions 0..n-1: a batch-1 cache (under jit)."""
-    n = prefix_ids_n.shape[0]
-    causal_1nn = jnp.tril(jnp.ones((1, n, n), bool))
-    positions_1n = jnp.arange(n, dtype=jnp.int32)[None]
-    _, cache = model.forward(
-        prefix_ids_n[None], positions_1n, causal_1nn, model.init_cache(1, n), 0
-    )
+    _, cache = prefill(model, prefix_ids_n[None], jnp.ones((1, prefix_ids_n.shape[0]), jnp.int32))
     return cache
 
 

@@ -56,11 +56,14 @@ class ScaledLoRA(nnx.LoRA):
         )
         return y + (self.scaling * (x @ lora_a @ lora_b)).astype(y.dtype)
 
+    def delta_kernel(self) -> jax.Array:
+        """The update the adapter adds to the base kernel: scaling * A @ B, float32 [in, out]."""
+        return self.scaling * (self.lora_a[...] @ self.lora_b[...])
+
     def merged_kernel(self) -> jax.Array:
-        """The base kernel plus scaling * A @ B, in float32 then the kernel's dtype."""
+        """The base kernel plus `delta_kernel()`, added in float32, cast to the kernel's dtype."""
         kernel = self.base_module.kernel[...]
-        delta = self.scaling * (self.lora_a[...] @ self.lora_b[...])
-        return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+        return (kernel.astype(jnp.float32) + self.delta_kernel()).astype(kernel.dtype)
 
 
 def _linears(model: nnx.Module):

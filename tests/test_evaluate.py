@@ -16,9 +16,9 @@ from w2s_jax.evaluate import (
     load_eval_questions,
     prompt_ids,
     run_eval,
-    stop_ids,
 )
 from w2s_jax.files import DataError
+from w2s_jax.stop_tokens import stop_ids
 
 MAX_NEW = 16
 QUESTIONS = [f"Tom has {i} apples and buys {i + 3} more. How many apples?" for i in range(4)]
@@ -60,7 +60,8 @@ def _torch_model(model_dir):
 
 
 def _torch_greedy(model_dir, question):
-    """Reference: the chat prompt written out by hand, decoded greedily by HF PyTorch."""
+    """Reference: the chat prompt written out by hand, decoded greedily by HF PyTorch over
+    the tokenizer's ids (the checkpoint's padded rows are no tokens)."""
     import torch
 
     tokenizer, model = _torch_model(model_dir)
@@ -72,7 +73,7 @@ def _torch_greedy(model_dir, question):
     generated = []
     with torch.no_grad():
         for _ in range(MAX_NEW):
-            logits = model(torch.tensor([ids + generated])).logits[0, -1]
+            logits = model(torch.tensor([ids + generated])).logits[0, -1, : len(tokenizer)]
             generated.append(int(logits.argmax()))
             if generated[-1] in (0, 2):  # <|endoftext|>, <|im_end|>
                 break

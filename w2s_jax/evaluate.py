@@ -8,7 +8,8 @@ grades the outputs with `w2s_jax.grading`, and writes into the output folder:
 - `predictions.jsonl`: all rows in dataset order (id, question, output, answer,
   gold, correct, ...), and `summary.json` (accuracy, counts, mean output length,
   share with no extractable answer, settings), written when the run finishes;
-- `run.json`: the settings, checked on resume so one folder never mixes runs.
+- `run.json`: the settings and the weights' fingerprint, checked on resume so one
+  folder never mixes runs (`model_weights_hashed`, the files hashed, is not compared).
 
 `compare_runs` lines up finished runs on the same questions: accuracies with
 Wilson intervals, paired differences with a bootstrap CI and McNemar's test, and
@@ -43,6 +44,7 @@ from w2s_jax.grading import (
     grade,
     is_equiv,
 )
+from w2s_jax.stop_tokens import stop_ids
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -61,8 +63,6 @@ PLAIN_TEMPLATE = "Question: {question}\nAnswer: "
 # A base model prompted "Question: ...\nAnswer: " goes on to invent the next
 # question; its output is cut there before extraction.
 PLAIN_STOP_STRINGS = ("\nQuestion:",)
-# End-of-turn / end-of-text tokens of common chat formats, used as stop ids when present.
-END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,23 +162,6 @@ def prompt_ids(tokenizer, question: str, *, style: str, system_prompt: str) -> l
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def stop_ids(tokenizer, model_dir: str | Path, config_eos=()) -> list[int]:
-    """Stop token ids: the tokenizer's eos, the model config's and generation_config.json's
-    eos_token_id, and the end-of-turn tokens of common chat formats in the vocabulary."""
-    ids = {int(i) for i in config_eos}
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_config = Path(model_dir) / "generation_config.json"
-    if gen_config.is_file():
-        eos = json.loads(gen_config.read_text()).get("eos_token_id")
-        ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[token] for token in END_TOKENS if token in vocab)
-    if not ids:
-        raise ValueError(f"{model_dir}: found no end-of-sequence token to stop generation at")
-    return sorted(ids)
-
-
 # ------------------------------------------------------------------ running
 
 
@@ -196,15 +179,17 @@ class EvalSettings:
     prompt_style: str = "chat"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_new_tokens: int = 512
-    dtype: str | None = None
+    dtype: str | None = "auto"
 
 
 def _fingerprint(settings: EvalSettings) -> dict:
-    from w2s_jax.fingerprint import weights_fingerprint
+    from w2s_jax.fingerprint import weights_fingerprint_record
 
     record = dataclasses.asdict(settings)
     record["question_fields"] = list(settings.question_fields or [])
-    record["model_weights"] = weights_fingerprint(settings.model)
+    hashed = weights_fingerprint_record(settings.model)
+    record["model_weights"] = hashed["fingerprint"]
+    record["model_weights_hashed"] = hashed
     if settings.lora:
         from w2s_jax.checkpointing import read_meta
 
@@ -217,7 +202,8 @@ def _check_same_run(out: Path, fingerprint: dict) -> None:
     if not path.is_file():
         atomic_write_json(path, fingerprint)
         return
-    diff = settings_difference(json.loads(path.read_text()), fingerprint)
+    recorded = json.loads(path.read_text())
+    diff = settings_difference(recorded, fingerprint, ignore=("model_weights_hashed",))
     if diff:
         details = "; ".join(diff)
         raise ValueError(
@@ -248,8 +234,11 @@ def _truncate(text: str, stops: tuple[str, ...]) -> str:
 
 
 def _load_model(settings: EvalSettings, mesh_spec: str | None):
-    """(model, tokenizer); a LoRA checkpoint is applied and merged into the weights."""
+    """(model, tokenizer), padded vocabulary rows masked. A LoRA checkpoint is merged into
+    float32 weights; in a half-precision dtype its adapters stay separate layers, since
+    rounding the merged weights would lose most of a small update."""
     from w2s_jax.models import ModelConfig, load_pretrained, load_tokenizer
+    from w2s_jax.models.dtypes import warn_if_slow
     from w2s_jax.sharding import make_mesh
 
     folder = Path(settings.model)
@@ -263,10 +252,14 @@ def _load_model(settings: EvalSettings, mesh_spec: str | None):
     model = load_pretrained(
         folder, dtype=settings.dtype, mesh=make_mesh(mesh_spec) if mesh_spec else None
     )
+    warn_if_slow(model.config.dtype)
+    model.restrict_vocab(len(tokenizer))
     if settings.lora:
         from w2s_jax.lora import load_lora_into, merge_lora
 
-        merge_lora(load_lora_into(model, settings.lora))
+        load_lora_into(model, settings.lora)
+        if model.config.dtype == "float32":
+            merge_lora(model)
     return model, tokenizer
 
 
@@ -310,8 +303,11 @@ def run_eval(
 
     from w2s_jax.generate import generate
 
+    from w2s_jax.models.dtypes import resolve_dtype
+
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype))
     out = Path(out)
     questions = load_eval_questions(
         settings.data,

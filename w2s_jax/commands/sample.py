@@ -37,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-style", choices=PROMPT_STYLES, default="chat")
     parser.add_argument("--mesh", default=None, help='e.g. "data=4,tensor=2"; default all data.')
     parser.add_argument(
-        "--dtype", default="float32", help="Model compute dtype (float32, bfloat16)."
+        "--dtype",
+        default="auto",
+        help="Model compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU; the default), "
+        "float32 or bfloat16.",
     )
     parser.add_argument(
         "--chunk-size", type=int, default=32, help="Rollout positions per block of the KL kernel."
@@ -93,8 +96,10 @@ def _plan(args: argparse.Namespace) -> _Plan:
         raise ValueError(f"missing {', '.join(missing)} (give them as flags or in --config)")
     from w2s_jax import __version__, fingerprint
     from w2s_jax.data.tfds_source import TFDS_PREFIX, load_source
-    from w2s_jax.evaluate import prompt_ids, stop_ids
+    from w2s_jax.evaluate import prompt_ids
+    from w2s_jax.stop_tokens import stop_ids
     from w2s_jax.models import ModelConfig, load_tokenizer
+    from w2s_jax.models.dtypes import resolve_dtype
     from w2s_jax.sample_store import FORMAT
     from w2s_jax.sampling import SampleConfig, check_shared_tokenizer
 
@@ -155,9 +160,11 @@ def _plan(args: argparse.Namespace) -> _Plan:
     source = args.data
     if not source.startswith(TFDS_PREFIX):
         source = str(Path(source).resolve())
+    expert_hashed = fingerprint.weights_fingerprint_record(expert)
+    amateur_hashed = fingerprint.weights_fingerprint_record(amateur)
     fingerprints = {
-        "expert_weights_fingerprint": fingerprint.weights_fingerprint(expert),
-        "amateur_weights_fingerprint": fingerprint.weights_fingerprint(amateur),
+        "expert_weights_fingerprint": expert_hashed["fingerprint"],
+        "amateur_weights_fingerprint": amateur_hashed["fingerprint"],
         "tokenizer_fingerprint": fingerprint.tokenizer_fingerprint(tokenizer),
     }
     settings = {
@@ -170,7 +177,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
         "contrast": config.contrast,
         "prompt_style": args.prompt_style,
         "system_prompt": args.system_prompt,
-        "dtype": args.dtype,
+        "dtype": resolve_dtype(args.dtype),
         "data": source,
         "tfds_split": args.tfds_split if source.startswith(TFDS_PREFIX) else None,
         "question_field": args.question_field,
@@ -180,6 +187,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         "format": FORMAT,
         "settings": settings,
         **fingerprints,
+        "expert_weights_hashed": expert_hashed,
+        "amateur_weights_hashed": amateur_hashed,
         "expert": str(expert.resolve()),
         "amateur": str(amateur.resolve()),
         "vocab_size": vocab_size,
@@ -220,7 +229,8 @@ def _sample(args: argparse.Namespace, plan: _Plan, mesh) -> int:
     from w2s_jax import sample_store
     from w2s_jax.files import atomic_write_json
     from w2s_jax.models import load_pretrained
-    from w2s_jax.sampling import Scorer, build_records, cut_vocab, gather_rows, rollout_and_score
+    from w2s_jax.models.dtypes import warn_if_slow
+    from w2s_jax.sampling import Scorer, build_records, gather_rows, rollout_and_score
 
     out = Path(args.out)
     process, processes = jax.process_index(), jax.process_count()
@@ -245,10 +255,12 @@ def _sample(args: argparse.Namespace, plan: _Plan, mesh) -> int:
         print(f"resuming {out}: {len(done)} question(s) already sampled")
 
     if steps:
-        expert = load_pretrained(args.expert, dtype=args.dtype, mesh=mesh)
-        amateur = load_pretrained(args.amateur, dtype=args.dtype, mesh=mesh)
-        cut_vocab(expert, plan.vocab_size)
-        cut_vocab(amateur, plan.vocab_size)
+        dtype = plan.manifest["settings"]["dtype"]
+        warn_if_slow(dtype)
+        expert = load_pretrained(args.expert, dtype=dtype, mesh=mesh)
+        amateur = load_pretrained(args.amateur, dtype=dtype, mesh=mesh)
+        expert.restrict_vocab(plan.vocab_size)
+        amateur.restrict_vocab(plan.vocab_size)
         scorer = Scorer(expert, amateur, config=plan.config, vocab_size=plan.vocab_size, mesh=mesh)
     bar = tqdm(total=len(todo), unit="q", desc="sampling", disable=process != 0)
     selected = 0

@@ -587,25 +587,39 @@ def _fused_kl_and_target(
 
 
 def fused_contrastive_loss(
-    hidden, head_dv, target_ids, target_weights, position_mask, *, chunk_size
+    hidden, head_dv, target_ids, target_weights, position_mask, *, chunk_size, vocab_size=None
 ):
     """``contrastive_loss(hidden @ head_dv, ...)`` without [..., T, V] logits.
 
     ``hidden`` [..., T, D], ``head_dv`` [D, V]; gradients flow to both, computed block
-    by block (logits are recomputed in the backward pass).
+    by block (logits are recomputed in the backward pass). ``vocab_size`` (default V)
+    gives ids at and above it (padded head rows) logit -inf.
     """
     _check_hidden_head("hidden", hidden, "head_dv", head_dv)
     _check_loss_inputs(jnp.shape(hidden)[:-1], target_ids, target_weights, position_mask)
     chunk_size = _check_positive_int("chunk_size", chunk_size)
+    rows = jnp.shape(head_dv)[1]
+    vocab_size = _check_positive_int("vocab_size", rows if vocab_size is None else vocab_size)
+    if vocab_size > rows:
+        raise ValueError(f"vocab_size {vocab_size} exceeds head_dv's {rows} rows")
     return _fused_loss(
-        hidden, head_dv, target_ids, target_weights, position_mask, chunk_size=chunk_size
+        hidden,
+        head_dv,
+        target_ids,
+        target_weights,
+        position_mask,
+        chunk_size=chunk_size,
+        vocab_size=vocab_size,
     )
 
 
-@_jit("chunk_size")
-def _fused_loss(hidden, head_dv, target_ids, target_weights, position_mask, *, chunk_size):
+@_jit("chunk_size", "vocab_size")
+def _fused_loss(
+    hidden, head_dv, target_ids, target_weights, position_mask, *, chunk_size, vocab_size
+):
+    real = jnp.arange(jnp.shape(head_dv)[1]) < vocab_size
     per_position = _map_position_chunks(
-        lambda h, ids, w: _soft_ce(_project(h, head_dv), ids, w),
+        lambda h, ids, w: _soft_ce(jnp.where(real, _project(h, head_dv), -jnp.inf), ids, w),
         (hidden, target_ids, target_weights),
         jnp.ndim(hidden) - 2,
         chunk_size,

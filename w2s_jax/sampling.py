@@ -5,7 +5,7 @@ Per batch: chat-formatted prompt ids -> the expert's greedy rollout
 token it chose) -> one teacher-forced pass of the amateur over prompt + rollout
 -> at every rollout position, KL(πE‖πA) and the contrastive
 target from the hidden states and LM heads (`divergence.fused_kl_and_target`,
-padded vocabulary rows cut to the tokenizer's size) -> `select_steps`. Token ids
+padded vocabulary rows masked: `CausalLM.restrict_vocab`) -> `select_steps`. Token ids
 end to end: nothing is decoded and re-encoded. The output folder is handled by
 `w2s_jax.sample_store`; the command is `w2s sample`.
 """
@@ -91,35 +91,6 @@ def check_shared_tokenizer(expert_tokenizer, amateur_tokenizer, expert: str, ama
             f"(expert vs amateur: {difference}); LightReasoner compares next-token "
             "distributions id by id, so both models must share one tokenizer"
         )
-
-
-# --- models ------------------------------------------------------------------------
-
-
-def cut_vocab(model, vocab_size: int) -> None:
-    """Drop the embedding and LM-head rows at ids >= `vocab_size`, in place.
-
-    Checkpoints often pad their vocabulary beyond the tokenizer (Qwen: 151936 rows
-    for 151665 tokens). Those ids are not tokens: after the cut the generator can
-    never emit one, and every logit row has exactly the tokenizer's size. Outputs
-    at real ids are unchanged.
-    """
-    if model.config.vocab_size == vocab_size:
-        return
-
-    def cut(variable, name, index):
-        value = variable.get_value()[index]
-        placed = getattr(variable.get_value(), "sharding", None)
-        if isinstance(placed, jax.sharding.NamedSharding):
-            value = jax.device_put(value, sharding.param_sharding(name, value.shape, placed.mesh))
-        variable.set_value(value)
-
-    embed = model.model.embed_tokens
-    cut(embed.embedding, "model/embed_tokens/embedding", np.s_[:vocab_size])
-    embed.num_embeddings = vocab_size
-    if model.lm_head is not None:
-        cut(model.lm_head.kernel, "lm_head/kernel", np.s_[:, :vocab_size])
-    model.config = dataclasses.replace(model.config, vocab_size=vocab_size)
 
 
 # --- the teacher-forced pass ----------------------------------------------------

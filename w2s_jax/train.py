@@ -19,6 +19,7 @@ clipping and AdamW with a linear schedule) with explicit in/out shardings on a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -72,16 +73,24 @@ def selected_logits_loss(model, micro: dict, *, loss_chunk_size: int = 0):
     """
     hidden_rtd = model.hidden_states(micro["input_ids"], micro["attention_mask"])
     hidden_pd = jnp.take(hidden_rtd.reshape(-1, hidden_rtd.shape[-1]), micro["flat_index"], 0)
-    head_dv = model.lm_head_kernel()
+    head_dv = model.lm_head_kernel()  # padded ids (>= model.token_count) are masked below
     ids_pk, weights_pk = micro["target_ids"], micro["target_weights"]
     selected_p = jnp.ones(ids_pk.shape[:1], bool)
     if loss_chunk_size:
         loss = fused_contrastive_loss(
-            hidden_pd, head_dv, ids_pk, weights_pk, selected_p, chunk_size=loss_chunk_size
+            hidden_pd,
+            head_dv,
+            ids_pk,
+            weights_pk,
+            selected_p,
+            chunk_size=loss_chunk_size,
+            vocab_size=model.token_count,
         )
-        argmax_p = _chunked_argmax(jax.lax.stop_gradient(hidden_pd), head_dv, loss_chunk_size)
+        argmax_p = _chunked_argmax(
+            jax.lax.stop_gradient(hidden_pd), head_dv[:, : model.token_count], loss_chunk_size
+        )
     else:
-        logits_pv = jnp.einsum("pd,dv->pv", hidden_pd, head_dv, preferred_element_type=jnp.float32)
+        logits_pv = model.logits(hidden_pd)
         loss = contrastive_loss(logits_pv, ids_pk, weights_pk, selected_p)
         argmax_p = jnp.argmax(logits_pv, axis=-1)
     entropy = -jnp.sum(jnp.where(weights_pk > 0, weights_pk * jnp.log(weights_pk), 0.0))
@@ -253,8 +262,23 @@ def _check_resumable(out: Path, config: TrainConfig) -> None:
         atomic_write_json(path, config.settings())
 
 
+def _token_count(config: TrainConfig, manifest: dict, model_config) -> int:
+    """Real token ids: the samples' tokenizer size, else the tokenizer's, else every row."""
+    if manifest.get("vocab_size"):
+        return int(manifest["vocab_size"])
+    folder = config.tokenizer or config.expert
+    if folder:
+        from w2s_jax.models import load_tokenizer
+
+        return len(load_tokenizer(folder))
+    return model_config.vocab_size
+
+
 def _load_data(config: TrainConfig):
-    """(trajectories, stats, samples fingerprint, pad id, model config), all checked."""
+    """(trajectories, stats, samples fingerprint, pad id, model config, token count), checked.
+
+    Target and input ids must be real tokens (below the token count), not padded rows.
+    """
     from w2s_jax.data.packing import find_sample_files, load_trajectories, samples_fingerprint
     from w2s_jax.models import ModelConfig
 
@@ -270,21 +294,32 @@ def _load_data(config: TrainConfig):
     model_config = ModelConfig.from_hf_json(
         config.model_config if config.init == "random" else Path(config.expert) / "config.json"
     )
+    token_count = _token_count(config, manifest, model_config)
+    if token_count > model_config.vocab_size:
+        raise DataError(
+            f"the tokenizer has {token_count} tokens but the model only "
+            f"{model_config.vocab_size} output rows"
+        )
     trajectories, stats = load_trajectories(
-        files, objective=config.objective, vocab_size=model_config.vocab_size
+        files, objective=config.objective, vocab_size=token_count
     )
     pad_id = int(manifest.get("pad_id") or 0)
-    return trajectories, stats, samples_fingerprint(files), pad_id, model_config
+    return trajectories, stats, samples_fingerprint(files), pad_id, model_config, token_count
 
 
-def compile_step(config: TrainConfig, mesh):
+def compile_step(config: TrainConfig, mesh, *, token_count: int | None = None):
     """Load the model, add adapters, build the optimizer and jit the step on `mesh`.
+
+    `token_count`: real token ids (the tokenizer's size); padded rows above it are
+    never a prediction (default: every output row).
 
     Returns (step_fn, (params, opt_state), rest, schedule): `step_fn(state, rest,
     shard_batch(arrays, mesh), key) -> (state, metrics)` donates `state`.
     """
     lora = config.lora
     model = _load_model(config, mesh)
+    if token_count is not None:
+        model.restrict_vocab(token_count)
     apply_lora(model, lora, seed=config.seed)
     graphdef, params, rest = nnx.split(model, trainable_filter(lora), ...)
     params, rest = _on_mesh(params, mesh), _on_mesh(rest, mesh)
@@ -351,15 +386,21 @@ def train(
 
     from w2s_jax.checkpointing import StopSignal, TrainCheckpoints
     from w2s_jax.data.packing import collate_step, iter_steps
+    from w2s_jax.fingerprint import weights_fingerprint_record
     from w2s_jax.metrics import MetricsLog
+    from w2s_jax.models.dtypes import resolve_dtype, warn_if_slow
     from w2s_jax.sharding import BATCH_AXES, make_mesh
 
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype))
+    warn_if_slow(config.dtype)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    trajectories, data_stats, data_fingerprint, pad_id, model_config = _load_data(config)
+    trajectories, data_stats, data_fingerprint, pad_id, model_config, token_count = _load_data(
+        config
+    )
     _check_resumable(out, config)
     mesh = make_mesh(config.mesh) if mesh is None else mesh
-    step_fn, state, rest, schedule = compile_step(config, mesh)
+    step_fn, state, rest, schedule = compile_step(config, mesh, token_count=token_count)
 
     checkpoints = TrainCheckpoints(out, save_every=config.save_every, keep=config.keep_checkpoints)
     start = checkpoints.latest_step() or 0
@@ -378,6 +419,9 @@ def train(
         "tokenizer": config.tokenizer or config.expert,
         "init": config.init,
         "seed": config.seed,
+        "expert_weights_hashed": (
+            weights_fingerprint_record(config.expert) if config.expert else None
+        ),
     }
     steps = iter_steps(
         trajectories,

@@ -73,7 +73,7 @@ class TrainConfig:
     steps: int = 1000
     batch_positions: int = 16
     grad_accum: int = 2
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # bfloat16 on GPU/TPU, float32 on CPU (w2s_jax.models.dtypes)
     loss_chunk_size: int = 0
     length_bucket: int = 64
     bucket_window: int = 64

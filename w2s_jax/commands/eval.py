@@ -48,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-questions", type=int, help="Evaluate only the first N questions.")
     parser.add_argument("--mesh", help="Device mesh, e.g. 'data=8' or 'data=2,tensor=4'.")
-    parser.add_argument("--dtype", help="Compute dtype (default: the checkpoint's).")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU; the default), "
+        "float32, bfloat16 or float16.",
+    )
     parser.add_argument(
         "--symbolic-timeout",
         type=float,

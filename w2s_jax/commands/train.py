@@ -75,7 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.grad_accum,
         help="Micro-batches per step (gradient accumulation).",
     )
-    add("--dtype", default=d.dtype, help="Model compute dtype; adapters stay float32.")
+    add(
+        "--dtype",
+        default=d.dtype,
+        help="Model compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU; the default), "
+        "float32 or bfloat16. LoRA adapters and their optimizer state stay float32.",
+    )
     add(
         "--loss-chunk-size",
         type=int,

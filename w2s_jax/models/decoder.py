@@ -179,10 +179,17 @@ def default_positions(attention_mask_bt: jax.Array) -> jax.Array:
 
 
 class CausalLM(nnx.Module):
-    """Decoder-only causal LM. Call it for logits; see `hidden_states` and `lm_head_kernel`."""
+    """Decoder-only causal LM. Call it for logits; see `hidden_states` and `lm_head_kernel`.
+
+    `token_count` is the number of real token ids (default: every output row).
+    Checkpoints often pad their vocabulary beyond the tokenizer (Qwen: 151,936 rows for
+    151,665 tokens); after `restrict_vocab(len(tokenizer))` the logits of the padded
+    ids are -inf, so they are never generated, never a target and add nothing to a KL.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.token_count = config.vocab_size
         self.model = DecoderModel(config, rngs=rngs)
         self.lm_head = (
             None
@@ -237,11 +244,24 @@ class CausalLM(nnx.Module):
             return self.model.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
 
+    def restrict_vocab(self, token_count: int) -> None:
+        """Treat ids >= `token_count` (padded rows of the checkpoint) as no token at all."""
+        if not 1 <= token_count <= self.config.vocab_size:
+            raise ValueError(
+                f"token count {token_count} must be in [1, {self.config.vocab_size}] "
+                "(the model's output rows); is the tokenizer larger than the model?"
+            )
+        self.token_count = int(token_count)
+
     def logits(self, hidden_btd):
-        """Float32 logits from final-norm hidden states [..., D]."""
-        return jnp.einsum(
+        """Float32 logits from final-norm hidden states [..., D]; -inf at padded ids."""
+        logits = jnp.einsum(
             "...d,dv->...v", hidden_btd, self.lm_head_kernel(), preferred_element_type=jnp.float32
         )
+        if self.token_count == self.config.vocab_size:
+            return logits
+        real_v = jnp.arange(self.config.vocab_size) < self.token_count
+        return jnp.where(real_v, logits, -jnp.inf)
 
     def init_cache(self, batch_size: int, max_length: int) -> list[LayerCache]:
         """Zero KV cache for `max_length` slots, in the compute dtype."""

@@ -17,6 +17,7 @@ from w2s_jax import sharding
 from w2s_jax.files import atomic_write_json
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.decoder import CausalLM
+from w2s_jax.models.dtypes import resolve_dtype
 from w2s_jax.models.safetensors_io import CheckpointError, SafetensorsFolder, write_safetensors
 from w2s_jax.models.weight_map import IGNORED_HF_KEYS, path_to_hf
 
@@ -27,6 +28,11 @@ def _with_dtype(config: ModelConfig, dtype) -> ModelConfig:
     if dtype is None:
         return config
     return dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
+
+
+def _compute_config(config: ModelConfig, dtype) -> ModelConfig:
+    """`config` in the compute dtype (`auto` resolved per backend)."""
+    return _with_dtype(config, resolve_dtype(dtype))
 
 
 def _path_name(path: tuple) -> str:
@@ -51,14 +57,15 @@ class _ShapeOnlyKeys:
 def load_pretrained(path: str | Path, *, dtype=None, mesh=None, rules=sharding.PARTITION_RULES):
     """Load a local HF model folder (config.json + safetensors) as a `CausalLM`.
 
-    dtype: parameter/compute dtype ("float32", "bfloat16", ...; default the
-    checkpoint's). mesh: place each parameter with its NamedSharding from `rules`
-    (default: one local device). Tensors are memory-mapped and placed one at a
-    time, only the slices each local device needs. A missing tensor or a wrong
-    shape raises `CheckpointError` naming the key; unused tensors are logged.
+    dtype: parameter/compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU;
+    "float32", "bfloat16", ...; default the checkpoint's). mesh: place each parameter
+    with its NamedSharding from `rules` (default: one local device). Tensors are
+    memory-mapped and placed one at a time, only the slices each local device needs.
+    A missing tensor or a wrong shape raises `CheckpointError` naming the key;
+    unused tensors are logged.
     """
     folder = _require_folder(path)
-    config = _with_dtype(ModelConfig.from_hf_json(folder / "config.json"), dtype)
+    config = _compute_config(ModelConfig.from_hf_json(folder / "config.json"), dtype)
     tensors = SafetensorsFolder(folder)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=_ShapeOnlyKeys())))
     used = set()
@@ -109,7 +116,7 @@ def init_random(config: ModelConfig, *, seed: int, dtype=None, mesh=None):
     dtype. Initialised under jit; with `mesh`, each parameter is created directly
     in its NamedSharding (no full copy on one device).
     """
-    config = _with_dtype(config, dtype)
+    config = _compute_config(config, dtype)
     graphdef, state = _random_init_fn(config, mesh)(jax.random.key(seed))
     return nnx.merge(graphdef, state)
 

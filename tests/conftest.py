@@ -1,6 +1,7 @@
 """Test-wide set-up: 8 simulated CPU devices, set before JAX is imported."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -9,6 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("W2S_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="w2s_jax_test_cache_"))
 
 
 # --- Shared tiny checkpoints (built once per test worker, offline) ---------

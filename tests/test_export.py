@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from w2s_jax.checkpointing import TrainCheckpoints, restore_params
 from w2s_jax.cli import main
-from w2s_jax.evaluate import stop_ids
 from w2s_jax.fingerprint import tokenizer_fingerprint
 from w2s_jax.lora import LoRAConfig, apply_lora, load_lora_into
 from w2s_jax.models import CausalLM, ModelConfig, load_pretrained, save_pretrained
 from w2s_jax.sharding import make_mesh
+from w2s_jax.stop_tokens import stop_ids
 from w2s_jax.train import train
 from w2s_jax.train_config import TrainConfig
 

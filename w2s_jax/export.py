@@ -233,7 +233,7 @@ def _write_generation_config(out: Path, expert, tokenizer_source, tokenizer, con
     """Copy the expert's generation_config.json, else write one that stops at the model's
     end tokens. Returns where it came from.
 
-    The written one has eos_token_id = `evaluate.stop_ids` (e.g. <|im_end|> for a chat
+    The written one has eos_token_id = `stop_tokens.stop_ids` (e.g. <|im_end|> for a chat
     model; the config's alone without a tokenizer) and the tokenizer's bos/pad ids.
     """
     target = out / GENERATION_CONFIG
@@ -242,7 +242,7 @@ def _write_generation_config(out: Path, expert, tokenizer_source, tokenizer, con
         return f"copied from {expert}"
     values = {"eos_token_id": list(config.eos_token_ids)}
     if tokenizer is not None:
-        from w2s_jax.evaluate import stop_ids
+        from w2s_jax.stop_tokens import stop_ids
 
         base = expert or tokenizer_source
         values["eos_token_id"] = stop_ids(tokenizer, base, config.eos_token_ids)

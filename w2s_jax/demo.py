@@ -215,7 +215,7 @@ def derive_arm_records(records: list[dict], arm: str, beta: float, golds: dict, 
 
 
 def _train_export(config: DemoConfig, arm: str, data: Path, seed_dir: Path, seed: int, timer):
-    from w2s_jax.commands.export import export
+    from w2s_jax.export import export
     from w2s_jax.train import train
     from w2s_jax.train_config import TrainConfig
 

@@ -180,6 +180,7 @@ class EvalSettings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_new_tokens: int = 512
     dtype: str | None = "auto"
+    eos_ids: tuple[int, ...] = ()  # stop ids added to the tokenizer's and configs' own
 
 
 def _fingerprint(settings: EvalSettings) -> dict:
@@ -187,6 +188,7 @@ def _fingerprint(settings: EvalSettings) -> dict:
 
     record = dataclasses.asdict(settings)
     record["question_fields"] = list(settings.question_fields or [])
+    record["eos_ids"] = sorted(settings.eos_ids)
     hashed = weights_fingerprint_record(settings.model)
     record["model_weights"] = hashed["fingerprint"]
     record["model_weights_hashed"] = hashed
@@ -302,7 +304,6 @@ def run_eval(
     from tqdm import tqdm
 
     from w2s_jax.generate import generate
-
     from w2s_jax.models.dtypes import resolve_dtype
 
     if batch_size < 1:
@@ -320,7 +321,7 @@ def run_eval(
     model, tokenizer = _load_model(settings, mesh)
     _check_same_run(out, _fingerprint(settings))
     done, next_shard = _finished_rows(out, questions)
-    eos = stop_ids(tokenizer, settings.model, model.config.eos_token_ids)
+    eos = stop_ids(tokenizer, settings.model, model.config.eos_token_ids, settings.eos_ids)
     stops = PLAIN_STOP_STRINGS if settings.prompt_style == "plain" else ()
     pending = [q for q in questions if q.id not in done]
     prompts = {

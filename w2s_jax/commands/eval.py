@@ -45,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="System turn of the chat prompt ('' for none). Default: %(default)r.",
     )
     parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument(
+        "--eos-id",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="Another token id to stop at (repeatable), beside the tokenizer's special "
+        "end tokens and the configs' eos_token_id.",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-questions", type=int, help="Evaluate only the first N questions.")
     parser.add_argument("--mesh", help="Device mesh, e.g. 'data=8' or 'data=2,tensor=4'.")
@@ -106,6 +115,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens,
         dtype=args.dtype,
+        eos_ids=tuple(args.eos_id),
     )
     summary = run_eval(
         settings,

@@ -35,6 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
     parser.add_argument("--prompt-style", choices=PROMPT_STYLES, default="chat")
+    parser.add_argument(
+        "--eos-id",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="Another token id that ends a rollout (repeatable), beside the tokenizer's "
+        "special end tokens and the configs' eos_token_id.",
+    )
     parser.add_argument("--mesh", default=None, help='e.g. "data=4,tensor=2"; default all data.')
     parser.add_argument(
         "--dtype",
@@ -97,11 +106,11 @@ def _plan(args: argparse.Namespace) -> _Plan:
     from w2s_jax import __version__, fingerprint
     from w2s_jax.data.tfds_source import TFDS_PREFIX, load_source
     from w2s_jax.evaluate import prompt_ids
-    from w2s_jax.stop_tokens import stop_ids
     from w2s_jax.models import ModelConfig, load_tokenizer
     from w2s_jax.models.dtypes import resolve_dtype
     from w2s_jax.sample_store import FORMAT
     from w2s_jax.sampling import SampleConfig, check_shared_tokenizer
+    from w2s_jax.stop_tokens import stop_ids
 
     config = SampleConfig(
         alpha=args.alpha,
@@ -155,7 +164,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         prompt_ids(tokenizer, q.question, style=args.prompt_style, system_prompt=args.system_prompt)
         for q in questions
     ]
-    eos_ids = stop_ids(tokenizer, expert)
+    model_eos = ModelConfig.from_hf_json(expert / "config.json").eos_token_ids
+    eos_ids = stop_ids(tokenizer, expert, model_eos, args.eos_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     source = args.data
     if not source.startswith(TFDS_PREFIX):
@@ -178,6 +188,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
         "prompt_style": args.prompt_style,
         "system_prompt": args.system_prompt,
         "dtype": resolve_dtype(args.dtype),
+        "eos_ids": eos_ids,
         "data": source,
         "tfds_split": args.tfds_split if source.startswith(TFDS_PREFIX) else None,
         "question_field": args.question_field,

@@ -189,3 +189,19 @@ def test_the_cache_keeps_only_the_newest_entries(tmp_path, cache_dir, monkeypatc
     entries = json.loads((cache_dir / "fingerprints.json").read_text())["entries"]
     assert len(entries) == 3
     assert all(key.startswith(str(new.resolve())) for key in entries)
+
+
+def test_folder_fingerprint_covers_every_file_below(tmp_path, monkeypatch):
+    from w2s_jax.fingerprint import folder_fingerprint_record
+
+    monkeypatch.setenv("W2S_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    step = tmp_path / "checkpoints" / "7"
+    (step / "params").mkdir(parents=True)
+    (step / "meta").write_text("{}")
+    (step / "params" / "lora_b").write_bytes(bytes(range(256)) * 64)
+    first = folder_fingerprint_record(step)
+    assert sorted(first["files"]) == ["meta", "params/lora_b"]
+    data = bytearray((step / "params" / "lora_b").read_bytes())
+    data[len(data) // 2] ^= 1
+    (step / "params" / "lora_b").write_bytes(bytes(data))
+    assert folder_fingerprint_record(step)["fingerprint"] != first["fingerprint"]

@@ -184,7 +184,8 @@ class EvalSettings:
 
 
 def _fingerprint(settings: EvalSettings) -> dict:
-    from w2s_jax.fingerprint import weights_fingerprint_record
+    from w2s_jax.checkpointing import locate_checkpoint, read_meta
+    from w2s_jax.fingerprint import folder_fingerprint_record, weights_fingerprint_record
 
     record = dataclasses.asdict(settings)
     record["question_fields"] = list(settings.question_fields or [])
@@ -192,10 +193,10 @@ def _fingerprint(settings: EvalSettings) -> dict:
     hashed = weights_fingerprint_record(settings.model)
     record["model_weights"] = hashed["fingerprint"]
     record["model_weights_hashed"] = hashed
-    if settings.lora:
-        from w2s_jax.checkpointing import read_meta
-
+    if settings.lora:  # every byte of the checkpoint step evaluated
         record["lora_step"] = read_meta(settings.lora).get("step")
+        directory, step = locate_checkpoint(settings.lora)
+        record["lora_weights"] = folder_fingerprint_record(directory / str(step))["fingerprint"]
     return record
 
 

@@ -92,7 +92,20 @@ def weights_fingerprint_record(folder: str | Path) -> dict:
     an edit that keeps both size and mtime goes unseen until the file is touched.
     """
     folder = Path(folder)
-    names = _model_files(folder)
+    return _record(folder, _model_files(folder))
+
+
+def folder_fingerprint_record(folder: str | Path) -> dict:
+    """`weights_fingerprint_record` over every file under `folder` (e.g. one checkpoint
+    step of adapters and optimizer state), names relative to it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: folder does not exist")
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return _record(folder, names)
+
+
+def _record(folder: Path, names: list[str]) -> dict:
     paths = [folder / name for name in names]
     files = {
         name: {"bytes": size, "digest": digest}

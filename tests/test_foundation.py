@@ -106,17 +106,20 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path):
 def test_config_file_unknown_key_is_named(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("no_such_option = 3\n")
-    with pytest.raises(SystemExit, match="no_such_option"):
+    with pytest.raises(ValueError, match="no_such_option"):
         _parse_with_config(["--config", str(cfg)])
 
 
 def test_config_file_errors_name_the_file(tmp_path):
-    with pytest.raises(SystemExit, match="missing.json does not exist"):
+    with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
         _parse_with_config(["--config", str(tmp_path / "missing.json")])
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(SystemExit, match="bad.json is not valid json"):
+    with pytest.raises(ValueError, match="bad.json is not valid json"):
         _parse_with_config(["--config", str(bad)])
+    # Through the command line: one `error:` line naming the file, no traceback.
+    with pytest.raises(SystemExit, match="^error: config file .*bad.json is not valid json"):
+        main(["devices", "--config", str(bad)])
 
 
 @pytest.mark.parametrize("script", ["tpu_setup.sh", ".ci/run"])
@@ -129,7 +132,7 @@ def test_shell_scripts_pass_bash_n_and_shellcheck(script):
 
 
 def test_settings_difference_lists_changed_keys_only():
-    from w2s_jax.config import settings_difference
+    from w2s_jax.run_folder import settings_difference
 
     recorded = {"beta": 0.4, "alpha": 0.2, "out": "a", "gone": 1}
     requested = {"beta": 0.5, "alpha": 0.2, "out": "b", "new": [1, 2]}

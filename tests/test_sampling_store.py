@@ -11,6 +11,7 @@ from w2s_jax import sample_store
 from w2s_jax.data.tfds_source import load_source
 from w2s_jax.files import DataError, atomic_write_jsonl
 from w2s_jax.generate import left_pad
+from w2s_jax.run_folder import SettingsChanged
 from w2s_jax.sampling import (
     SampleConfig,
     check_shared_tokenizer,
@@ -213,7 +214,7 @@ def test_manifest_refuses_changed_settings(tmp_path):
     assert sample_store.check_or_create_manifest(tmp_path, manifest) is True
     before = sample_store.manifest_path(tmp_path).read_bytes()
     changed = {"format": sample_store.FORMAT, "settings": {"alpha": 0.2, "beta": 0.5}}
-    with pytest.raises(sample_store.SettingsMismatch, match=r"beta: 0.4 -> 0.5"):
+    with pytest.raises(SettingsChanged, match=r"beta: 0.4 -> 0.5"):
         sample_store.check_or_create_manifest(tmp_path, changed)
     assert sample_store.manifest_path(tmp_path).read_bytes() == before
 

@@ -11,6 +11,7 @@ import pytest
 
 from w2s_jax.demo import ARMS, ASSETS, DemoConfig, run_demo
 from w2s_jax.files import read_jsonl
+from w2s_jax.run_folder import SettingsChanged
 
 SMALL = dict(
     questions=8, eval_questions=8, steps=2, batch_positions=16, max_new_tokens=64, batch_size=8
@@ -123,7 +124,7 @@ def test_resume_does_no_work_and_refuses_other_settings(demo):
     again = run_demo(DemoConfig(out=str(out), **SMALL), log=lambda _: None)
     assert json.loads((out / "seed-0" / "times.json").read_text()) == times
     assert [a["per_seed"] for a in again["arms"]] == [a["per_seed"] for a in report["arms"]]
-    with pytest.raises(ValueError, match="other settings.*beta"):
+    with pytest.raises(SettingsChanged, match="different settings.*beta"):
         run_demo(DemoConfig(out=str(out), **(SMALL | {"beta": 0.9})))
 
 

@@ -17,6 +17,7 @@ from w2s_jax.data.packing import collate_step, find_sample_files, iter_steps, lo
 from w2s_jax.files import DataError, atomic_write_json, atomic_write_jsonl
 from w2s_jax.lora import LoRAConfig, apply_lora, load_lora_into
 from w2s_jax.models import load_pretrained, load_tokenizer
+from w2s_jax.run_folder import SettingsChanged
 from w2s_jax.sharding import make_mesh
 from w2s_jax.train import make_loss_and_grads, train
 from w2s_jax.train_config import TrainConfig
@@ -255,7 +256,7 @@ def test_kill_and_resume_equals_uninterrupted(
     np.testing.assert_allclose(_curve(out), _curve(uninterrupted[0]), rtol=1e-6)
 
     # a re-run with settings that change the result is refused
-    with pytest.raises(SystemExit, match=r"different settings.*learning_rate: 0.02 -> 0.01"):
+    with pytest.raises(SettingsChanged, match=r"different settings.*learning_rate: 0.02 -> 0.01"):
         train(_config(samples, tiny_qwen2_dir, out, learning_rate=1e-2), mesh=one_device)
 
 

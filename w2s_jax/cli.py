@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -47,15 +48,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `w2s ARGV`. A user's error (a bad path, value or file) ends it with one
+    `error: ...` line and exit status 1; W2S_TRACEBACK=1 shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, subparsers = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    command_argv = argv[argv.index(args.command) + 1 :]
-    args = apply_config_file(subparsers[args.command], command_argv, args)
-    return int(args._run(args) or 0)
+    try:
+        command_argv = argv[argv.index(args.command) + 1 :]
+        args = apply_config_file(subparsers[args.command], command_argv, args)
+        return int(args._run(args) or 0)
+    except (ValueError, OSError) as exc:  # DataError, ConfigError, CheckpointError, ...
+        if os.environ.get("W2S_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ def load_config_file(path: str | Path) -> dict:
     """Read a flat mapping of option names to values from a .json or .toml file."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: config file {path} does not exist")
+        raise FileNotFoundError(f"config file {path} does not exist")
     text = path.read_text()
     try:
         values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise SystemExit(
-            f"error: config file {path} is not valid {path.suffix[1:]}: {exc}"
-        ) from exc
+        raise ValueError(f"config file {path} is not valid {path.suffix[1:]}: {exc}") from exc
     if not isinstance(values, dict):
-        raise SystemExit(f"error: config file {path} must hold a mapping of option names")
+        raise ValueError(f"config file {path} must hold a mapping of option names")
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
@@ -38,22 +36,9 @@ def apply_config_file(
     known = {action.dest for action in parser._actions}  # noqa: SLF001
     unknown = sorted(set(values) - known - {"config"})
     if unknown:
-        raise SystemExit(
-            f"error: config file {args.config} has unknown option(s) {', '.join(unknown)}; "
+        raise ValueError(
+            f"config file {args.config} has unknown option(s) {', '.join(unknown)}; "
             f"known: {', '.join(sorted(known - {'help', 'config'}))}"
         )
     parser.set_defaults(**values)
     return parser.parse_args(argv)
-
-
-def settings_difference(recorded: dict, requested: dict, *, ignore=()) -> list[str]:
-    """`key: recorded -> requested` for every setting that differs, keys in `ignore` skipped.
-
-    Every resumable stage uses it to refuse re-running into an output folder
-    that holds a run made with other settings.
-    """
-    return [
-        f"{key}: {recorded.get(key)!r} -> {requested.get(key)!r}"
-        for key in sorted((set(recorded) | set(requested)) - set(ignore))
-        if recorded.get(key) != requested.get(key)
-    ]

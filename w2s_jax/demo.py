@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from w2s_jax import stats
-from w2s_jax.config import settings_difference
 from w2s_jax.files import atomic_save_figure, atomic_write_json, atomic_write_text, read_jsonl
+from w2s_jax.run_folder import claim
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "toy_world"
 ARMS = ("base", "lightreasoner", "sft", "no_select", "no_contrast")
@@ -122,16 +122,7 @@ def _task_config(expert_dir: Path):
 
 
 def _check_settings(out: Path, config: DemoConfig) -> None:
-    path = out / "demo_config.json"
-    new = config.settings()
-    if path.is_file():
-        diff = settings_difference(json.loads(path.read_text()), new, ignore=FREE_SETTINGS)
-        if diff:
-            raise ValueError(
-                f"{out} holds a demo run with other settings ({'; '.join(diff)}); "
-                "use another --out or the original settings"
-            )
-    atomic_write_json(path, new)
+    claim(out / "demo_config.json", config.settings(), ignore=FREE_SETTINGS, what="a demo run")
 
 
 class _Timer:

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from w2s_jax import stats
-from w2s_jax.config import settings_difference
 from w2s_jax.data.sources import Question
 from w2s_jax.files import (
     DataError,
@@ -44,6 +43,7 @@ from w2s_jax.grading import (
     grade,
     is_equiv,
 )
+from w2s_jax.run_folder import claim
 from w2s_jax.stop_tokens import stop_ids
 
 __all__ = [
@@ -201,17 +201,7 @@ def _fingerprint(settings: EvalSettings) -> dict:
 
 
 def _check_same_run(out: Path, fingerprint: dict) -> None:
-    path = out / "run.json"
-    if not path.is_file():
-        atomic_write_json(path, fingerprint)
-        return
-    recorded = json.loads(path.read_text())
-    diff = settings_difference(recorded, fingerprint, ignore=("model_weights_hashed",))
-    if diff:
-        details = "; ".join(diff)
-        raise ValueError(
-            f"{out} holds a run with other settings ({details}); use a new --out folder"
-        )
+    claim(out / "run.json", fingerprint, ignore=("model_weights_hashed",), what="an eval run")
 
 
 def _finished_rows(out: Path, questions: list[Question]) -> tuple[dict[str, dict], int]:

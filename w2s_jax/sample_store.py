@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from w2s_jax.config import settings_difference
 from w2s_jax.files import DataError, atomic_write_json, atomic_write_jsonl, read_jsonl
+from w2s_jax.run_folder import claim
 
 FORMAT = "w2s_jax.samples/1"
 RECORD_FIELDS = (
@@ -34,10 +34,6 @@ RECORD_FIELDS = (
 )
 KL_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 _SHARD_RE = re.compile(r"^p(\d{3})-(\d{5})\.jsonl$")
-
-
-class SettingsMismatch(ValueError):
-    """`--out` already holds samples made with different settings."""
 
 
 def manifest_path(out: str | Path) -> Path:
@@ -67,19 +63,10 @@ def check_or_create_manifest(out: str | Path, manifest: dict, *, create: bool = 
     out = Path(out)
     path = manifest_path(out)
     if path.exists():
-        old = read_manifest(out)
-        diff = settings_difference(old.get("settings", {}), manifest["settings"])
-        if diff:
-            raise SettingsMismatch(
-                f"{out} holds samples made with different settings; use another --out "
-                "or the original settings. Differences (recorded -> requested): " + "; ".join(diff)
-            )
-        return True
-    if shard_paths(out):
+        read_manifest(out)  # a samples manifest, not some other JSON file
+    elif shard_paths(out):
         raise DataError(f"{out}/samples holds shards but {path} is missing; refusing to mix runs")
-    if create:
-        atomic_write_json(path, manifest)
-    return False
+    return claim(path, manifest, settings_key="settings", what="samples", write=create)
 
 
 def samples_dir(out: str | Path) -> Path:

@@ -20,7 +20,6 @@ clipping and AdamW with a linear schedule) with explicit in/out shardings on a
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +30,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from w2s_jax.config import settings_difference
 from w2s_jax.divergence import contrastive_loss, fused_contrastive_loss
 from w2s_jax.files import DataError, atomic_write_json
 from w2s_jax.lora import apply_lora, trainable_filter
+from w2s_jax.run_folder import claim
 from w2s_jax.train_config import FREE_SETTINGS, TrainConfig
 
 RUN_FILE = "train_config.json"
@@ -249,17 +248,13 @@ def _load_model(config: TrainConfig, mesh):
 
 
 def _check_resumable(out: Path, config: TrainConfig) -> None:
-    path = out / RUN_FILE
-    if path.is_file():
-        recorded = json.loads(path.read_text())
-        diff = settings_difference(recorded, config.settings(), ignore=FREE_SETTINGS)
-        if diff:
-            raise SystemExit(
-                f"error: {out} holds a run with different settings; use another --out or the "
-                "original settings. Differences (recorded -> requested): " + "; ".join(diff)
-            )
-    if jax.process_index() == 0:
-        atomic_write_json(path, config.settings())
+    claim(
+        out / RUN_FILE,
+        config.settings(),
+        ignore=FREE_SETTINGS,
+        what="a training run",
+        write=jax.process_index() == 0,
+    )
 
 
 def _token_count(config: TrainConfig, manifest: dict, model_config) -> int:

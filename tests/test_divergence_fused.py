@@ -176,3 +176,248 @@ def test_fused_bad_inputs_name_the_shapes(hidden_and_heads):
         dv.fused_kl_and_target(he, we, ha, wa, 1.2, 4, chunk_size=4)
     with pytest.raises(ValueError, match="k must be at most the vocabulary size 100, got 101"):
         dv.fused_kl_and_target(he, we, ha, wa, 0.2, 101, chunk_size=4, vocab_size=100)
+
+
+# --- head layouts: "vd" ([V, D], a tied embedding) as stored equals "dv" on its transpose ---
+
+
+def grads_in_both_layouts(fn_of_layout, hidden, head_dv, extra=()):
+    """(value, grads) of fn(hidden, head, *extra) with head_dv as "dv" and head_dv.T as "vd"."""
+    out = {}
+    for layout, head in (("dv", head_dv), ("vd", jnp.asarray(head_dv).T)):
+        fn = fn_of_layout(layout)
+        out[layout] = jax.value_and_grad(fn, argnums=tuple(range(2 + len(extra))))(
+            hidden, head, *extra
+        )
+    return out["dv"], out["vd"]
+
+
+def assert_same_in_both_layouts(dv_result, vd_result, head_args=(1,), rtol=1e-5, atol=1e-6):
+    (value_dv, grads_dv), (value_vd, grads_vd) = dv_result, vd_result
+    np.testing.assert_allclose(value_vd, value_dv, rtol=rtol, atol=atol)
+    assert np.all(np.isfinite(np.asarray(value_vd)))
+    for i, (g_dv, g_vd) in enumerate(zip(grads_dv, grads_vd, strict=True)):
+        want = g_dv.T if i in head_args else g_dv  # a head's gradient comes in its layout
+        assert g_vd.shape == want.shape
+        assert np.any(np.asarray(want) != 0)
+        np.testing.assert_allclose(g_vd, want, rtol=rtol, atol=atol)
+
+
+def test_fused_token_kl_vd_layout_equals_dv_on_the_transpose(hidden_and_heads):
+    he, we, ha, wa = hidden_and_heads
+    coef = jnp.arange(1.0, T + 1)
+
+    def fn_of(layout):
+        def fn(he, we, ha, wa):
+            kl = dv.fused_token_kl(
+                he, we, ha, wa, chunk_size=CHUNK, p_head_layout=layout, q_head_layout="dv"
+            )
+            return jnp.sum(kl * coef)
+
+        return fn
+
+    # The expert head in the layout under test, the amateur's [D, V] in both runs.
+    dv_run, vd_run = grads_in_both_layouts(fn_of, he, we, (ha, wa))
+    assert_same_in_both_layouts(dv_run, vd_run, rtol=1e-4, atol=1e-5)
+    # Both heads [V, D]: same KL as plain logits.
+    kl = dv.fused_token_kl(
+        he, we.T, ha, wa.T, chunk_size=CHUNK, p_head_layout="vd", q_head_layout="vd"
+    )
+    np.testing.assert_allclose(kl, dv.token_kl(he @ we, ha @ wa), rtol=1e-5)
+
+
+@pytest.mark.parametrize("amateur_rows", [V, V - 3])
+def test_fused_kl_and_target_vd_layout_with_padded_vocab(hidden_and_heads, amateur_rows):
+    he, we, ha, wa = hidden_and_heads
+    wa = wa[:, :amateur_rows]  # heads of different V are compared over the common ids
+    vocab = V - 11
+    we = we.at[:, V - 1].set(he[0, 0] * 5.0)  # a loud padded row, as above
+    ze, za = he @ we[:, :vocab], ha @ wa[:, :vocab]
+    ref_kl = dv.token_kl(ze, za)
+    ref_ids, ref_w, ref_stats = dv.contrastive_target(ze, za, 0.2, 6, with_stats=True)
+    for layouts in (("vd", "vd"), ("vd", "dv"), ("dv", "vd")):
+        heads = [w.T if layout == "vd" else w for w, layout in zip((we, wa), layouts, strict=True)]
+        kl, ids, w, stats = dv.fused_kl_and_target(
+            he,
+            heads[0],
+            ha,
+            heads[1],
+            0.2,
+            6,
+            chunk_size=CHUNK,
+            vocab_size=vocab,
+            expert_head_layout=layouts[0],
+            amateur_head_layout=layouts[1],
+        )
+        np.testing.assert_allclose(kl, ref_kl, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(w, ref_w, atol=1e-6)
+        np.testing.assert_array_equal(stats["plausible_size"], ref_stats["plausible_size"])
+        np.testing.assert_allclose(stats["dropped_mass"], ref_stats["dropped_mass"], atol=1e-6)
+
+    # Gradients (KL and weights both depend on the heads), expert head in either layout.
+    coef = jnp.asarray(np.random.default_rng(8).normal(size=(B, T, 6)), jnp.float32)
+
+    def fn_of(layout):
+        def fn(he, we, ha, wa):
+            kl, _, w, _ = dv.fused_kl_and_target(
+                he,
+                we,
+                ha,
+                wa,
+                0.2,
+                6,
+                chunk_size=CHUNK,
+                vocab_size=vocab,
+                expert_head_layout=layout,
+            )
+            return jnp.sum(kl) + jnp.sum(w * coef)
+
+        return fn
+
+    dv_run, vd_run = grads_in_both_layouts(fn_of, he, we, (ha, wa))
+    assert_same_in_both_layouts(dv_run, vd_run, rtol=1e-4, atol=1e-5)
+    # The padded rows get no gradient in either layout.
+    assert not np.any(np.asarray(vd_run[1][1])[vocab:])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_contrastive_loss_vd_layout_equals_dv_on_the_transpose(hidden_and_heads, dtype):
+    he, we, ha, wa = hidden_and_heads
+    vocab = V - 11
+    ids, w = dv.contrastive_target(he @ we[:, :vocab], ha @ wa[:, :vocab], 0.1, 5)
+    mask = np.random.default_rng(9).uniform(size=(B, T)) < 0.6
+    h, head = he.astype(dtype), we.astype(dtype)
+
+    def fn_of(layout):
+        def fn(h, head):
+            return dv.fused_contrastive_loss(
+                h, head, ids, w, mask, chunk_size=CHUNK, vocab_size=vocab, head_layout=layout
+            )
+
+        return fn
+
+    dv_run, vd_run = grads_in_both_layouts(fn_of, h, head)
+    for grad in (*dv_run[1], *vd_run[1]):
+        assert grad.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    as32 = lambda run: (run[0], tuple(np.asarray(g, np.float32) for g in run[1]))
+    assert_same_in_both_layouts(as32(dv_run), as32(vd_run), rtol=tol, atol=tol * 0.1)
+    # And the plain loss on the real ids (the padded rows are masked in both layouts).
+    logits = jnp.matmul(h, head[:, :vocab], preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(vd_run[0], dv.contrastive_loss(logits, ids, w, mask), rtol=tol)
+
+
+def test_fused_bad_head_layout_names_the_argument(hidden_and_heads):
+    he, we, ha, wa = hidden_and_heads
+    with pytest.raises(ValueError, match=r"head_layout must be 'dv' .* or 'vd' .*got 'VD'"):
+        dv.fused_contrastive_loss(he, we.T, None, None, None, chunk_size=4, head_layout="VD")
+    with pytest.raises(
+        ValueError,
+        match=r"hidden \[\.\.\., D\] and head \[D, V\] disagree on D: \(2, 13, 24\) and "
+        r"\(203, 24\) \(for a \[V, D\] head pass head_layout='vd'\)",
+    ):
+        dv.fused_contrastive_loss(he, we.T, None, None, None, chunk_size=4)
+    with pytest.raises(
+        ValueError, match=r"amateur_hidden \[\.\.\., D\] and amateur_head \[V, D\] disagree on D"
+    ):
+        dv.fused_kl_and_target(he, we, ha, we.T, 0.2, 4, chunk_size=4, amateur_head_layout="vd")
+    with pytest.raises(ValueError, match=r"q_head must be \[V, D\], got shape \(16,\)"):
+        dv.fused_token_kl(he, we, ha, wa[:, 0], chunk_size=4, q_head_layout="vd")
+    with pytest.raises(ValueError, match=r"p_head_layout must be 'dv'"):
+        dv.fused_token_kl(he, we, ha, wa, chunk_size=4, p_head_layout=None)
+    with pytest.raises(ValueError, match=r"vocab_size 300 exceeds .*\(203 expert, 200 amateur\)"):
+        dv.fused_kl_and_target(
+            he,
+            we.T,
+            ha,
+            wa[:, :200].T,
+            0.2,
+            4,
+            chunk_size=4,
+            vocab_size=300,
+            expert_head_layout="vd",
+            amateur_head_layout="vd",
+        )
+
+
+def test_tied_head_as_stored_needs_no_transposed_copy():
+    """Compile only: a [V, D] embedding passed as "vd" costs what an untied [D, V] kernel
+    does; passed as embedding.T with "dv", XLA:CPU materializes that transposed operand of
+    the chunk loop whole."""
+    batch, length, d, vocab, k, chunk = 4, 64, 256, 16384, 8, 16
+    head_bytes = d * vocab * 4
+    sd = jax.ShapeDtypeStruct
+    hidden = sd((batch, length, d), jnp.float32)
+    targets = (sd((batch, length, k), jnp.int32), sd((batch, length, k), jnp.float32))
+    mask = sd((batch, length), bool)
+
+    def temp_bytes(head_shape, layout, transpose=False):
+        def run(h, head, ids, w, mask):
+            head = head.T if transpose else head
+            kl, *_ = dv.fused_kl_and_target(
+                h,
+                head,
+                h,
+                head,
+                0.2,
+                k,
+                chunk_size=chunk,
+                vocab_size=vocab - 5,
+                expert_head_layout=layout,
+                amateur_head_layout=layout,
+            )
+            loss = lambda h, head: dv.fused_contrastive_loss(
+                h, head, ids, w, mask, chunk_size=chunk, vocab_size=vocab - 5, head_layout=layout
+            )
+            return kl, jax.grad(loss, argnums=(0, 1))(h, head)
+
+        shapes = (hidden, sd(head_shape, jnp.float32), *targets, mask)
+        return jax.jit(run).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+    untied = temp_bytes((d, vocab), "dv")
+    tied_as_stored = temp_bytes((vocab, d), "vd")
+    assert tied_as_stored <= untied + 0.1 * head_bytes, (tied_as_stored, untied)
+    tied_transposed = temp_bytes((vocab, d), "dv", transpose=True)
+    assert tied_as_stored <= tied_transposed - 0.5 * head_bytes, (tied_as_stored, tied_transposed)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lm_head_matrix_is_the_head_as_stored(tied):
+    from flax import nnx
+
+    from w2s_jax.models import CausalLM, ModelConfig
+
+    config = ModelConfig.from_hf_json(
+        {
+            "model_type": "qwen2",
+            "vocab_size": 40,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "tie_word_embeddings": tied,
+        }
+    )
+    model = CausalLM(config, rngs=nnx.Rngs(0))
+    head, layout = model.lm_head_matrix()
+    if tied:
+        assert layout == "vd"
+        np.testing.assert_array_equal(head, model.model.embed_tokens.embedding[...])
+        np.testing.assert_array_equal(head.T, model.lm_head_kernel())
+    else:
+        assert layout == "dv"
+        np.testing.assert_array_equal(head, model.lm_head.kernel[...])
+    assert head.shape == ((40, 16) if tied else (16, 40))
+    # With padded ids, the fused loss on it equals the plain loss on the model's logits.
+    model.restrict_vocab(37)
+    hidden = model.hidden_states(np.arange(12).reshape(2, 6) % 37)
+    ids = jnp.asarray(np.random.default_rng(10).integers(0, 37, size=(2, 6, 3)), jnp.int32)
+    w = jnp.full((2, 6, 3), 1 / 3, jnp.float32)
+    mask = np.ones((2, 6), bool)
+    fused = dv.fused_contrastive_loss(
+        hidden, head, ids, w, mask, chunk_size=4, vocab_size=37, head_layout=layout
+    )
+    plain = dv.contrastive_loss(model.logits(hidden), ids, w, mask)
+    np.testing.assert_allclose(fused, plain, rtol=1e-5)

@@ -1,7 +1,6 @@
 """Divergence kernels on a (data=2, tensor=4) mesh, vocabulary sharded, equal unsharded results.
 
-Both mesh flavours: Auto axes (what w2s_jax.sharding.make_mesh builds) and Explicit
-axes (jax.make_mesh's default), where sharding is part of the types.
+Auto mesh axes, as w2s_jax.sharding.make_mesh builds them.
 """
 
 import jax
@@ -16,10 +15,10 @@ from w2s_jax import divergence as dv
 B, T, D, V, K = 4, 6, 16, 512, 8
 
 
-@pytest.fixture(scope="module", params=[AxisType.Auto, AxisType.Explicit])
-def mesh(request):
+@pytest.fixture(scope="module")
+def mesh():
     assert len(jax.devices()) == 8, "conftest gives 8 simulated devices"
-    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(request.param,) * 2)
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
     with jax.set_mesh(mesh):
         yield mesh
 
@@ -68,23 +67,33 @@ def test_logit_kernels_with_vocab_sharded_over_tensor(mesh):
     check_tree(got, want)
 
 
-def test_fused_kernels_with_head_sharded_over_tensor(mesh):
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_fused_kernels_with_head_sharded_over_tensor(mesh, layout):
+    """Heads [D, V] ("dv") or [V, D] ("vd", a tied embedding), vocabulary over "tensor"."""
     he, ha = rand(3, (B, T, D)), rand(4, (B, T, D // 2))
     we, wa = rand(5, (D, V), 0.7), rand(6, (D // 2, V), 0.7)
     vocab = V - 9  # not a multiple of the 4 vocabulary shards
     ids, w = dv.contrastive_target(he @ we, ha @ wa, 0.2, K)
     mask = np.random.default_rng(7).uniform(size=(B, T)) < 0.5
+    if layout == "vd":
+        we, wa = we.T, wa.T
+    vocab_spec = (None, "tensor") if layout == "dv" else ("tensor", None)
+    layouts = {"expert_head_layout": layout, "amateur_head_layout": layout}
 
     def everything(he, we, ha, wa):
         loss, grads = jax.value_and_grad(
-            lambda h, head: dv.fused_contrastive_loss(h, head, ids, w, mask, chunk_size=4),
+            lambda h, head: dv.fused_contrastive_loss(
+                h, head, ids, w, mask, chunk_size=4, head_layout=layout
+            ),
             argnums=(0, 1),
         )(he, we)
         return {
             "kl_target": dv.fused_kl_and_target(
-                he, we, ha, wa, 0.2, K, chunk_size=4, vocab_size=vocab
+                he, we, ha, wa, 0.2, K, chunk_size=4, vocab_size=vocab, **layouts
             ),
-            "kl": dv.fused_token_kl(he, we, ha, wa, chunk_size=4),
+            "kl": dv.fused_token_kl(
+                he, we, ha, wa, chunk_size=4, p_head_layout=layout, q_head_layout=layout
+            ),
             "loss": loss,
             "grads": grads,
         }
@@ -93,8 +102,8 @@ def test_fused_kernels_with_head_sharded_over_tensor(mesh):
     want = fn(he, we, ha, wa)
     got = fn(
         put(mesh, he, "data", None, None),
-        put(mesh, we, None, "tensor"),
+        put(mesh, we, *vocab_spec),
         put(mesh, ha, "data", None, None),
-        put(mesh, wa, None, "tensor"),
+        put(mesh, wa, *vocab_spec),
     )
     check_tree(got, want)

@@ -179,7 +179,7 @@ def default_positions(attention_mask_bt: jax.Array) -> jax.Array:
 
 
 class CausalLM(nnx.Module):
-    """Decoder-only causal LM. Call it for logits; see `hidden_states` and `lm_head_kernel`.
+    """Decoder-only causal LM. Call it for logits; see `hidden_states` and `lm_head_matrix`.
 
     `token_count` is the number of real token ids (default: every output row).
     Checkpoints often pad their vocabulary beyond the tokenizer (Qwen: 151,936 rows for
@@ -243,6 +243,18 @@ class CausalLM(nnx.Module):
         if self.lm_head is None:
             return self.model.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
+
+    def lm_head_matrix(self):
+        """(matrix, layout): the output projection as stored, for the fused kernels.
+
+        `(embedding [V, D], "vd")` when tied, `(kernel [D, V], "dv")` otherwise. Pass the
+        layout on (`divergence.fused_*(..., head_layout=layout)`): inside a chunk loop, a
+        transposed view such as `lm_head_kernel()` of a tied model is copied whole.
+        (Not named `lm_head`: that attribute is the untied `nnx.Linear`, as in HF.)
+        """
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...], "vd"
+        return self.lm_head.kernel[...], "dv"
 
     def restrict_vocab(self, token_count: int) -> None:
         """Treat ids >= `token_count` (padded rows of the checkpoint) as no token at all."""

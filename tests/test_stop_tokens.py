@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from w2s_jax.stop_tokens import chat_end_of_turn, special_token_ids, stop_ids
+from w2s_jax.prompts import chat_end_of_turn, special_token_ids, stop_ids
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

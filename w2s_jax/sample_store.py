@@ -3,8 +3,8 @@
 Layout of `OUT`:
 - `manifest.json`: the settings that shape the samples (refused if they change on
   resume) and the fingerprints of the expert, amateur and tokenizer.
-- `samples/pPPP-NNNNN.jsonl`: one record per question (`RECORD_FIELDS`), one shard
-  per batch and process, written atomically; a shard on disk is a finished batch.
+- `samples/pPPP-NNNNN.jsonl`: one record per question (`w2s_jax.records.SampleRecord`),
+  one shard per batch and process, written atomically; a shard on disk is a finished batch.
 - `samples/pPPP-NNNNN.stats.json`: per-shard sums the records do not carry
   (plausible-set sizes, top-k dropped mass, compute time); written before its shard.
 - `summary.json` and `kl_histogram.png`: rebuilt from all shards at the end of a run.
@@ -14,24 +14,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from w2s_jax.files import DataError, atomic_write_json, atomic_write_jsonl, read_jsonl
+from w2s_jax.records import SampleRecord
 from w2s_jax.run_folder import claim
 
 FORMAT = "w2s_jax.samples/1"
-RECORD_FIELDS = (
-    "id",
-    "prompt_ids",
-    "completion_ids",
-    "kl",
-    "positions",
-    "target_ids",
-    "target_weights",
-)
 KL_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 _SHARD_RE = re.compile(r"^p(\d{3})-(\d{5})\.jsonl$")
 
@@ -85,29 +77,12 @@ def _stats_path(shard: Path) -> Path:
     return shard.with_name(shard.name[: -len(".jsonl")] + ".stats.json")
 
 
-def validate_record(record: dict, where: str) -> None:
-    """Check one sample record's fields and their mutual lengths; DataError names `where`."""
-    missing = [f for f in RECORD_FIELDS if f not in record]
-    if missing:
-        raise DataError(f"{where}: record lacks field(s) {', '.join(missing)}")
-    n = len(record["completion_ids"])
-    if len(record["kl"]) != n:
-        raise DataError(f"{where}: {len(record['kl'])} kl values for {n} completion tokens")
-    positions = record["positions"]
-    if any(not 0 <= p < n for p in positions) or positions != sorted(set(positions)):
-        raise DataError(f"{where}: positions must be increasing indices into completion_ids")
-    if not len(positions) == len(record["target_ids"]) == len(record["target_weights"]):
-        raise DataError(f"{where}: positions, target_ids and target_weights differ in length")
-    for ids, weights in zip(record["target_ids"], record["target_weights"], strict=True):
-        if len(ids) != len(weights) or not ids:
-            raise DataError(f"{where}: a target has {len(ids)} ids and {len(weights)} weights")
-
-
 def read_samples(out: str | Path) -> Iterator[dict]:
-    """Every record of every finished shard of `out`, checked, in shard order."""
+    """Every record of every finished shard of `out`, in shard order, as its JSON object,
+    checked by `SampleRecord.from_json` (DataError naming the shard and line)."""
     for shard in shard_paths(out):
         for lineno, record in read_jsonl(shard):
-            validate_record(record, f"{shard}:{lineno}")
+            SampleRecord.from_json(record, where=f"{shard}:{lineno}")
             yield record
 
 
@@ -124,8 +99,11 @@ def remove_stale_temp_files(out: str | Path, process_index: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def write_shard(out: str | Path, records: list[dict], stats: dict, *, process_index: int) -> Path:
-    """Write one batch's records as the next shard of `process_index`, atomically.
+def write_shard(
+    out: str | Path, records: Iterable[SampleRecord | dict], stats: dict, *, process_index: int
+) -> Path:
+    """Write one batch's records (`SampleRecord`s or their JSON objects) as the next shard
+    of `process_index`, atomically.
 
     The stats sidecar goes first, the shard last: a shard on disk means the whole
     batch is done, and a kill in between leaves only a sidecar that the next
@@ -139,8 +117,9 @@ def write_shard(out: str | Path, records: list[dict], stats: dict, *, process_in
         if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) == process_index
     ]
     shard = folder / f"p{process_index:03d}-{max(taken, default=-1) + 1:05d}.jsonl"
+    rows = [r.to_json() if isinstance(r, SampleRecord) else r for r in records]
     atomic_write_json(_stats_path(shard), stats)
-    atomic_write_jsonl(shard, records)
+    atomic_write_jsonl(shard, rows)
     return shard
 
 

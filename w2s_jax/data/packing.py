@@ -1,9 +1,11 @@
 """Training data for `w2s train`: sample records -> trajectories -> packed, length-bucketed steps.
 
-A trajectory is one record's prompt + completion ids with its supervised positions:
-the selected steps and their sparse contrastive targets (`contrastive`), or every
-completion token as a one-hot target (`sft`). One forward pass over a trajectory
-gives the logits of all its supervised positions at once; the loss gathers them.
+A trajectory is one record's prompt + completion ids with its supervised positions
+and their sparse targets, as the training objective reads them from the record
+(`w2s_jax.objectives`: the selected steps and their contrastive targets for
+`contrastive`, every completion token as a one-hot target for `sft`). One forward
+pass over a trajectory gives the logits of all its supervised positions at once;
+the loss gathers them.
 
 Steps hold exactly `positions_per_step` supervised positions, split into
 `micro_batches` equal micro-batches (gradient accumulation). Positions are taken
@@ -20,12 +22,15 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from w2s_jax.files import DataError, read_jsonl
+from w2s_jax.records import TOKEN_FIELDS, SampleRecord
 
-OBJECTIVES = ("contrastive", "sft")
+if TYPE_CHECKING:
+    from w2s_jax.objectives.base import Objective
 
 
 @dataclass(frozen=True)
@@ -79,68 +84,27 @@ def samples_fingerprint(files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def _int_list(value, where: str, field: str, low: int, high: int | None) -> list[int]:
-    if not isinstance(value, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        raise DataError(f"{where}: field {field!r} must be a list of integers")
-    bad = [v for v in value if v < low or (high is not None and v >= high)]
-    if bad:
-        bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise DataError(f"{where}: field {field!r} has value {bad[0]} outside {bound}")
-    return value
-
-
-def _contrastive_targets(record: dict, where: str, completion_len: int, vocab_size: int | None):
-    for field in ("positions", "target_ids", "target_weights"):
-        if field not in record:
-            raise DataError(f"{where}: field {field!r} is missing (is this a `w2s sample` output?)")
-    positions = _int_list(record["positions"], where, "positions", 0, completion_len)
-    if any(b <= a for a, b in zip(positions, positions[1:], strict=False)):
-        raise DataError(f"{where}: field 'positions' must be strictly increasing")
-    ids, weights = record["target_ids"], record["target_weights"]
-    if not isinstance(ids, list) or not isinstance(weights, list):
-        raise DataError(f"{where}: 'target_ids' and 'target_weights' must be lists of lists")
-    if not len(ids) == len(weights) == len(positions):
-        raise DataError(
-            f"{where}: {len(positions)} positions but {len(ids)} target_ids and "
-            f"{len(weights)} target_weights lists"
-        )
-    rows = []
-    for j, (row_ids, row_w) in enumerate(zip(ids, weights, strict=True)):
-        row_ids = _int_list(row_ids, where, f"target_ids[{j}]", 0, vocab_size)
-        ok = isinstance(row_w, list) and all(
-            isinstance(w, int | float) and not isinstance(w, bool) for w in row_w
-        )
-        if not ok or len(row_w) != len(row_ids) or not row_ids:
-            raise DataError(
-                f"{where}: target_weights[{j}] must be a non-empty list of numbers as long "
-                f"as target_ids[{j}]"
-            )
-        w = np.asarray(row_w, np.float64)
-        if not np.all(np.isfinite(w)) or w.min() < 0 or not 0 < w.sum() <= 1 + 1e-3:
-            raise DataError(
-                f"{where}: target_weights[{j}] must be finite, >= 0 and sum to (0, 1], "
-                f"got sum {w.sum():.6g}"
-            )
-        rows.append((row_ids, row_w))
-    return positions, rows
-
-
 def load_trajectories(
-    files: Sequence[Path], *, objective: str = "contrastive", vocab_size: int | None = None
+    files: Sequence[Path],
+    *,
+    objective: str | Objective = "contrastive",
+    vocab_size: int | None = None,
 ) -> tuple[list[Trajectory], dict]:
     """Read and check every record of the sample shards.
 
-    `contrastive` trains the selected `positions` on their sparse targets; `sft`
-    trains every completion token (next-token cross-entropy, prompt masked).
-    Token ids must be below `vocab_size` when given. Records with no supervised
-    position are counted, not trained. Returns (trajectories, stats) where stats
-    has records, trajectories, positions, tokens and k (the widest target).
+    The objective (a name in `w2s_jax.objectives`, or an `Objective`) says which
+    completion positions a record supervises and their targets: `contrastive` the
+    selected `positions` with their sparse targets; `sft` every completion token.
+    Every record is checked by `SampleRecord.from_json`; token ids must be below
+    `vocab_size` when given. Records with no supervised position are counted, not
+    trained. Returns (trajectories, stats) where stats has records, trajectories,
+    positions, tokens and k (the widest target).
     Errors name the file and line.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective {objective!r} is not one of {OBJECTIVES}")
+    if isinstance(objective, str):
+        from w2s_jax.objectives import get_objective  # the registry: imported on use
+
+        objective = get_objective(objective)
     out: list[Trajectory] = []
     records = 0
     seen: dict[str, str] = {}
@@ -148,22 +112,15 @@ def load_trajectories(
         for lineno, record in read_jsonl(path):
             where = f"{path}:{lineno}"
             records += 1
-            for field in ("prompt_ids", "completion_ids"):
-                if field not in record:
-                    raise DataError(f"{where}: field {field!r} is missing")
-            prompt = _int_list(record["prompt_ids"], where, "prompt_ids", 0, vocab_size)
-            completion = _int_list(record["completion_ids"], where, "completion_ids", 0, vocab_size)
-            if not prompt:
-                raise DataError(f"{where}: field 'prompt_ids' is empty")
-            rid = str(record.get("id", f"{path.name}:{lineno}"))
+            sample = SampleRecord.from_json(
+                record, where=where, vocab_size=vocab_size, required=TOKEN_FIELDS
+            )
+            prompt, completion = sample.prompt_ids, sample.completion_ids
+            rid = sample.id if sample.id is not None else f"{path.name}:{lineno}"
             if rid in seen:
                 raise DataError(f"{where}: id {rid!r} already used at {seen[rid]}")
             seen[rid] = where
-            if objective == "sft":
-                positions = list(range(len(completion)))
-                rows = [([t], [1.0]) for t in completion]
-            else:
-                positions, rows = _contrastive_targets(record, where, len(completion), vocab_size)
+            positions, rows = objective.record_targets(record, where, completion, vocab_size)
             if not positions:
                 continue
             tokens = np.asarray(prompt + completion[: positions[-1]], np.int32)

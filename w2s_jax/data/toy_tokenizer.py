@@ -20,10 +20,11 @@ from pathlib import Path
 
 from w2s_jax.data.arithmetic import Problem, TaskConfig, generate_split
 from w2s_jax.files import atomic_write_json, atomic_write_text
+from w2s_jax.prompts import EVAL_SYSTEM_PROMPT
 
 PAD, ENDOFTEXT, IM_START, IM_END = "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, ENDOFTEXT, IM_START, IM_END)
-SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+SYSTEM_PROMPT = EVAL_SYSTEM_PROMPT  # the toy world samples, trains and evaluates with it
 # Qwen2.5's chat format without its default system message.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"

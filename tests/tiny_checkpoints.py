@@ -165,3 +165,33 @@ def make_tiny_qwen3(folder: str | Path, *, seed: int = 0):
             layer.input_layernorm.weight.uniform_(0.5, 1.5)
     model.save_pretrained(str(folder))
     return model
+
+
+def random_sample_records(n=8, per_trajectory=4, seed=0, *, max_k=4, vocab=300) -> list[dict]:
+    """`n` sample records with random ids and `per_trajectory` sparse targets each."""
+    import random
+
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 8))]
+        completion = [rng.randrange(3, vocab) for _ in range(rng.randint(per_trajectory, 20))]
+        positions = sorted(rng.sample(range(len(completion)), per_trajectory))
+        ids, weights = [], []
+        for _ in positions:
+            k = rng.randint(1, max_k)
+            w = sorted((rng.random() + 0.05 for _ in range(k)), reverse=True)
+            ids.append(rng.sample(range(3, vocab), k))
+            weights.append([x / sum(w) for x in w])
+        records.append(
+            dict(
+                id=f"q{i}",
+                prompt_ids=prompt,
+                completion_ids=completion,
+                kl=[1.0] * len(completion),
+                positions=positions,
+                target_ids=ids,
+                target_weights=weights,
+            )
+        )
+    return records

@@ -4,8 +4,10 @@ Prompts of different lengths are left-padded; RoPE positions count real tokens o
 so every row decodes exactly as it would alone. The prefix every prompt shares (a
 system prompt, a chat template) is prefilled once and its keys/values copied to every
 row; the rest is prefilled in groups of rows sorted by length, each padded only to its
-own longest prompt. Greedy (temperature 0) or sampled (temperature, top-k, top-p)
-with an explicit PRNG key; several stop ids.
+own longest prompt. Several stop ids. The next token is the decoding mode's choice
+(`w2s_jax.decoding`: greedy, sampling with temperature/top-k/top-p and an explicit PRNG
+key, or a mode of your own); a mode may have an amateur model decode in lockstep, with
+its own KV cache, in the same jitted loop.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ import numpy as np
 from flax import nnx
 
 from w2s_jax import sharding
+from w2s_jax.decoding import (  # noqa: F401 (first_argmax, sample_logits: re-exported)
+    DecodingMode,
+    Greedy,
+    Sampling,
+    check_top,
+    first_argmax,
+    sample_logits,
+)
 from w2s_jax.models.decoder import default_positions
 
 
@@ -35,42 +45,6 @@ class GenerationResult:
     tokens: np.ndarray
     lengths: np.ndarray
     hidden_states: jax.Array | None = None
-
-
-def first_argmax(logits_bv):
-    """jnp.argmax over the last axis (first maximum; first NaN if any), as int32.
-
-    Written as a max and a min reduction, which XLA:CPU runs ~5x faster than the
-    variadic reduce that jnp.argmax lowers to (1.2 ms -> 0.25 ms on [16, 32768]).
-    """
-    ids_v = jnp.arange(logits_bv.shape[-1], dtype=jnp.int32)
-    is_max_bv = (logits_bv == logits_bv.max(axis=-1, keepdims=True)) | jnp.isnan(logits_bv)
-    return jnp.min(jnp.where(is_max_bv, ids_v, logits_bv.shape[-1]), axis=-1)
-
-
-def sample_logits(logits_bv, key, *, temperature, top_k=None, top_p=None, greedy=False):
-    """Next token ids [B] from float32 logits [B, V].
-
-    greedy: argmax. Otherwise softmax(logits / temperature), restricted to the top_k
-    tokens and then to the smallest prefix of them (by probability) whose mass reaches
-    top_p (the most likely token is always kept).
-    """
-    if greedy:
-        return first_argmax(logits_bv)
-    scaled_bv = logits_bv.astype(jnp.float32) / temperature
-    if top_k is None and top_p is None:
-        return jax.random.categorical(key, scaled_bv, axis=-1).astype(jnp.int32)
-    if top_k is not None:
-        values_bk, ids_bk = jax.lax.top_k(scaled_bv, top_k)
-    else:
-        ids_bk = jnp.argsort(-scaled_bv, axis=-1)
-        values_bk = jnp.take_along_axis(scaled_bv, ids_bk, axis=-1)
-    if top_p is not None:
-        probs_bk = jax.nn.softmax(values_bk, axis=-1)
-        mass_before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk
-        values_bk = jnp.where(mass_before_bk < top_p, values_bk, -jnp.inf)
-    choice_b = jax.random.categorical(key, values_bk, axis=-1)
-    return jnp.take_along_axis(ids_bk, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def shared_prefix_cache(model, prefix_ids_n):
@@ -115,70 +89,62 @@ def _prefill_rows(graphdef, state, ids_rw, mask_rw, prefix_cache, *, prefix_len)
     return hidden_rwd[:, -1], cache
 
 
-@partial(
-    jax.jit,
-    static_argnames=("graphdef", "width", "prefix_len", "cache_len", "sampler"),
-)
+@partial(jax.jit, static_argnames=("graphdefs", "width", "prefix_len", "cache_len"))
 def _start_decoding(
-    graphdef,
-    state,
-    lasts,
-    caches,
-    row_order,
-    temperature,
-    top_p,
-    key,
-    *,
-    width,
-    prefix_len,
-    cache_len,
-    sampler,
+    graphdefs, states, lasts, caches, row_order, mode, key, *, width, prefix_len, cache_len
 ):
-    """The groups' prefills as one batch: caches widened to `width` columns (zeros after
-    the prefix), rows back in order (`row_order`: the rows of the groups, concatenated;
-    None for a single group in row order), room for `cache_len` slots; and the first
-    new token."""
-    model = nnx.merge(graphdef, state)
-    caches = [model.extend_cache(cache, width, at=prefix_len) for cache in caches]
-    cache = [
-        tuple(map(jnp.concatenate, zip(*layer, strict=True))) for layer in zip(*caches, strict=True)
-    ]
-    last_bd = jnp.concatenate(lasts)
-    if row_order is not None:
-        order_b = jnp.argsort(row_order)
-        last_bd = last_bd[order_b]
-        cache = [tuple(x[order_b] for x in layer) for layer in cache]
-    cache = model.extend_cache(cache, cache_len)
+    """Per model (the expert, then a lockstep mode's amateur): the groups' prefills as one
+    batch: caches widened to `width` columns (zeros after the prefix), rows back in order
+    (`row_order`: the rows of the groups, concatenated; None for a single group in row
+    order), room for `cache_len` slots. And the first new token, the mode's choice."""
+    out_caches, last_hidden, logits = [], [], []
+    for graphdef, state, model_lasts, model_caches in zip(
+        graphdefs, states, lasts, caches, strict=True
+    ):
+        model = nnx.merge(graphdef, state)
+        model_caches = [model.extend_cache(cache, width, at=prefix_len) for cache in model_caches]
+        cache = [
+            tuple(map(jnp.concatenate, zip(*layer, strict=True)))
+            for layer in zip(*model_caches, strict=True)
+        ]
+        last_bd = jnp.concatenate(model_lasts)
+        if row_order is not None:
+            order_b = jnp.argsort(row_order)
+            last_bd = last_bd[order_b]
+            cache = [tuple(x[order_b] for x in layer) for layer in cache]
+        out_caches.append(model.extend_cache(cache, cache_len))
+        last_hidden.append(last_bd)
+        logits.append(model.logits(last_bd))
     key, sub = jax.random.split(key)
-    first_b = _sample(model.logits(last_bd), sub, temperature, top_p, sampler)
-    return cache, first_b, last_bd, key
+    first_b = mode.next_tokens(logits[0], sub, *logits[1:])
+    return tuple(out_caches), first_b, last_hidden[0], key
 
 
 @partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "sampler", "keep_hidden"),
-    donate_argnames=("cache",),
+    static_argnames=("graphdefs", "max_new_tokens", "keep_hidden"),
+    donate_argnames=("caches",),
 )
 def _decode(
-    graphdef,
-    state,
-    cache,
+    graphdefs,
+    states,
+    caches,
     first_b,
     first_hidden_bd,
     mask_bp,
     eos_e,
     pad_id,
-    temperature,
-    top_p,
+    mode,
     key,
     *,
     max_new_tokens,
-    sampler,
     keep_hidden,
 ):
-    model = nnx.merge(graphdef, state)
+    """The decoding loop: every model (the expert, then a lockstep mode's amateur) takes
+    the last token into its own cache; the mode picks the next from their logits."""
+    models = [nnx.merge(graphdef, state) for graphdef, state in zip(graphdefs, states, strict=True)]
     b, p = mask_bp.shape
-    cache_len = p + max_new_tokens  # as allocated by _prefill
+    cache_len = p + max_new_tokens  # as allocated by _start_decoding
     kv_valid_bs = jnp.pad(mask_bp, ((0, 0), (0, cache_len - p)), constant_values=1) != 0
     prompt_len_b = mask_bp.sum(axis=-1).astype(jnp.int32)
     tokens_bn = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_b)
@@ -193,37 +159,30 @@ def _decode(
         return (i < max_new_tokens) & ~jnp.all(done_b)
 
     def body(carry):
-        i, cache, tokens_bn, last_b, done_b, lengths_b, hidden_bnd, key = carry
+        i, caches, tokens_bn, last_b, done_b, lengths_b, hidden_bnd, key = carry
         slot = p + i - 1  # the cache slot of `last_b`
         mask_b1s = (kv_valid_bs & (jnp.arange(cache_len) <= slot)[None])[:, None, :]
         positions_b1 = (prompt_len_b + i - 1)[:, None]
-        hidden_b1d, cache = model.forward(last_b[:, None], positions_b1, mask_b1s, cache, slot)
+        hiddens, new_caches = [], []
+        for model, cache in zip(models, caches, strict=True):
+            hidden_b1d, cache = model.forward(last_b[:, None], positions_b1, mask_b1s, cache, slot)
+            hiddens.append(hidden_b1d)
+            new_caches.append(cache)
         key, sub = jax.random.split(key)
-        next_b = _sample(model.logits(hidden_b1d[:, 0]), sub, temperature, top_p, sampler)
+        logits = [model.logits(h[:, 0]) for model, h in zip(models, hiddens, strict=True)]
+        next_b = mode.next_tokens(logits[0], sub, *logits[1:])
         if keep_hidden:
-            hidden_bnd = jax.lax.dynamic_update_slice(hidden_bnd, hidden_b1d, (0, i, 0))
+            hidden_bnd = jax.lax.dynamic_update_slice(hidden_bnd, hiddens[0], (0, i, 0))
         next_b = jnp.where(done_b, pad_id, next_b)
         lengths_b = jnp.where(done_b, lengths_b, i + 1)
         tokens_bn = tokens_bn.at[:, i].set(next_b)
         done_b = done_b | jnp.isin(next_b, eos_e)
-        return i + 1, cache, tokens_bn, next_b, done_b, lengths_b, hidden_bnd, key
+        return i + 1, tuple(new_caches), tokens_bn, next_b, done_b, lengths_b, hidden_bnd, key
 
-    carry = (jnp.int32(1), cache, tokens_bn, first_b, done_b, lengths_b, hidden_bnd, key)
-    _, cache, tokens_bn, _, _, lengths_b, hidden_bnd, _ = jax.lax.while_loop(cond, body, carry)
-    # returning the cache lets it alias the donated buffer
-    return tokens_bn, lengths_b, hidden_bnd if keep_hidden else None, cache
-
-
-def _sample(logits_bv, key, temperature, top_p, sampler):
-    greedy, top_k, use_top_p = sampler
-    return sample_logits(
-        logits_bv,
-        key,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p if use_top_p else None,
-        greedy=greedy,
-    )
+    carry = (jnp.int32(1), caches, tokens_bn, first_b, done_b, lengths_b, hidden_bnd, key)
+    _, caches, tokens_bn, _, _, lengths_b, hidden_bnd, _ = jax.lax.while_loop(cond, body, carry)
+    # returning the caches lets them alias the donated buffers
+    return tokens_bn, lengths_b, hidden_bnd if keep_hidden else None, caches
 
 
 def left_pad(
@@ -288,6 +247,8 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     rng: jax.Array | None = None,
+    mode: DecodingMode | None = None,
+    amateur=None,
     pad_to_multiple: int = 16,
     return_hidden_states: bool = False,
     share_prefix: bool = True,
@@ -295,8 +256,11 @@ def generate(
 ) -> GenerationResult:
     """Continue each prompt (a list of token ids; ragged) by up to `max_new_tokens` tokens.
 
-    temperature 0 is greedy; temperature > 0 samples (optionally top_k / top_p) and
-    needs `rng` (a JAX PRNG key). A row stops after emitting any id in `eos_ids`.
+    The decoding mode (`w2s_jax.decoding`) picks every next token: `mode`, or the one the
+    sampling arguments describe (temperature 0 is greedy; temperature > 0 samples,
+    optionally top_k / top_p). Modes that draw need `rng` (a JAX PRNG key). `amateur`: the
+    lockstep model of a mode with `needs_amateur` (same tokenizer). A row stops after
+    emitting any id in `eos_ids`.
     Prompt length is padded up to a multiple of `pad_to_multiple` so that nearby
     lengths share one compiled program. On a model sharded over a mesh, the batch
     is split over ("data", "fsdp") when it divides. return_hidden_states also returns
@@ -308,8 +272,97 @@ def generate(
     and prefilled in this many groups, each padded to its own longest prompt only
     (single-device models; 1 turns it off).
     """
-    vocab = model.config.vocab_size
+    models = (model,) if amateur is None else (model, amateur)
+    vocab = min(m.config.vocab_size for m in models)
     eos = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    _check_arguments(prompt_ids, vocab, max_new_tokens, eos)
+    mode = _decoding_mode(mode, temperature, top_k, top_p, rng, vocab, amateur is not None)
+
+    prefix_len = shared_prefix_length(prompt_ids) if share_prefix else 0
+    ids_bp, mask_bp = left_pad(prompt_ids, pad_id, pad_to_multiple, prefix_len=prefix_len)
+    graphdefs, states = zip(*(nnx.split(m) for m in models), strict=True)
+    mesh = _mesh_of(states[0])
+    place = (lambda x: x) if mesh is None else _batch_placer(mesh)
+    caches, first_b, first_hidden_bd, key = _prefill_and_start(
+        graphdefs,
+        states,
+        prompt_ids,
+        ids_bp,
+        mask_bp,
+        mode,
+        jax.random.key(0) if rng is None else rng,
+        prefix_len=prefix_len,
+        multiple=pad_to_multiple,
+        groups=prefill_groups if mesh is None else 1,
+        cache_len=ids_bp.shape[1] + max_new_tokens,
+        place=place,
+    )
+    tokens_bn, lengths_b, hidden_bnd, _ = _decode(
+        graphdefs,
+        states,
+        caches,
+        first_b,
+        first_hidden_bd,
+        place(mask_bp),
+        jnp.asarray(eos + eos[:1] * (-len(eos) % 8), jnp.int32),  # fixed size: fewer compiles
+        jnp.int32(pad_id),
+        mode,
+        key,
+        max_new_tokens=max_new_tokens,
+        keep_hidden=return_hidden_states,
+    )
+    return GenerationResult(
+        tokens=sharding.to_host(tokens_bn),
+        lengths=sharding.to_host(lengths_b),
+        hidden_states=hidden_bnd,
+    )
+
+
+def _prefill_and_start(
+    graphdefs,
+    states,
+    prompt_ids,
+    ids_bp,
+    mask_bp,
+    mode,
+    key,
+    *,
+    prefix_len,
+    multiple,
+    groups,
+    cache_len,
+    place,
+):
+    """Every model's prompts prefilled in `groups` length groups (`_prefill_groups`), then
+    `_start_decoding`: (caches, first tokens, the expert's last hidden states, key)."""
+    width = ids_bp.shape[1]
+    groups = length_groups(
+        prompt_ids, count=groups, prefix_len=prefix_len, width=width, multiple=multiple
+    )
+    lasts, caches = zip(
+        *(
+            _prefill_groups(graphdef, state, ids_bp, mask_bp, groups, prefix_len, place)
+            for graphdef, state in zip(graphdefs, states, strict=True)
+        ),
+        strict=True,
+    )
+    row_order = np.concatenate([rows for rows, _ in groups])
+    row_order = None if np.array_equal(row_order, np.arange(len(row_order))) else row_order
+    return _start_decoding(
+        graphdefs,
+        states,
+        lasts,
+        caches,
+        row_order,
+        mode,
+        key,
+        width=width,
+        prefix_len=prefix_len,
+        cache_len=cache_len,
+    )
+
+
+def _check_arguments(prompt_ids, vocab: int, max_new_tokens: int, eos: list[int]) -> None:
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate: every prompt needs at least one token")
     bad = [t for p in prompt_ids for t in p if not 0 <= t < vocab]
@@ -321,72 +374,32 @@ def generate(
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if not eos:
         raise ValueError("generate: eos_ids is empty")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    greedy = temperature == 0
-    if not greedy and rng is None:
-        raise ValueError("generate: sampling (temperature > 0) needs an explicit rng key")
-    if top_k is not None and not 1 <= top_k <= vocab:
-        raise ValueError(f"generate: top_k must be in [1, {vocab}], got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
 
-    prefix_len = shared_prefix_length(prompt_ids) if share_prefix else 0
-    ids_bp, mask_bp = left_pad(prompt_ids, pad_id, pad_to_multiple, prefix_len=prefix_len)
-    graphdef, state = nnx.split(model)
-    mesh = _mesh_of(state)
-    place = (lambda x: x) if mesh is None else _batch_placer(mesh)
-    key = jax.random.key(0) if rng is None else rng
-    sampler = (greedy, None if greedy else top_k, top_p is not None and not greedy)
-    temperature = jnp.float32(max(temperature, 1e-6))
-    top_p = jnp.float32(1.0 if top_p is None else top_p)
 
-    width = ids_bp.shape[1]
-    groups = length_groups(
-        prompt_ids,
-        count=prefill_groups if mesh is None else 1,
-        prefix_len=prefix_len,
-        width=width,
-        multiple=pad_to_multiple,
-    )
-    lasts, caches = _prefill_groups(graphdef, state, ids_bp, mask_bp, groups, prefix_len, place)
-    row_order = np.concatenate([rows for rows, _ in groups])
-    row_order = None if np.array_equal(row_order, np.arange(len(row_order))) else row_order
-    cache, first_b, first_hidden_bd, key = _start_decoding(
-        graphdef,
-        state,
-        lasts,
-        caches,
-        row_order,
-        temperature,
-        top_p,
-        key,
-        width=width,
-        prefix_len=prefix_len,
-        cache_len=width + max_new_tokens,
-        sampler=sampler,
-    )
-    tokens_bn, lengths_b, hidden_bnd, _ = _decode(
-        graphdef,
-        state,
-        cache,
-        first_b,
-        first_hidden_bd,
-        place(mask_bp),
-        jnp.asarray(eos + eos[:1] * (-len(eos) % 8), jnp.int32),  # fixed size: fewer compiles
-        jnp.int32(pad_id),
-        temperature,
-        top_p,
-        key,
-        max_new_tokens=max_new_tokens,
-        sampler=sampler,
-        keep_hidden=return_hidden_states,
-    )
-    return GenerationResult(
-        tokens=sharding.to_host(tokens_bn),
-        lengths=sharding.to_host(lengths_b),
-        hidden_states=hidden_bnd,
-    )
+def _decoding_mode(mode, temperature, top_k, top_p, rng, vocab: int, amateur: bool):
+    """`mode` checked, or the mode the sampling arguments describe (greedy at temperature
+    0, else `Sampling`); ValueError for bad settings, a missing rng key or amateur."""
+    try:
+        if mode is not None and (temperature, top_k, top_p) != (0.0, None, None):
+            raise ValueError("give either mode= or temperature/top_k/top_p, not both")
+        if mode is None:
+            if temperature < 0:
+                raise ValueError(f"temperature must be >= 0, got {temperature}")
+            if temperature > 0 and rng is None:
+                raise ValueError("sampling (temperature > 0) needs an explicit rng key")
+            check_top(vocab, top_k, top_p)  # also when greedy ignores them
+            top_p = None if top_p is None else float(top_p)
+            mode = Sampling(float(temperature), top_k, top_p) if temperature else Greedy()
+        mode.check(vocab)
+        name = type(mode).__name__
+        if mode.needs_rng and rng is None:
+            raise ValueError(f"decoding mode {name} needs an explicit rng key")
+        if mode.needs_amateur != amateur:
+            need = "needs" if mode.needs_amateur else "takes no"
+            raise ValueError(f"decoding mode {name} {need} amateur model")
+    except ValueError as exc:
+        raise ValueError(f"generate: {exc}") from None
+    return mode
 
 
 def _prefill_groups(graphdef, state, ids_bp, mask_bp, groups, prefix_len, place):

@@ -301,8 +301,8 @@ def stage_export(args, work: Path, models: dict, itemsize: int) -> dict:
 
 def stage_eval(args, work: Path, models: dict, itemsize: int) -> dict:
     from w2s_jax.commands import eval as command
-    from w2s_jax.evaluate import DEFAULT_SYSTEM_PROMPT, prompt_ids
     from w2s_jax.models import load_tokenizer
+    from w2s_jax.prompts import EVAL_SYSTEM_PROMPT, prompt_ids
 
     probe = Probe()
     argv = ["--model", work / "exported", "--data", work / "questions.jsonl", "--dtype", args.dtype]
@@ -310,7 +310,7 @@ def stage_eval(args, work: Path, models: dict, itemsize: int) -> dict:
 
     def count(folder: Path):
         rows, tokenizer = _read_jsonl(folder / "predictions.jsonl"), load_tokenizer(argv[1])
-        chat = dict(style="chat", system_prompt=DEFAULT_SYSTEM_PROMPT)
+        chat = dict(style="chat", system_prompt=EVAL_SYSTEM_PROMPT)
         prompts = [prompt_ids(tokenizer, r["question"], **chat) for r in rows]
         return [r["num_tokens"] for r in rows], sum(map(len, prompts))
 

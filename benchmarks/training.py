@@ -103,9 +103,9 @@ class Ours:
         )
         from w2s_jax.sharding import make_mesh
         from w2s_jax.train import compile_step, shard_batch
-        from w2s_jax.train_config import TrainConfig
+        from w2s_jax.train_config import TrainSettings
 
-        config = TrainConfig(
+        config = TrainSettings(
             samples=str(samples),
             out=str(out),
             expert=str(expert),

@@ -2,23 +2,22 @@
 
 import functools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from w2s_jax import cli, stats
+from w2s_jax.compare import CompareSettings, compare
 from w2s_jax.evaluate import (
-    DEFAULT_SYSTEM_PROMPT,
     EvalSettings,
-    compare_runs,
     extract_answer,
     is_equiv,
     load_eval_questions,
-    prompt_ids,
     run_eval,
 )
 from w2s_jax.files import DataError
-from w2s_jax.stop_tokens import stop_ids
+from w2s_jax.prompts import EVAL_SYSTEM_PROMPT, prompt_example, prompt_ids, stop_ids
 
 MAX_NEW = 16
 QUESTIONS = [f"Tom has {i} apples and buys {i + 3} more. How many apples?" for i in range(4)]
@@ -47,7 +46,7 @@ def first_run(tmp_path_factory, tiny_qwen2_dir):
     root = tmp_path_factory.mktemp("eval")
     data = _gsm8k_data(root / "data.jsonl", ["1,000"] * len(QUESTIONS))
     settings = EvalSettings(model=str(tiny_qwen2_dir), data=str(data), max_new_tokens=MAX_NEW)
-    summary = run_eval(settings, root / "run", batch_size=2, progress=False)
+    summary = run_eval(replace(settings, out=str(root / "run"), batch_size=2, progress=False))
     return settings, root, summary
 
 
@@ -66,7 +65,7 @@ def _torch_greedy(model_dir, question):
 
     tokenizer, model = _torch_model(model_dir)
     text = (
-        f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
+        f"<|im_start|>system\n{EVAL_SYSTEM_PROMPT}<|im_end|>\n"
         f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -97,6 +96,11 @@ def test_outputs_match_pytorch_greedy_and_are_graded(first_run, tiny_qwen2_dir):
     assert summary["mean_output_tokens"] == pytest.approx(np.mean([r["num_tokens"] for r in rows]))
     on_disk = json.loads((root / "run" / "summary.json").read_text())
     assert on_disk["accuracy_text"] == summary["accuracy_text"]
+    recorded = json.loads((root / "run" / "run.json").read_text())
+    assert recorded["prompt_example"] == (
+        f"<|im_start|>system\n{EVAL_SYSTEM_PROMPT}<|im_end|>\n"
+        "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_accuracy_counts_the_rows_graded_correct(first_run, tmp_path):
@@ -108,7 +112,7 @@ def test_accuracy_counts_the_rows_graded_correct(first_run, tmp_path):
     golds = [rows[i]["answer"] if i == answered[0] else "-123456" for i in range(len(rows))]
     data = _gsm8k_data(tmp_path / "data.jsonl", golds)
     settings = EvalSettings(model=settings.model, data=str(data), max_new_tokens=MAX_NEW)
-    summary = run_eval(settings, tmp_path / "run", batch_size=2, progress=False)
+    summary = run_eval(replace(settings, out=str(tmp_path / "run"), batch_size=2, progress=False))
     new_rows = _read_rows(tmp_path / "run")
     assert [r["output"] for r in new_rows] == [r["output"] for r in rows]
     assert [r["correct"] for r in new_rows] == [i == answered[0] for i in range(len(rows))]
@@ -130,12 +134,12 @@ def test_resume_after_kill_gives_the_same_file(first_run, tmp_path, monkeypatch)
 
     monkeypatch.setattr(w2s_jax.generate, "generate", killed_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        run_eval(settings, tmp_path / "run", batch_size=2, progress=False)
+        run_eval(replace(settings, out=str(tmp_path / "run"), batch_size=2, progress=False))
     assert [p.name for p in (tmp_path / "run" / "shards").iterdir()] == ["part-000000.jsonl"]
     assert not (tmp_path / "run" / "predictions.jsonl").exists()
 
     monkeypatch.setattr(w2s_jax.generate, "generate", real_generate)
-    run_eval(settings, tmp_path / "run", batch_size=2, progress=False)
+    run_eval(replace(settings, out=str(tmp_path / "run"), batch_size=2, progress=False))
     resumed = (tmp_path / "run" / "predictions.jsonl").read_bytes()
     assert resumed == (root / "run" / "predictions.jsonl").read_bytes()
     shard_ids = [
@@ -145,7 +149,12 @@ def test_resume_after_kill_gives_the_same_file(first_run, tmp_path, monkeypatch)
     ]
     assert sorted(shard_ids) == ["q0", "q1", "q2", "q3"]
     # a finished run re-run is a no-op that rewrites the same outputs
-    run_eval(settings, tmp_path / "run", batch_size=2, progress=False)
+    run_eval(replace(settings, out=str(tmp_path / "run"), batch_size=2, progress=False))
+    assert (tmp_path / "run" / "predictions.jsonl").read_bytes() == resumed
+    # a run.json written before prompts were recorded still resumes
+    run_json = tmp_path / "run" / "run.json"
+    run_json.write_text(json.dumps(json.loads(run_json.read_text()) | {"prompt_example": None}))
+    run_eval(replace(settings, out=str(tmp_path / "run"), batch_size=2, progress=False))
     assert (tmp_path / "run" / "predictions.jsonl").read_bytes() == resumed
 
 
@@ -153,7 +162,7 @@ def test_resume_refuses_other_settings(first_run):
     settings, root, _ = first_run
     other = EvalSettings(model=settings.model, data=settings.data, max_new_tokens=MAX_NEW + 1)
     with pytest.raises(ValueError, match="max_new_tokens: 16 -> 17"):
-        run_eval(other, root / "run", batch_size=2, progress=False)
+        run_eval(replace(other, out=str(root / "run"), batch_size=2, progress=False))
 
 
 def test_prompts_and_stop_ids(tiny_qwen2_dir):
@@ -167,6 +176,8 @@ def test_prompts_and_stop_ids(tiny_qwen2_dir):
     )
     plain = prompt_ids(tokenizer, "2+2?", style="plain", system_prompt="ignored")
     assert tokenizer.decode(plain) == "Question: 2+2?\nAnswer: "
+    example = prompt_example(tokenizer, style="plain", system_prompt="ignored")
+    assert example == "Question: {question}\nAnswer: "
     assert stop_ids(tokenizer, tiny_qwen2_dir) == [0, 2]  # <|endoftext|>, <|im_end|>
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="prompt-style plain"):
@@ -229,7 +240,11 @@ def test_compare_hand_computed(tmp_path):
     base = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
     trained = [1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0]
     runs = [_fake_run(tmp_path / "base", base), _fake_run(tmp_path / "lightreasoner", trained)]
-    report = compare_runs(runs, tmp_path / "cmp", n_resamples=4000)
+    report = compare(
+        CompareSettings(
+            runs=tuple(map(str, runs)), out=str(tmp_path / "cmp"), bootstrap_resamples=4000
+        )
+    )
     first, second = report["runs"]
     assert (first["accuracy_text"], second["accuracy_text"]) == ("41.7% (5/12)", "75.0% (9/12)")
     vs = second["vs_first"]
@@ -354,7 +369,7 @@ def test_lora_checkpoint_is_applied(first_run, tmp_path, tiny_qwen2_dir):
         lora=str(tmp_path / "train"),
         max_new_tokens=MAX_NEW,
     )
-    run_eval(lora_settings, tmp_path / "run", batch_size=2, progress=False)
+    run_eval(replace(lora_settings, out=str(tmp_path / "run"), batch_size=2, progress=False))
     rows = _read_rows(tmp_path / "run")
     assert rows != _read_rows(root / "run")
 

@@ -20,10 +20,10 @@ from w2s_jax.cli import main
 from w2s_jax.fingerprint import tokenizer_fingerprint
 from w2s_jax.lora import LoRAConfig, apply_lora, load_lora_into
 from w2s_jax.models import CausalLM, ModelConfig, load_pretrained, save_pretrained
+from w2s_jax.prompts import stop_ids
 from w2s_jax.sharding import make_mesh
-from w2s_jax.stop_tokens import stop_ids
 from w2s_jax.train import train
-from w2s_jax.train_config import TrainConfig
+from w2s_jax.train_config import TrainSettings
 
 IDS = np.array([[5, 17, 42, 99, 3, 250, 7, 64], [8, 9, 10, 11, 12, 13, 14, 15]], np.int32)
 _forward = nnx.jit(lambda model, ids: model(ids))
@@ -204,7 +204,7 @@ def test_scratch_sft_run_exports_without_an_expert(tmp_path, tiny_qwen2_dir, cap
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
     run = tmp_path / "run"
     summary = train(
-        TrainConfig(
+        TrainSettings(
             samples=str(tmp_path),
             out=str(run),
             objective="sft",

@@ -13,10 +13,10 @@ from w2s_jax.lora import (
     apply_lora,
     load_lora_into,
     merge_lora,
-    parse_targets,
     trainable_filter,
 )
 from w2s_jax.models import load_pretrained
+from w2s_jax.settings import comma_list
 from w2s_jax.sharding import make_mesh
 
 _forward = nnx.jit(lambda model, ids: model(ids))
@@ -97,7 +97,7 @@ def test_unknown_target_is_a_clear_error(tiny_qwen2_dir):
         LoRAConfig(rank=-1)
     with pytest.raises(ValueError, match="dropout must be in"):
         LoRAConfig(dropout=1.0)
-    assert parse_targets(" q_proj, v_proj ,") == ("q_proj", "v_proj")
+    assert comma_list(" q_proj, v_proj ,") == ("q_proj", "v_proj")
 
 
 def test_bf16_compute_with_float32_adapters(tiny_qwen2_dir):

@@ -6,6 +6,7 @@ unrestricted model would pick them: each test first shows that it does.
 """
 
 import json
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,7 @@ def test_eval_never_emits_a_padded_id(loud_padding_dir, tmp_path):
         "".join(json.dumps({"question": q, "answer": "#### 5"}) + "\n" for q in questions)
     )
     settings = EvalSettings(model=str(loud_padding_dir), data=str(data), max_new_tokens=10)
-    run_eval(settings, tmp_path / "run", batch_size=3, progress=False)
+    run_eval(replace(settings, out=str(tmp_path / "run"), batch_size=3, progress=False))
     rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").open()]
     tokenizer = load_tokenizer(loud_padding_dir)
     hf = AutoModelForCausalLM.from_pretrained(loud_padding_dir)

@@ -6,7 +6,6 @@ code does, and a float64 numpy implementation of METHOD.md §1 on those logits.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -14,8 +13,9 @@ import numpy as np
 import pytest
 
 from w2s_jax import sample_store
-from w2s_jax.commands import sample as sample_command
+from w2s_jax.cli import main
 from w2s_jax.files import atomic_write_json, atomic_write_jsonl, read_jsonl
+from w2s_jax.prompts import SAMPLE_SYSTEM_PROMPT
 
 QUESTIONS = [
     "how many apples does Tom have if he has 3 boxes of 4 apples",
@@ -31,10 +31,8 @@ BASE += ["--alpha", str(ALPHA), "--beta", str(BETA), "--top-k", str(TOP_K)]
 
 
 def run_sample(argv: list[str]) -> int:
-    """`w2s sample ARGV` through the command's own parser (see test_config_file for the CLI)."""
-    parser = argparse.ArgumentParser()
-    sample_command.add_arguments(parser)
-    return sample_command.run(parser.parse_args([str(a) for a in argv]))
+    """`w2s sample ARGV` through the command line (errors: SystemExit("error: ..."))."""
+    return main(["sample", *[str(a) for a in argv]])
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +172,10 @@ def test_outputs_manifest_and_reference_export(full_run, records, tiny_qwen2_dir
     assert manifest["expert_weights_fingerprint"] == fingerprint.weights_fingerprint(tiny_qwen2_dir)
     assert manifest["tokenizer_fingerprint"] == fingerprint.tokenizer_fingerprint(tokenizer)
     assert manifest["settings"]["beta"] == BETA and manifest["vocab_size"] == len(tokenizer)
+    assert manifest["prompt_example"] == (  # sampling's default system prompt, not eval's
+        f"<|im_start|>system\n{SAMPLE_SYSTEM_PROMPT}<|im_end|>\n"
+        "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert (full_run / "kl_histogram.png").read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in sample_store.shard_paths(full_run)] == [
         "p000-00000.jsonl",
@@ -283,8 +285,8 @@ def other_tokenizer_amateur(tmp_path_factory, tiny_qwen2_amateur_dir):
         ("malformed", r"q\.jsonl:2: not valid JSON"),
         ("empty_question", r"q\.jsonl:2: field 'question' is missing or empty"),
         ("tokenizers", r"different tokenizers \(expert vs amateur: sizes 300 vs 290"),
-        ("alpha", r"alpha must lie in \(0, 1\], got 1.5"),
-        ("beta", r"beta must be a finite number >= 0, got -0.5"),
+        ("alpha", r"--alpha must lie in \(0.0, 1.0\], got 1.5"),
+        ("beta", r"--beta must lie in \[0.0, inf\], got -0.5"),
         ("missing_model", r"expert model folder .*nowhere does not exist"),
     ],
 )

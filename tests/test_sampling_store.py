@@ -13,11 +13,11 @@ from w2s_jax.files import DataError, atomic_write_jsonl
 from w2s_jax.generate import left_pad
 from w2s_jax.run_folder import SettingsChanged
 from w2s_jax.sampling import (
-    SampleConfig,
     check_shared_tokenizer,
     teacher_forced_inputs,
     tokenizer_difference,
 )
+from w2s_jax.stages.sample_settings import SampleSettings
 
 GSM8K_ROWS = [
     {
@@ -87,21 +87,26 @@ def test_load_source_dispatches_jsonl(tmp_path):
         load_source(str(path))
 
 
+REQUIRED = {"expert": "e", "amateur": "a", "data": "d.jsonl", "out": "o"}
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("alpha", 0.0, "alpha must lie in"),
-        ("alpha", 1.5, "alpha must lie in"),
-        ("beta", -0.1, "beta must be"),
-        ("beta", float("nan"), "beta must be"),
-        ("top_k", 0, "top_k must be"),
-        ("max_new_tokens", 1.5, "max_new_tokens must be"),
+        ("alpha", 0.0, "--alpha must lie in"),
+        ("alpha", 1.5, "--alpha must lie in"),
+        ("beta", -0.1, "--beta must lie in"),
+        ("beta", float("nan"), "--beta must lie in"),
+        ("top_k", 0, "--top-k must be an integer >= 1, got 0"),
+        ("max_new_tokens", 1.5, "--max-new-tokens must be an integer"),
+        ("prompt_style", "fancy", "--prompt-style must be one of chat, plain"),
+        ("expert", None, "--expert is required"),
     ],
 )
-def test_config_ranges(field, value, message):
+def test_settings_ranges(field, value, message):
     with pytest.raises(ValueError, match=message):
-        SampleConfig(**{field: value}).check()
-    SampleConfig().check()
+        SampleSettings(**(REQUIRED | {field: value}))
+    SampleSettings(**REQUIRED)
 
 
 def test_tokenizer_difference(tiny_tokenizer_dir, tmp_path):

@@ -3,13 +3,13 @@ resume; and the shipped checkpoints against their recorded validation accuracy."
 
 from __future__ import annotations
 
-import argparse
 import json
 import struct
+from dataclasses import replace
 
 import pytest
 
-from w2s_jax.demo import ARMS, ASSETS, DemoConfig, run_demo
+from w2s_jax.demo import ARMS, ASSETS, DemoSettings, run_demo
 from w2s_jax.files import read_jsonl
 from w2s_jax.run_folder import SettingsChanged
 
@@ -22,7 +22,7 @@ SMALL = dict(
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     lines = []
-    report = run_demo(DemoConfig(out=str(out), **SMALL), log=lines.append)
+    report = run_demo(DemoSettings(out=str(out), **SMALL), log=lines.append)
     return out, report, lines
 
 
@@ -68,19 +68,18 @@ def test_report_is_well_formed(demo):
 
 
 def _sampler_output(out, questions, *flags):
-    from w2s_jax.commands import sample as command
+    from w2s_jax.cli import main
     from w2s_jax.data.toy_tokenizer import SYSTEM_PROMPT
 
-    d = DemoConfig()
-    parser = argparse.ArgumentParser()
-    command.add_arguments(parser)
-    args = parser.parse_args(
+    d = DemoSettings()
+    argv = (
         ["--expert", str(ASSETS / "expert"), "--amateur", str(ASSETS / "amateur")]
         + ["--data", str(questions), "--out", str(out), "--system-prompt", SYSTEM_PROMPT]
         + ["--max-new-tokens", str(SMALL["max_new_tokens"]), "--batch-size", "8", *flags]
         + ["--alpha", str(d.alpha), "--beta", str(d.beta), "--top-k", str(d.top_k)]
+        + ["--dtype", "float32"]
     )
-    assert command.run(args) == 0
+    assert main(["sample", *argv]) == 0
     from w2s_jax.sample_store import read_samples
 
     return {r["id"]: r for r in read_samples(out)}
@@ -121,11 +120,11 @@ def test_sft_arm_keeps_exactly_the_right_rollouts(demo):
 def test_resume_does_no_work_and_refuses_other_settings(demo):
     out, report, _ = demo
     times = json.loads((out / "seed-0" / "times.json").read_text())
-    again = run_demo(DemoConfig(out=str(out), **SMALL), log=lambda _: None)
+    again = run_demo(DemoSettings(out=str(out), **SMALL), log=lambda _: None)
     assert json.loads((out / "seed-0" / "times.json").read_text()) == times
     assert [a["per_seed"] for a in again["arms"]] == [a["per_seed"] for a in report["arms"]]
     with pytest.raises(SettingsChanged, match="different settings.*beta"):
-        run_demo(DemoConfig(out=str(out), **(SMALL | {"beta": 0.9})))
+        run_demo(DemoSettings(out=str(out), **(SMALL | {"beta": 0.9})))
 
 
 def test_shipped_expert_matches_its_recorded_validation_accuracy(tmp_path):
@@ -146,7 +145,9 @@ def test_shipped_expert_matches_its_recorded_validation_accuracy(tmp_path):
             max_new_tokens=manifest["eval_max_new_tokens"],
             dtype="float32",
         )
-        summary = run_eval(settings, tmp_path / name, batch_size=64, progress=False)
+        summary = run_eval(
+            replace(settings, out=str(tmp_path / name), batch_size=64, progress=False)
+        )
         assert summary["total"] == recorded["total"]
         # greedy decoding is deterministic up to float reassociation: allow one flipped question
         assert abs(summary["correct"] - recorded["correct"]) <= 1, (name, summary, recorded)

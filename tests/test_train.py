@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 
 import jax
@@ -20,7 +19,7 @@ from w2s_jax.models import load_pretrained, load_tokenizer
 from w2s_jax.run_folder import SettingsChanged
 from w2s_jax.sharding import make_mesh
 from w2s_jax.train import make_loss_and_grads, train
-from w2s_jax.train_config import TrainConfig
+from w2s_jax.train_config import TrainSettings
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,32 +40,12 @@ def compilation_cache(tmp_path_factory):
 
 def write_samples(folder, expert_dir, *, n=8, per_trajectory=4, seed=0, fingerprints=None):
     """A `w2s sample`-shaped folder: random ids, `per_trajectory` positions with sparse targets."""
+    from tiny_checkpoints import random_sample_records
+
     from w2s_jax.fingerprint import tokenizer_fingerprint, weights_fingerprint
     from w2s_jax.sample_store import FORMAT
 
-    rng = random.Random(seed)
-    records = []
-    for i in range(n):
-        prompt = [rng.randrange(3, 300) for _ in range(rng.randint(2, 8))]
-        completion = [rng.randrange(3, 300) for _ in range(rng.randint(per_trajectory, 20))]
-        positions = sorted(rng.sample(range(len(completion)), per_trajectory))
-        ids, weights = [], []
-        for _ in positions:
-            k = rng.randint(1, 4)
-            w = sorted((rng.random() + 0.05 for _ in range(k)), reverse=True)
-            ids.append(rng.sample(range(3, 300), k))
-            weights.append([x / sum(w) for x in w])
-        records.append(
-            dict(
-                id=f"q{i}",
-                prompt_ids=prompt,
-                completion_ids=completion,
-                kl=[1.0] * len(completion),
-                positions=positions,
-                target_ids=ids,
-                target_weights=weights,
-            )
-        )
+    records = random_sample_records(n, per_trajectory, seed)
     atomic_write_jsonl(folder / "samples" / "p000-00000.jsonl", records)
     manifest = {
         "format": FORMAT,
@@ -105,7 +84,7 @@ def _config(samples, expert, out, **kw):
         log_every=1,
         progress=False,
     )
-    return TrainConfig(**(base | kw))
+    return TrainSettings(**(base | kw))
 
 
 @pytest.fixture(scope="module")

@@ -24,75 +24,101 @@ so a re-run resumes. report.json, report.md and report.png are written atomicall
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from w2s_jax import stats
-from w2s_jax.files import atomic_save_figure, atomic_write_json, atomic_write_text, read_jsonl
+from w2s_jax.demo_report import (
+    ARMS,
+    arm_rows,
+    correct_by_id,
+    format_table,
+    report_markdown,
+    save_bar_chart,
+)
+from w2s_jax.files import atomic_write_json, atomic_write_text, read_jsonl
 from w2s_jax.run_folder import claim
+from w2s_jax.settings import (
+    at_least,
+    check,
+    comma_list,
+    default_of,
+    free_fields,
+    number_in,
+    record,
+    setting,
+)
+from w2s_jax.stages.sample_settings import SampleSettings
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "toy_world"
-ARMS = ("base", "lightreasoner", "sft", "no_select", "no_contrast")
-LABELS = {
-    "base": "base expert",
-    "lightreasoner": "+ LightReasoner",
-    "sft": "+ rejection-sampled SFT",
-    "no_select": "LightReasoner, no step selection",
-    "no_contrast": "LightReasoner, no contrast",
-}
 SPLITS = ("test", "validation")
-# Settings that do not change the results; a resumed run may change them.
-FREE_SETTINGS = ("out", "seeds", "progress")
+
+
+def _known_arms(arms) -> str | None:
+    if arms and set(arms) <= set(ARMS) and arms[0] == "base":
+        return None
+    return f"must start with base and be among {', '.join(ARMS)}"
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoConfig:
+class DemoSettings:
     """Every setting of a demo run (defaults: the tuned ones, within 10 minutes on 2 cores)."""
 
-    out: str = "demo_out"
-    seeds: int = 1
-    questions: int = 1024
-    eval_questions: int = 1000
-    split: str = "test"
-    alpha: float = 0.2
-    beta: float = 0.2
-    top_k: int = 16
-    max_new_tokens: int = 96
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lr: float = 5e-4
-    steps: int = 100
-    batch_positions: int = 64
-    batch_size: int = 64
-    lora_targets: str = "q_proj,v_proj"
-    length_bucket: int = 192
-    arms: tuple[str, ...] = ARMS
-    expert: str | None = None
-    amateur: str | None = None
-    progress: bool = False
+    out: str = setting("demo_out", "Output folder (resumable).", metavar="DIR", free=True)
+    seeds: int = setting(1, "Repeat with N seeds; reports mean ± sd.", check=at_least(1), free=True)
+    questions: int = setting(1024, "Unlabeled train questions per seed.", check=at_least(1))
+    eval_questions: int = setting(1000, "Held-out problems scored.", check=at_least(1))
+    split: str = setting(
+        "test",
+        "Held-out split scored: test (reported runs) or validation (tuning).",
+        choices=SPLITS,
+    )
+    alpha: float = setting(
+        default_of(SampleSettings, "alpha"),
+        "Plausibility ratio α.",
+        check=number_in(0, 1, open_low=True),
+    )
+    beta: float = setting(0.2, "KL threshold β of step selection.", check=number_in(0, math.inf))
+    top_k: int = setting(
+        default_of(SampleSettings, "top_k"),
+        "Most tokens per contrastive target.",
+        check=at_least(1),
+    )
+    max_new_tokens: int = setting(96, "Rollout/eval length.", check=at_least(1))
+    lora_rank: int = setting(8, "LoRA rank of every trained arm.", check=at_least(1))
+    lora_alpha: float = setting(16.0, "LoRA alpha of every trained arm.")
+    learning_rate: float = setting(
+        5e-4, "Peak learning rate of every trained arm.", flags=("--lr", "--learning-rate")
+    )
+    steps: int = setting(100, "Optimizer steps of every trained arm.", check=at_least(1))
+    batch_positions: int = setting(64, "Positions per step.", check=at_least(1))
+    batch_size: int = setting(64, "Questions per sampling/eval batch.", check=at_least(1))
+    lora_targets: tuple[str, ...] = setting(
+        ("q_proj", "v_proj"), "Comma-separated layers LoRA adapts."
+    )
+    arms: tuple[str, ...] = setting(
+        ARMS, "Comma-separated arms to run (base first).", check=_known_arms
+    )
+    length_bucket: int = setting(192, "Training length padding.", check=at_least(1))
+    expert: str | None = setting(
+        None, "Expert HF folder (default: the shipped toy expert).", metavar="DIR"
+    )
+    amateur: str | None = setting(
+        None, "Amateur HF folder (default: the shipped toy amateur).", metavar="DIR"
+    )
+    progress: bool = setting(
+        False, "Progress bars of training and evaluation.", flags=("--progress",), free=True
+    )
 
     def __post_init__(self):
-        checks = [
-            (self.seeds >= 1, f"seeds must be >= 1, got {self.seeds}"),
-            (self.questions >= 1, f"questions must be >= 1, got {self.questions}"),
-            (self.eval_questions >= 1, f"eval questions must be >= 1, got {self.eval_questions}"),
-            (self.split in SPLITS, f"split must be one of {SPLITS}, got {self.split!r}"),
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (
-                bool(self.arms) and set(self.arms) <= set(ARMS) and self.arms[0] == "base",
-                f"arms must start with base and be among {ARMS}, got {self.arms}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        object.__setattr__(self, "arms", comma_list(self.arms))
+        object.__setattr__(self, "lora_targets", comma_list(self.lora_targets))
+        check(self)
 
     @property
     def expert_dir(self) -> Path:
@@ -103,8 +129,9 @@ class DemoConfig:
         return Path(self.amateur) if self.amateur else ASSETS / "amateur"
 
     def settings(self) -> dict:
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in FREE_SETTINGS}
-        return values | {"arms": list(self.arms)}
+        """The recorded settings (the free ones left out)."""
+        free = free_fields(DemoSettings)
+        return {k: v for k, v in record(self).items() if k not in free}
 
 
 def _task_config(expert_dir: Path):
@@ -121,8 +148,8 @@ def _task_config(expert_dir: Path):
     return TaskConfig(**{**task, "operations": tuple(task["operations"])})
 
 
-def _check_settings(out: Path, config: DemoConfig) -> None:
-    claim(out / "demo_config.json", config.settings(), ignore=FREE_SETTINGS, what="a demo run")
+def _check_settings(out: Path, config: DemoSettings) -> None:
+    claim(out / "demo_config.json", config.settings(), what="a demo run")
 
 
 class _Timer:
@@ -140,22 +167,27 @@ class _Timer:
 # --------------------------------------------------------------------- stages
 
 
-def _sample(config: DemoConfig, questions: Path, out: Path) -> None:
-    """`w2s sample --no-select` on `questions` into `out` (every position scored)."""
-    from w2s_jax.commands import sample as command
+def _sample(config: DemoSettings, questions: Path, out: Path) -> None:
+    """The sampling stage with --no-select on `questions` into `out` (every position scored)."""
     from w2s_jax.data.toy_tokenizer import SYSTEM_PROMPT
+    from w2s_jax.stages.sample import sample
 
-    parser = argparse.ArgumentParser()
-    command.add_arguments(parser)
-    args = parser.parse_args(
-        ["--expert", str(config.expert_dir), "--amateur", str(config.amateur_dir)]
-        + ["--data", str(questions), "--out", str(out), "--system-prompt", SYSTEM_PROMPT]
-        + ["--alpha", str(config.alpha), "--beta", str(config.beta), "--top-k", str(config.top_k)]
-        + ["--max-new-tokens", str(config.max_new_tokens), "--batch-size", str(config.batch_size)]
-        + ["--no-select"]
+    sample(
+        SampleSettings(
+            expert=str(config.expert_dir),
+            amateur=str(config.amateur_dir),
+            data=str(questions),
+            out=str(out),
+            system_prompt=SYSTEM_PROMPT,
+            alpha=config.alpha,
+            beta=config.beta,
+            top_k=config.top_k,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            dtype="float32",
+            select=False,
+        )
     )
-    if command.run(args):
-        raise RuntimeError(f"sampling into {out} failed")
 
 
 def _write_arm_data(folder: Path, manifest: dict, records: list[dict]) -> dict:
@@ -205,17 +237,17 @@ def derive_arm_records(records: list[dict], arm: str, beta: float, golds: dict, 
     return out
 
 
-def _train_export(config: DemoConfig, arm: str, data: Path, seed_dir: Path, seed: int, timer):
-    from w2s_jax.export import export
+def _train_export(config: DemoSettings, arm: str, data: Path, seed_dir: Path, seed: int, timer):
+    from w2s_jax.export import ExportSettings, export
     from w2s_jax.train import train
-    from w2s_jax.train_config import TrainConfig
+    from w2s_jax.train_config import TrainSettings
 
     run, model = seed_dir / "train" / arm, seed_dir / "model" / arm
     summary = run / "summary.json"
     if not (summary.is_file() and json.loads(summary.read_text())["steps"] == config.steps):
         start = time.perf_counter()
         train(
-            TrainConfig(
+            TrainSettings(
                 samples=str(data),
                 out=str(run),
                 expert=str(config.expert_dir),
@@ -224,8 +256,8 @@ def _train_export(config: DemoConfig, arm: str, data: Path, seed_dir: Path, seed
                 objective="contrastive",
                 lora_rank=config.lora_rank,
                 lora_alpha=config.lora_alpha,
-                lora_targets=tuple(config.lora_targets.split(",")),
-                learning_rate=config.lr,
+                lora_targets=config.lora_targets,
+                learning_rate=config.learning_rate,
                 steps=config.steps,
                 batch_positions=config.batch_positions,
                 grad_accum=1,
@@ -242,14 +274,14 @@ def _train_export(config: DemoConfig, arm: str, data: Path, seed_dir: Path, seed
         start = time.perf_counter()
         tmp = model.with_name(model.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        export(str(config.expert_dir), str(run), str(tmp))
+        export(ExportSettings(lora=str(run), out=str(tmp), expert=str(config.expert_dir)))
         shutil.rmtree(model, ignore_errors=True)
         tmp.rename(model)
         timer.record(f"export/{arm}", time.perf_counter() - start)
     return model
 
 
-def _evaluate(config: DemoConfig, model: Path, data: Path, out: Path) -> dict:
+def _evaluate(config: DemoSettings, model: Path, data: Path, out: Path) -> dict:
     from w2s_jax.data.toy_tokenizer import SYSTEM_PROMPT
     from w2s_jax.evaluate import EvalSettings, run_eval
 
@@ -258,18 +290,17 @@ def _evaluate(config: DemoConfig, model: Path, data: Path, out: Path) -> dict:
     settings = EvalSettings(
         model=str(model),
         data=str(data),
+        out=str(out),
         system_prompt=SYSTEM_PROMPT,
         max_new_tokens=config.max_new_tokens,
         dtype="float32",
+        batch_size=config.batch_size,
+        progress=config.progress,
     )
-    return run_eval(settings, out, batch_size=config.batch_size, progress=config.progress)
+    return run_eval(settings)
 
 
-def _correct_by_id(eval_dir: Path) -> dict[str, bool]:
-    return {r["id"]: bool(r["correct"]) for _, r in read_jsonl(eval_dir / "predictions.jsonl")}
-
-
-def _run_seed(config: DemoConfig, seed: int, out: Path, eval_data: Path, task, log) -> dict:
+def _run_seed(config: DemoSettings, seed: int, out: Path, eval_data: Path, task, log) -> dict:
     """Every stage of one seed; returns {arm: {"eval": dir, "data": stats}} and times."""
     from w2s_jax.data.arithmetic import write_split
     from w2s_jax.models import load_tokenizer
@@ -329,161 +360,7 @@ def _run_seed(config: DemoConfig, seed: int, out: Path, eval_data: Path, task, l
 # --------------------------------------------------------------------- report
 
 
-def _arm_rows(arm: str, seeds: list[dict], base_correct: list[bool], ids: list[str]) -> dict:
-    """Per-seed and pooled statistics of one arm against the base expert."""
-    per_seed, pooled_arm, pooled_base = [], [], []
-    for seed, result in enumerate(seeds):
-        entry = result["arms"].get(arm, {}) if arm != "base" else {"eval": None}
-        eval_dir = entry.get("eval")
-        by_id = _correct_by_id(Path(eval_dir)) if eval_dir else None
-        correct = [by_id[i] for i in ids] if by_id else list(base_correct)
-        n, k = len(correct), sum(correct)
-        low, high = stats.wilson_interval(k, n)
-        row = {
-            "seed": seed,
-            "accuracy": k / n,
-            "correct": k,
-            "total": n,
-            "accuracy_ci95": [low, high],
-            "supervised_tokens": entry.get("data", {}).get("supervised_tokens", 0),
-            "problems_used": entry.get("data", {}).get("problems_used", 0),
-            "times": _arm_times(arm, result["times"]),
-        }
-        if "note" in entry:
-            row["note"] = entry["note"]
-        if arm != "base":
-            boot = stats.paired_bootstrap_diff(base_correct, correct)
-            test = stats.mcnemar(base_correct, correct)
-            row |= {
-                "diff": boot.diff,
-                "diff_ci95": [boot.low, boot.high],
-                "mcnemar_p": test.p_exact,
-            }
-        per_seed.append(row)
-        pooled_arm += correct
-        pooled_base += base_correct
-    acc = np.array([r["accuracy"] for r in per_seed])
-    summary = {
-        "arm": arm,
-        "label": LABELS[arm],
-        "per_seed": per_seed,
-        "accuracy_mean": float(acc.mean()),
-        "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-        "accuracy_ci95": list(stats.wilson_interval(sum(pooled_arm), len(pooled_arm))),
-        "supervised_tokens_mean": float(np.mean([r["supervised_tokens"] for r in per_seed])),
-        "problems_used_mean": float(np.mean([r["problems_used"] for r in per_seed])),
-        "times_mean": {
-            stage: float(np.mean([r["times"].get(stage, 0.0) for r in per_seed]))
-            for stage in ("sample", "train", "export", "eval")
-        },
-    }
-    if arm != "base":
-        boot = stats.paired_bootstrap_diff(pooled_base, pooled_arm)
-        test = stats.mcnemar(pooled_base, pooled_arm)
-        diffs = np.array([r["diff"] for r in per_seed])
-        summary |= {
-            "diff_mean": boot.diff,
-            "diff_std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
-            "diff_ci95": [boot.low, boot.high],
-            "mcnemar_p": test.p_exact,
-        }
-    return summary
-
-
-def _arm_times(arm: str, times: dict) -> dict:
-    """Wall seconds per stage of one arm (sampling is one pass shared by the trained arms)."""
-    if arm == "base":
-        return {"eval": times.get("eval/base", 0.0)}
-    return {
-        "sample": times.get("sample", 0.0),
-        "train": times.get(f"train/{arm}", 0.0),
-        "export": times.get(f"export/{arm}", 0.0),
-        "eval": times.get(f"eval/{arm}", 0.0),
-    }
-
-
-def format_table(report: dict) -> str:
-    """The markdown result table of a report."""
-    n_seeds = report["seeds"]
-    spread = f" (mean ± sd of {n_seeds} seeds)" if n_seeds > 1 else ""
-    lines = [
-        f"| method | accuracy{spread} | 95% CI | Δ vs base (pts) | 95% bootstrap CI | McNemar p "
-        "| supervised tokens | problems used | sample s | train s | export s | eval s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["arms"]:
-        acc = 100 * row["accuracy_mean"]
-        acc_text = f"{acc:.1f}" + (f" ± {100 * row['accuracy_std']:.1f}" if n_seeds > 1 else "")
-        if n_seeds == 1:
-            only = row["per_seed"][0]
-            acc_text += f"% ({only['correct']}/{only['total']})"
-        else:
-            acc_text += "%"
-        low, high = (100 * x for x in row["accuracy_ci95"])
-        cells = [row["label"], acc_text, f"[{low:.1f}, {high:.1f}]"]
-        if "diff_mean" in row:
-            d = f"{100 * row['diff_mean']:+.1f}"
-            if n_seeds > 1:
-                d += f" ± {100 * row['diff_std']:.1f}"
-            d_low, d_high = (100 * x for x in row["diff_ci95"])
-            cells += [d, f"[{d_low:+.1f}, {d_high:+.1f}]", f"{row['mcnemar_p']:.3g}"]
-        else:
-            cells += ["—", "—", "—"]
-        times = row["times_mean"]
-        cells += [f"{row['supervised_tokens_mean']:,.0f}", f"{row['problems_used_mean']:,.0f}"]
-        cells += [f"{times[s]:.0f}" if times[s] else "—" for s in ("sample", "train", "export")]
-        cells.append(f"{times['eval']:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _save_bar_chart(report: dict, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    arms = report["arms"]
-    fig = Figure(figsize=(8.5, 3.8))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    x = np.arange(len(arms))
-    mean = [100 * a["accuracy_mean"] for a in arms]
-    if report["seeds"] > 1:
-        err = [100 * a["accuracy_std"] for a in arms]
-        what = f"mean ± sd over {report['seeds']} seeds"
-    else:
-        err = [
-            [m - 100 * a["accuracy_ci95"][0] for m, a in zip(mean, arms, strict=True)],
-            [100 * a["accuracy_ci95"][1] - m for m, a in zip(mean, arms, strict=True)],
-        ]
-        what = "95% Wilson CI"
-    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:cyan", "tab:cyan"]
-    ax.bar(x, mean, yerr=err, capsize=4, color=colors[: len(arms)])
-    for i, a in enumerate(arms):
-        dots = [100 * r["accuracy"] for r in a["per_seed"]]
-        ax.plot([i] * len(dots), dots, "k.", markersize=4)
-        ax.annotate(
-            f"{mean[i]:.1f}",
-            (i, mean[i]),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-            xytext=(0, 3),
-            textcoords="offset points",
-        )
-    ax.set_xticks(
-        x, [a["label"].replace(", ", ",\n").replace("+ ", "+\n") for a in arms], fontsize=7
-    )
-    ax.set_ylabel(f"{report['split']} accuracy (%), {what}")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"toy world: {report['eval_questions']} {report['split']} problems", fontsize=9)
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=110)
-
-
-# --------------------------------------------------------------------- driver
-
-
-def run_demo(config: DemoConfig, *, log=print) -> dict:
+def run_demo(config: DemoSettings, *, log=print) -> dict:
     """Run (or resume) the demo into `config.out`; returns the report (also written there)."""
     from w2s_jax.data.arithmetic import write_split
 
@@ -505,7 +382,7 @@ def run_demo(config: DemoConfig, *, log=print) -> dict:
     if "eval/base" not in base_timer.times:
         base_timer.record("eval/base", time.perf_counter() - start)
     log(f"base expert: {base_summary['accuracy_text']} on {config.split}")
-    base_by_id = _correct_by_id(out / "eval" / "base")
+    base_by_id = correct_by_id(out / "eval" / "base")
     base_correct = [base_by_id[i] for i in ids]
     seeds = []
     for seed in range(config.seeds):
@@ -519,27 +396,11 @@ def run_demo(config: DemoConfig, *, log=print) -> dict:
         "eval_questions": len(ids),
         "expert": str(config.expert_dir),
         "amateur": str(config.amateur_dir),
-        "arms": [_arm_rows(arm, seeds, base_correct, ids) for arm in config.arms],
+        "arms": [arm_rows(arm, seeds, base_correct, ids) for arm in config.arms],
         "wall_time_s": time.perf_counter() - started,
     }
     report["table"] = format_table(report)
     atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", _report_markdown(report))
-    _save_bar_chart(report, out / "report.png")
+    atomic_write_text(out / "report.md", report_markdown(report))
+    save_bar_chart(report, out / "report.png")
     return report
-
-
-def _report_markdown(report: dict) -> str:
-    s = report["settings"]
-    return (
-        f"# w2s demo: toy reasoning world\n\n"
-        f"{report['eval_questions']} {report['split']} problems, greedy; {report['seeds']} "
-        f"seed(s); {s['questions']} unlabeled train questions per seed; LoRA rank "
-        f"{s['lora_rank']}, lr {s['lr']}, {s['steps']} steps x {s['batch_positions']} "
-        f"positions; α={s['alpha']}, β={s['beta']}.\n\n"
-        f"{report['table']}\n\n"
-        "Δ: paired difference to the base expert on the same problems (pooled over seeds), "
-        "95% paired-bootstrap CI, exact McNemar p. Supervised tokens: positions with a "
-        "training target. Sampling is one rollout pass per seed shared by all trained arms. "
-        f"Total wall time {report['wall_time_s']:.0f} s (this invocation).\n"
-    )

@@ -1,4 +1,4 @@
-"""Batched, resumable evaluation of a model on math word problems, and run comparison.
+"""The evaluation stage: batched, resumable grading of a model on math word problems.
 
 `run_eval` greedily decodes every question with `w2s_jax.generate.generate`,
 grades the outputs with `w2s_jax.grading`, and writes into the output folder:
@@ -9,11 +9,11 @@ grades the outputs with `w2s_jax.grading`, and writes into the output folder:
   gold, correct, ...), and `summary.json` (accuracy, counts, mean output length,
   share with no extractable answer, settings), written when the run finishes;
 - `run.json`: the settings and the weights' fingerprint, checked on resume so one
-  folder never mixes runs (`model_weights_hashed`, the files hashed, is not compared).
+  folder never mixes runs, and `prompt_example`, the prompt for the question
+  "{question}" (`model_weights_hashed`, the files hashed, and `prompt_example` are not
+  compared).
 
-`compare_runs` lines up finished runs on the same questions: accuracies with
-Wilson intervals, paired differences with a bootstrap CI and McNemar's test, and
-a bar chart.
+`w2s_jax.compare` lines finished runs up against each other.
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ from w2s_jax import stats
 from w2s_jax.data.sources import Question
 from w2s_jax.files import (
     DataError,
-    atomic_save_figure,
     atomic_write_json,
     atomic_write_jsonl,
-    atomic_write_text,
     read_jsonl,
 )
 from w2s_jax.grading import (
@@ -43,26 +41,27 @@ from w2s_jax.grading import (
     grade,
     is_equiv,
 )
+from w2s_jax.prompts import (
+    EVAL_SYSTEM_PROMPT,
+    PLAIN_STOP_STRINGS,
+    PROMPT_STYLES,
+    prompt_example,
+    prompt_ids,
+    stop_ids,
+)
 from w2s_jax.run_folder import claim
-from w2s_jax.stop_tokens import stop_ids
+from w2s_jax.settings import AUTO_DTYPE, DTYPES, at_least, check, comma_list, free_fields, setting
+from w2s_jax.settings import record as settings_record
 
 __all__ = [
-    "DEFAULT_SYSTEM_PROMPT",
     "PRESETS",
     "EvalSettings",
-    "compare_runs",
     "extract_answer",
     "gold_from_gsm8k",
     "is_equiv",
     "load_eval_questions",
     "run_eval",
 ]
-
-DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-PLAIN_TEMPLATE = "Question: {question}\nAnswer: "
-# A base model prompted "Question: ...\nAnswer: " goes on to invent the next
-# question; its output is cut there before extraction.
-PLAIN_STOP_STRINGS = ("\nQuestion:",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,52 +143,86 @@ def load_eval_questions(
     return questions
 
 
-# ------------------------------------------------------------------ prompts
-
-
-def prompt_ids(tokenizer, question: str, *, style: str, system_prompt: str) -> list[int]:
-    """Token ids of the prompt: the chat template (system + user turn) or the plain template."""
-    if style == "plain":
-        return list(tokenizer(PLAIN_TEMPLATE.format(question=question))["input_ids"])
-    if style != "chat":
-        raise ValueError(f"prompt style must be 'chat' or 'plain', got {style!r}")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; use --prompt-style plain")
-    messages = [{"role": "user", "content": question}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 # ------------------------------------------------------------------ running
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """Everything that determines a run's outputs (batch size and question count do not)."""
+    """Every setting of an evaluation; `free` ones (batch size, question count, mesh,
+    progress) may change when a run resumes, the others shape its outputs."""
 
-    model: str
-    data: str
-    lora: str | None = None
-    preset: str = "gsm8k"
-    question_fields: tuple[str, ...] | None = None
-    answer_field: str | None = None
-    id_field: str | None = None
-    prompt_style: str = "chat"
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    max_new_tokens: int = 512
-    dtype: str | None = "auto"
-    eos_ids: tuple[int, ...] = ()  # stop ids added to the tokenizer's and configs' own
+    model: str | None = setting(
+        None, "Hugging Face model folder to evaluate.", metavar="DIR", required=True
+    )
+    data: str | None = setting(
+        None, "JSONL file of questions with gold answers.", metavar="FILE", required=True
+    )
+    out: str | None = setting(None, "Output folder (resumable).", metavar="DIR", free=True)
+    lora: str | None = setting(
+        None, "`w2s train` checkpoint (run folder or step folder) applied to --model."
+    )
+    preset: str = setting(
+        "gsm8k",
+        "Dataset shape: gsm8k (question, answer '... #### N'), math (problem, solution with "
+        "\\boxed{}), svamp (Body + Question, Answer), asdiv (body + question, answer "
+        "'9 (apples)'), plain (question, answer as is).",
+        choices=tuple(sorted(PRESETS)),
+    )
+    question_fields: tuple[str, ...] | None = setting(
+        None,
+        "Field(s) holding the question; several comma-separated fields are joined.",
+        flags=("--question-field",),
+        parse=comma_list,
+    )
+    answer_field: str | None = setting(None, "Field holding the gold answer.")
+    id_field: str | None = setting(None, "Field holding the question id (default: line number).")
+    prompt_style: str = setting("chat", "chat template or plain text.", choices=PROMPT_STYLES)
+    system_prompt: str = setting(
+        EVAL_SYSTEM_PROMPT, "System turn of the chat prompt ('' for none)."
+    )
+    max_new_tokens: int = setting(512, "Most new tokens per answer.", check=at_least(1))
+    dtype: str = setting(
+        AUTO_DTYPE,
+        "Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16 or float16.",
+        choices=(AUTO_DTYPE, *DTYPES),
+    )
+    eos_ids: tuple[int, ...] = setting(
+        (),
+        "Another token id to stop at (repeatable), beside the tokenizer's special end "
+        "tokens and the configs' eos_token_id.",
+        flags=("--eos-id",),
+        parse=int,
+        repeat=True,
+        metavar="ID",
+    )
+    batch_size: int = setting(16, "Questions per batch.", check=at_least(1), free=True)
+    max_questions: int | None = setting(
+        None, "Evaluate only the first N questions.", parse=int, check=at_least(1), free=True
+    )
+    mesh: str | None = setting(None, "Device mesh, e.g. 'data=8' or 'data=2,tensor=4'.", free=True)
+    symbolic_timeout: float = setting(
+        SYMBOLIC_TIMEOUT_S,
+        "Seconds allowed per symbolic (math-verify) comparison; past it, graded wrong.",
+        free=True,
+    )
+    progress: bool = setting(True, "Hide the progress bar.", flags=("--no-progress",), free=True)
+
+    def __post_init__(self):
+        object.__setattr__(self, "eos_ids", tuple(sorted(int(i) for i in self.eos_ids)))
+        if self.question_fields is not None:
+            object.__setattr__(self, "question_fields", comma_list(self.question_fields))
+        check(self)
 
 
-def _fingerprint(settings: EvalSettings) -> dict:
+def _fingerprint(settings: EvalSettings, tokenizer) -> dict:
     from w2s_jax.checkpointing import locate_checkpoint, read_meta
     from w2s_jax.fingerprint import folder_fingerprint_record, weights_fingerprint_record
 
-    record = dataclasses.asdict(settings)
-    record["question_fields"] = list(settings.question_fields or [])
-    record["eos_ids"] = sorted(settings.eos_ids)
+    free = free_fields(EvalSettings)
+    record = {k: v for k, v in settings_record(settings).items() if k not in free}
+    record["prompt_example"] = prompt_example(
+        tokenizer, style=settings.prompt_style, system_prompt=settings.system_prompt
+    )
     hashed = weights_fingerprint_record(settings.model)
     record["model_weights"] = hashed["fingerprint"]
     record["model_weights_hashed"] = hashed
@@ -201,7 +234,10 @@ def _fingerprint(settings: EvalSettings) -> dict:
 
 
 def _check_same_run(out: Path, fingerprint: dict) -> None:
-    claim(out / "run.json", fingerprint, ignore=("model_weights_hashed",), what="an eval run")
+    # prompt_example is for readers (it follows from the settings and the tokenizer), and
+    # a folder made before it was recorded must still resume.
+    ignore = ("model_weights_hashed", "prompt_example", *free_fields(EvalSettings))
+    claim(out / "run.json", fingerprint, ignore=ignore, what="an eval run")
 
 
 def _finished_rows(out: Path, questions: list[Question]) -> tuple[dict[str, dict], int]:
@@ -276,41 +312,32 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def run_eval(
-    settings: EvalSettings,
-    out: str | Path,
-    *,
-    batch_size: int = 16,
-    max_questions: int | None = None,
-    mesh: str | None = None,
-    symbolic_timeout: float = SYMBOLIC_TIMEOUT_S,
-    progress: bool = True,
-) -> dict:
-    """Evaluate `settings.model` on `settings.data` into folder `out`; return the summary.
+def run_eval(settings: EvalSettings) -> dict:
+    """Evaluate `settings.model` on `settings.data` into `settings.out`; return the summary.
 
-    Resumes from the shards already in `out`. Batches are fixed chunks of the
-    questions sorted by prompt length (longest first), so a resumed run decodes
-    the same batches as an uninterrupted one.
+    Resumes from the shards already there. Batches are fixed chunks of the questions
+    sorted by prompt length (longest first), so a resumed run decodes the same batches
+    as an uninterrupted one.
     """
     from tqdm import tqdm
 
     from w2s_jax.generate import generate
     from w2s_jax.models.dtypes import resolve_dtype
 
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if not settings.out:
+        raise ValueError("--out is required")
     settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype))
-    out = Path(out)
+    out = Path(settings.out)
     questions = load_eval_questions(
         settings.data,
         preset=settings.preset,
         question_fields=settings.question_fields,
         answer_field=settings.answer_field,
         id_field=settings.id_field,
-        max_questions=max_questions,
+        max_questions=settings.max_questions,
     )
-    model, tokenizer = _load_model(settings, mesh)
-    _check_same_run(out, _fingerprint(settings))
+    model, tokenizer = _load_model(settings, settings.mesh)
+    _check_same_run(out, _fingerprint(settings, tokenizer))
     done, next_shard = _finished_rows(out, questions)
     eos = stop_ids(tokenizer, settings.model, model.config.eos_token_ids, settings.eos_ids)
     stops = PLAIN_STOP_STRINGS if settings.prompt_style == "plain" else ()
@@ -322,12 +349,13 @@ def run_eval(
         for q in pending
     }
     order = sorted(range(len(pending)), key=lambda i: (-len(prompts[pending[i].id]), i))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    size = settings.batch_size
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
     bar = tqdm(
         total=len(questions),
         initial=len(questions) - len(pending),
         desc="eval",
-        disable=not progress,
+        disable=not settings.progress,
     )
     for shard, batch in enumerate(batches, start=next_shard):
         batch_q = [pending[i] for i in batch]
@@ -343,7 +371,7 @@ def run_eval(
             generated = [int(t) for t in tokens[: int(length)]]
             output = _truncate(tokenizer.decode(generated, skip_special_tokens=True), stops)
             answer = extract_answer(output)
-            verdict = grade(answer, q.answer, timeout=symbolic_timeout)
+            verdict = grade(answer, q.answer, timeout=settings.symbolic_timeout)
             rows.append(
                 {
                     "id": q.id,
@@ -368,132 +396,3 @@ def run_eval(
     atomic_write_jsonl(out / "predictions.jsonl", rows)
     atomic_write_json(out / "summary.json", summary)
     return summary
-
-
-# ---------------------------------------------------------------- comparing
-
-
-def _load_finished_run(run: str | Path) -> tuple[dict, dict[str, dict]]:
-    run = Path(run)
-    summary_path, predictions = run / "summary.json", run / "predictions.jsonl"
-    if not (summary_path.is_file() and predictions.is_file()):
-        raise FileNotFoundError(
-            f"{run} is not a finished eval run (needs summary.json and predictions.jsonl); "
-            "run or resume `w2s eval` into it first"
-        )
-    return json.loads(summary_path.read_text()), {r["id"]: r for _, r in read_jsonl(predictions)}
-
-
-def _save_bar_chart(labels: list[str], rows: list[dict], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(1.6 + 1.3 * len(labels), 3.6))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    acc = [100 * r["accuracy"] for r in rows]
-    err = [
-        [a - 100 * r["accuracy_ci95"][0] for a, r in zip(acc, rows, strict=True)],
-        [100 * r["accuracy_ci95"][1] - a for a, r in zip(acc, rows, strict=True)],
-    ]
-    ax.bar(labels, acc, yerr=err, capsize=4, color="tab:blue")
-    for i, r in enumerate(rows):
-        ax.annotate(
-            r["accuracy_text"],
-            (i, acc[i]),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-            xytext=(0, 2),
-            textcoords="offset points",
-        )
-    ax.set_ylabel("accuracy (%), 95% Wilson CI")
-    ax.set_ylim(0, 100)
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=120)
-
-
-def compare_runs(
-    runs: list[str | Path],
-    out: str | Path,
-    *,
-    labels: list[str] | None = None,
-    n_resamples: int = 10_000,
-    seed: int = 0,
-) -> dict:
-    """Compare finished runs on the same questions; every run is paired with the first.
-
-    Writes compare.json, compare.md (the table, also returned under "table") and
-    compare.png (accuracies with 95% Wilson intervals) into `out`.
-    """
-    if len(runs) < 2:
-        raise ValueError("--compare needs at least two run folders")
-    labels = list(labels) if labels else [Path(r).resolve().name for r in runs]
-    if len(labels) != len(runs) or len(set(labels)) != len(labels):
-        labels = [str(r) for r in runs]
-    loaded = [_load_finished_run(r) for r in runs]
-    base_rows = loaded[0][1]
-    ids = list(base_rows)
-    for run, (_, rows) in zip(runs[1:], loaded[1:], strict=True):
-        if rows.keys() != base_rows.keys():
-            raise ValueError(
-                f"{run} and {runs[0]} were run on different questions "
-                f"({len(rows.keys() - base_rows.keys())} ids only in the first, "
-                f"{len(base_rows.keys() - rows.keys())} only in the second)"
-            )
-        differ = [i for i in ids if rows[i]["gold"] != base_rows[i]["gold"]]
-        if differ:
-            raise ValueError(
-                f"{run} and {runs[0]} have different gold answers, e.g. id {differ[0]!r}"
-            )
-    correct = [[bool(rows[i]["correct"]) for i in ids] for _, rows in loaded]
-    results = []
-    for n, (label, run, (_, rows)) in enumerate(zip(labels, runs, loaded, strict=True)):
-        summary = summarize([rows[i] for i in ids])
-        entry = {"label": label, "run": str(run)} | {
-            k: summary[k]
-            for k in ("accuracy", "accuracy_text", "accuracy_ci95", "correct", "total")
-        }
-        if n > 0:
-            boot = stats.paired_bootstrap_diff(
-                correct[0], correct[n], n_resamples=n_resamples, seed=seed
-            )
-            test = stats.mcnemar(correct[0], correct[n])
-            entry["vs_first"] = {
-                "diff": boot.diff,
-                "diff_ci95": [boot.low, boot.high],
-                "only_first_correct": test.only_a,
-                "only_this_correct": test.only_b,
-                "mcnemar_p_exact": test.p_exact,
-                "mcnemar_p_chi2": test.p_chi2,
-            }
-        results.append(entry)
-    table = _table(results, labels[0])
-    out = Path(out)
-    report = {"questions": len(ids), "baseline": labels[0], "runs": results, "table": table}
-    atomic_write_json(out / "compare.json", report)
-    atomic_write_text(out / "compare.md", table + "\n")
-    _save_bar_chart(labels, results, out / "compare.png")
-    return report
-
-
-def _table(results: list[dict], baseline: str) -> str:
-    lines = [
-        f"| run | accuracy | 95% CI | Δ vs {baseline} (pts) | 95% bootstrap CI | McNemar p |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        low, high = (100 * x for x in r["accuracy_ci95"])
-        cells = [r["label"], r["accuracy_text"], f"[{low:.1f}, {high:.1f}]"]
-        if "vs_first" in r:
-            v = r["vs_first"]
-            d_low, d_high = (100 * x for x in v["diff_ci95"])
-            cells += [
-                f"{100 * v['diff']:+.1f}",
-                f"[{d_low:+.1f}, {d_high:+.1f}]",
-                f"{v['mcnemar_p_exact']:.3g}",
-            ]
-        else:
-            cells += ["—", "—", "—"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

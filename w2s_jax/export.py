@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from w2s_jax.files import atomic_write_bytes, atomic_write_json
+from w2s_jax.settings import DTYPES, check, setting
 
 ADAPTER_DIR = "adapter"
 REPORT_FILE = "export_report.json"
@@ -72,11 +73,37 @@ class ExportResult:
         return kept is not None and kept < KEPT_WARNING
 
 
-def export(expert, lora, out, *, step=None, dtype=None, tokenizer=None) -> ExportResult:
-    """Merge checkpoint `lora` into `expert` (or a fresh model for random-init runs); save to `out`.
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    """What to export: a `w2s train` checkpoint, its base model, where and in which dtype."""
 
-    Adapters are folded in float32; weights are written in `dtype` (default: the
-    base model's). LoRA checkpoints also get OUT/adapter/ (PEFT) and an update-kept
+    lora: str | None = setting(
+        None, "A `w2s train` output or checkpoint folder.", metavar="CKPT", required=True
+    )
+    out: str | None = setting(None, "Folder for the merged HF model.", metavar="DIR", required=True)
+    expert: str | None = setting(
+        None, "The base HF model folder the adapters were trained on.", metavar="DIR"
+    )
+    step: int | None = setting(None, "Checkpoint step (default: the latest).", parse=int)
+    dtype: str | None = setting(
+        None,
+        "Merged weights' dtype: float32, bfloat16 or float16 (default: the base model's).",
+        choices=DTYPES,
+    )
+    tokenizer: str | None = setting(
+        None, "Tokenizer to copy (default: the one training used).", metavar="DIR"
+    )
+
+    def __post_init__(self):
+        check(self)
+
+
+def export(settings: ExportSettings) -> ExportResult:
+    """Merge checkpoint `settings.lora` into `settings.expert` (or a fresh model for
+    random-init runs); save to `settings.out`.
+
+    Adapters are folded in float32; weights are written in `settings.dtype` (default:
+    the base model's). LoRA checkpoints also get OUT/adapter/ (PEFT) and an update-kept
     report; full fine-tuning checkpoints (rank 0) get neither.
     """
     from flax import nnx
@@ -90,11 +117,9 @@ def export(expert, lora, out, *, step=None, dtype=None, tokenizer=None) -> Expor
         load_tokenizer,
         save_pretrained,
     )
-    from w2s_jax.models.config import DTYPES
 
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported (choose from {', '.join(DTYPES)})")
-    directory, step = locate_checkpoint(lora, step)
+    expert, lora, out, dtype = settings.expert, settings.lora, settings.out, settings.dtype
+    directory, step = locate_checkpoint(lora, settings.step)
     meta = read_meta(directory, step=step)
     lora_config = LoRAConfig.from_dict(meta["lora"])
     config = lambda: ModelConfig.from_hf_json(meta["model_config"])
@@ -113,7 +138,7 @@ def export(expert, lora, out, *, step=None, dtype=None, tokenizer=None) -> Expor
     merge_lora(model)
 
     out = Path(out)
-    tokenizer_source = tokenizer or meta.get("tokenizer") or expert
+    tokenizer_source = settings.tokenizer or meta.get("tokenizer") or expert
     loaded = load_tokenizer(tokenizer_source) if tokenizer_source else None
     save_pretrained(model, out, tokenizer=loaded)
     generation = _write_generation_config(out, expert, tokenizer_source, loaded, model.config)
@@ -233,7 +258,7 @@ def _write_generation_config(out: Path, expert, tokenizer_source, tokenizer, con
     """Copy the expert's generation_config.json, else write one that stops at the model's
     end tokens. Returns where it came from.
 
-    The written one has eos_token_id = `stop_tokens.stop_ids` (e.g. <|im_end|> for a chat
+    The written one has eos_token_id = `prompts.stop_ids` (e.g. <|im_end|> for a chat
     model; the config's alone without a tokenizer) and the tokenizer's bos/pad ids.
     """
     target = out / GENERATION_CONFIG
@@ -242,7 +267,7 @@ def _write_generation_config(out: Path, expert, tokenizer_source, tokenizer, con
         return f"copied from {expert}"
     values = {"eos_token_id": list(config.eos_token_ids)}
     if tokenizer is not None:
-        from w2s_jax.stop_tokens import stop_ids
+        from w2s_jax.prompts import stop_ids
 
         base = expert or tokenizer_source
         values["eos_token_id"] = stop_ids(tokenizer, base, config.eos_token_ids)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from w2s_jax.train_config import LoRAConfig, parse_targets
+from w2s_jax.train_config import LoRAConfig
 
 __all__ = [
     "LoRAConfig",
@@ -27,7 +27,6 @@ __all__ = [
     "apply_lora",
     "load_lora_into",
     "merge_lora",
-    "parse_targets",
     "trainable_filter",
 ]
 

@@ -12,9 +12,7 @@ end to end: nothing is decoded and re-encoded. The output folder is handled by
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -25,34 +23,7 @@ from jax.experimental import multihost_utils
 from w2s_jax import divergence, sharding
 from w2s_jax.fingerprint import tokenizer_mapping
 from w2s_jax.generate import generate, left_pad, prefill, shared_prefix_length
-
-DEFAULT_SYSTEM_PROMPT = "Please reason step by step."
-PROMPT_STYLES = ("chat", "plain")  # as in w2s_jax.evaluate.prompt_ids
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleConfig:
-    """The knobs of the sampling stage (METHOD.md §1 defaults)."""
-
-    alpha: float = 0.2
-    beta: float = 0.4
-    top_k: int = 16
-    max_new_tokens: int = 128
-    select: bool = True  # False: every rollout position is kept (ablation)
-    contrast: bool = True  # False: one-hot target on the expert's own token (ablation)
-    chunk_size: int = 32  # rollout positions per block of the fused KL/target kernel
-
-    def check(self) -> None:
-        """ValueError naming the first out-of-range value."""
-        if not (isinstance(self.alpha, int | float) and 0.0 < self.alpha <= 1.0):
-            raise ValueError(f"alpha must lie in (0, 1], got {self.alpha!r}")
-        if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
-        for name in ("top_k", "max_new_tokens", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
+from w2s_jax.records import SampleRecord
 
 # --- tokenizers ---------------------------------------------------
 
@@ -152,15 +123,20 @@ def _score(
     amateur = nnx.merge(amateur_graph, amateur_state)
     amateur_bsd, _ = prefill(amateur, ids_bs, mask_bs, prefix_len=prefix_len)
     amateur_btd = amateur_bsd[:, start - prefix_len :]
+    # Heads as stored (a tied embedding is [V, D]): a transposed view would be copied whole.
+    expert_head, expert_layout = expert.lm_head_matrix()
+    amateur_head, amateur_layout = amateur.lm_head_matrix()
     kl_bt, ids_btk, weights_btk, stats = divergence.fused_kl_and_target(
         expert_btd,
-        expert.lm_head_kernel(),
+        expert_head,
         amateur_btd,
-        amateur.lm_head_kernel(),
+        amateur_head,
         alpha,
         top_k,
         chunk_size=min(chunk_size, t),
         vocab_size=vocab_size,
+        expert_head_layout=expert_layout,
+        amateur_head_layout=amateur_layout,
     )
     selected_bt = jnp.where(select, divergence.select_steps(kl_bt, beta, valid_bt), valid_bt)
     return {
@@ -182,7 +158,8 @@ class Scorer:
     """Scores rollouts on one mesh: the expert's own hidden states from its rollout
     against one teacher-forced pass of the amateur."""
 
-    def __init__(self, expert, amateur, *, config: SampleConfig, vocab_size: int, mesh=None):
+    def __init__(self, expert, amateur, *, config, vocab_size: int, mesh=None):
+        """config: the sampling settings (alpha, beta, top_k, chunk_size, select are read)."""
         self.config = config
         self.vocab_size = vocab_size
         self.mesh = mesh
@@ -281,7 +258,7 @@ def rollout_and_score(expert, scorer: Scorer, prompts, *, max_new_tokens, eos_id
 
 
 def build_records(ids, prompts, completion_bt, lengths_b, scores, *, contrast: bool):
-    """One sample record per row, and the batch's sums for the stats sidecar.
+    """One `SampleRecord` per row, and the batch's sums for the stats sidecar.
 
     Targets keep the min(|plausible set|, k) heaviest tokens; with `contrast=False`
     the target is one-hot on the expert's own token.
@@ -312,15 +289,15 @@ def build_records(ids, prompts, completion_bt, lengths_b, scores, *, contrast: b
             target_weights = [[1.0] for _ in positions]
         plausible_sum += float(scores["plausible_size"][b, positions].sum())
         records.append(
-            {
-                "id": qid,
-                "prompt_ids": [int(x) for x in prompt],
-                "completion_ids": completion,
-                "kl": [float(x) for x in scores["kl"][b, :n]],
-                "positions": positions.tolist(),
-                "target_ids": target_ids,
-                "target_weights": target_weights,
-            }
+            SampleRecord(
+                id=qid,
+                prompt_ids=[int(x) for x in prompt],
+                completion_ids=completion,
+                kl=[float(x) for x in scores["kl"][b, :n]],
+                positions=positions.tolist(),
+                target_ids=target_ids,
+                target_weights=target_weights,
+            )
         )
     stats = {
         "plausible_size_sum": plausible_sum,

@@ -1,16 +1,17 @@
 """Fine-tuning: distil sparse soft targets into a model, packed, sharded and resumable.
 
-Objective (`contrastive`, LightReasoner's fine-tuning stage): at every selected
+The objective is a plug-in (`w2s_jax.objectives`): it reads the records' targets,
+lays out the step's arrays and gives the loss; the step here is written once and
+asks it. `contrastive` (LightReasoner's fine-tuning stage): at every selected
 position t of a trajectory, the soft cross-entropy -Σ_a v_C(a) log πθ(a | s_t)
 (= KL(v_C ‖ πθ) + H(v_C)), averaged over the selected positions of the step.
 `sft` is the same with one-hot targets on every completion token (prompt masked).
 
 Packing: one forward pass per trajectory (prompt + rollout ids) gives the hidden
-states of all its positions; the loss gathers the selected ones, projects only
-those onto the vocabulary, and averages. Because each micro-batch holds exactly
-positions_per_step / grad_accum positions, the step's loss and gradient are the
-mean over its positions, i.e. the reference's one-position-per-forward objective
-on the same positions.
+states of all its positions; the loss gathers the supervised ones. Because each
+micro-batch holds exactly positions_per_step / grad_accum positions, the step's
+loss and gradient are the mean over its positions, i.e. the reference's
+one-position-per-forward objective on the same positions.
 
 The step is one jitted function (micro-batches scanned, gradients averaged, then
 clipping and AdamW with a linear schedule) with explicit in/out shardings on a
@@ -30,16 +31,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from w2s_jax.divergence import contrastive_loss, fused_contrastive_loss
 from w2s_jax.files import DataError, atomic_write_json
 from w2s_jax.lora import apply_lora, trainable_filter
+from w2s_jax.objectives import LossContext, Objective, get_objective
+from w2s_jax.objectives.base import PACKED_LAYOUT, ROWS
 from w2s_jax.run_folder import claim
-from w2s_jax.train_config import FREE_SETTINGS, TrainConfig
+from w2s_jax.train_config import FREE_SETTINGS, TrainSettings
 
 RUN_FILE = "train_config.json"
 
 
-def build_optimizer(config: TrainConfig):
+def build_optimizer(config: TrainSettings):
     """(optax transformation, learning-rate schedule): clip, then AdamW with linear decay to 0.
 
     With warmup the rate rises linearly from 0 over `warmup_steps` first (as the HF
@@ -63,100 +65,65 @@ def build_optimizer(config: TrainConfig):
     return tx, schedule
 
 
-def selected_logits_loss(model, micro: dict, *, loss_chunk_size: int = 0):
-    """Packed loss of one micro-batch: (mean soft CE over its positions, aux metrics).
-
-    micro: input_ids/attention_mask [R, T], flat_index [P] (row * T + t),
-    target_ids/target_weights [P, K]. aux: agree (count of argmax == top target),
-    entropy (Σ over positions of H(target)).
-    """
-    hidden_rtd = model.hidden_states(micro["input_ids"], micro["attention_mask"])
-    hidden_pd = jnp.take(hidden_rtd.reshape(-1, hidden_rtd.shape[-1]), micro["flat_index"], 0)
-    head_dv = model.lm_head_kernel()  # padded ids (>= model.token_count) are masked below
-    ids_pk, weights_pk = micro["target_ids"], micro["target_weights"]
-    selected_p = jnp.ones(ids_pk.shape[:1], bool)
-    if loss_chunk_size:
-        loss = fused_contrastive_loss(
-            hidden_pd,
-            head_dv,
-            ids_pk,
-            weights_pk,
-            selected_p,
-            chunk_size=loss_chunk_size,
-            vocab_size=model.token_count,
-        )
-        argmax_p = _chunked_argmax(
-            jax.lax.stop_gradient(hidden_pd), head_dv[:, : model.token_count], loss_chunk_size
-        )
-    else:
-        logits_pv = model.logits(hidden_pd)
-        loss = contrastive_loss(logits_pv, ids_pk, weights_pk, selected_p)
-        argmax_p = jnp.argmax(logits_pv, axis=-1)
-    entropy = -jnp.sum(jnp.where(weights_pk > 0, weights_pk * jnp.log(weights_pk), 0.0))
-    agree = jnp.sum(argmax_p == ids_pk[:, 0])
-    return loss, {"agree": agree, "entropy": entropy}
-
-
-def _chunked_argmax(hidden_pd, head_dv, chunk_size: int):
-    """argmax_v (hidden @ head) per position, `chunk_size` positions of logits at a time."""
-    head_dv = jax.lax.stop_gradient(head_dv)
-    return jax.lax.map(
-        lambda h_d: jnp.argmax(jnp.dot(h_d, head_dv, preferred_element_type=jnp.float32)),
-        hidden_pd,
-        batch_size=chunk_size,
-    )
-
-
-def make_loss_and_grads(graphdef, *, dropout: bool = False, loss_chunk_size: int = 0):
+def make_loss_and_grads(
+    graphdef,
+    *,
+    objective: str | Objective = "contrastive",
+    dropout: bool = False,
+    loss_chunk_size: int = 0,
+    teacher_graphdef=None,
+):
     """fn(params, rest, batch, key) -> (metrics, grads) of one step, un-jitted.
 
-    batch arrays carry a leading micro-batch axis A (see `collate_step`); the A
-    micro-batches are scanned and their mean losses and gradients averaged. As each
-    holds the same number of positions, that is the mean over all the step's
-    positions. `rest` is the frozen state. metrics: loss, kl (KL(v_C ‖ πθ)),
-    agreement (argmax of πθ == the target's top token).
+    The loss is the objective's (a name in `w2s_jax.objectives`, or an `Objective`),
+    once per micro-batch: batch arrays carry a leading micro-batch axis A (the
+    objective's `collate`); the A micro-batches are scanned and their mean losses and
+    gradients averaged. As each holds the same number of positions, that is the mean
+    over all the step's positions. `rest` is the frozen state; with `teacher_graphdef`
+    (objectives that need a teacher) it is the pair (frozen state, teacher state) and
+    the teacher runs in the same step. metrics: loss, then the objective's (contrastive
+    and sft: kl = KL(v_C ‖ πθ), agreement = argmax of πθ == the target's top token).
     """
+    objective = get_objective(objective) if isinstance(objective, str) else objective
 
     def micro_loss(params, rest, micro, key):
+        teacher = None
+        if teacher_graphdef is not None:
+            rest, teacher_state = rest
+            teacher = nnx.merge(teacher_graphdef, teacher_state, copy=True)
         model = nnx.merge(graphdef, params, rest, copy=True)
         if dropout:
             nnx.reseed(model, dropout=key)
-        return selected_logits_loss(model, micro, loss_chunk_size=loss_chunk_size)
+        return objective.loss(model, micro, LossContext(loss_chunk_size, teacher))
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def loss_and_grads(params, rest, batch, key):
-        a = batch["input_ids"].shape[0]
+        a = jax.tree.leaves(batch)[0].shape[0]
 
         def body(carry, xs):
             micro, index = xs
             (loss, aux), grads = grad_fn(params, rest, micro, jax.random.fold_in(key, index))
             return jax.tree.map(jnp.add, carry, (grads, loss, aux)), None
 
-        zero = (
-            jax.tree.map(jnp.zeros_like, params),
-            jnp.zeros((), jnp.float32),
-            {"agree": jnp.zeros((), jnp.int32), "entropy": jnp.zeros((), jnp.float32)},
-        )
+        # the loss's and aux's shapes and dtypes, without running it
+        shapes = jax.eval_shape(micro_loss, params, rest, jax.tree.map(lambda x: x[0], batch), key)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        zero = (jax.tree.map(jnp.zeros_like, params), *zeros)
         (grads, loss, aux), _ = jax.lax.scan(body, zero, (batch, jnp.arange(a)))
-        positions = a * batch["target_ids"].shape[1]
-        metrics = {
-            "loss": loss / a,
-            "kl": (loss / a) - aux["entropy"] / positions,
-            "agreement": aux["agree"] / positions,
-        }
+        metrics = {"loss": loss / a, **objective.metrics(loss / a, aux, batch)}
         return metrics, jax.tree.map(lambda g: g / a, grads)
 
     return loss_and_grads
 
 
-def make_train_step(graphdef, tx, *, dropout: bool = False, loss_chunk_size: int = 0):
+def make_train_step(graphdef, tx, **loss_options):
     """The (un-jitted) step: ((params, opt_state), rest, batch, key) -> (new state, metrics).
 
-    Gradients from `make_loss_and_grads`, then `tx` (clipping + AdamW); metrics add
-    grad_norm (before clipping).
+    Gradients from `make_loss_and_grads(graphdef, **loss_options)`, then `tx` (clipping
+    + AdamW); metrics add grad_norm (before clipping).
     """
-    loss_and_grads = make_loss_and_grads(graphdef, dropout=dropout, loss_chunk_size=loss_chunk_size)
+    loss_and_grads = make_loss_and_grads(graphdef, **loss_options)
 
     def step(state, rest, batch, key):
         params, opt_state = state
@@ -182,17 +149,18 @@ def _on_mesh(tree, mesh):
     return jax.tree.map(place, tree)
 
 
-def shard_batch(arrays: dict, mesh) -> dict:
+def shard_batch(arrays: dict, mesh, layout=PACKED_LAYOUT) -> dict:
     """Global arrays on `mesh` (`batch_shardings`) from identical host copies on all processes."""
     return jax.tree.map(
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
         arrays,
-        batch_shardings(mesh),
+        batch_shardings(mesh, layout),
     )
 
 
-def batch_shardings(mesh):
-    """Rows of [A, R, T] arrays over the mesh's batch axes; position arrays replicated."""
+def batch_shardings(mesh, layout=PACKED_LAYOUT) -> dict:
+    """A sharding per array of an objective's `layout`: ROWS arrays [A, R, ...] split their
+    rows over the mesh's batch axes; the others (positions) are replicated."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -200,13 +168,7 @@ def batch_shardings(mesh):
 
     rows = NamedSharding(mesh, P(None, BATCH_AXES))
     replicated = NamedSharding(mesh, P())
-    return {
-        "input_ids": rows,
-        "attention_mask": rows,
-        "flat_index": replicated,
-        "target_ids": replicated,
-        "target_weights": replicated,
-    }
+    return {name: rows if kind == ROWS else replicated for name, kind in layout.items()}
 
 
 def check_samples_match(samples: str | Path, expert: str | Path) -> dict:
@@ -238,7 +200,7 @@ def check_samples_match(samples: str | Path, expert: str | Path) -> dict:
     return manifest
 
 
-def _load_model(config: TrainConfig, mesh):
+def _load_model(config: TrainSettings, mesh):
     from w2s_jax.models import ModelConfig, init_random, load_pretrained
 
     if config.init == "random":
@@ -247,7 +209,7 @@ def _load_model(config: TrainConfig, mesh):
     return load_pretrained(config.expert, dtype=config.dtype, mesh=mesh)
 
 
-def _check_resumable(out: Path, config: TrainConfig) -> None:
+def _check_resumable(out: Path, config: TrainSettings) -> None:
     claim(
         out / RUN_FILE,
         config.settings(),
@@ -257,7 +219,7 @@ def _check_resumable(out: Path, config: TrainConfig) -> None:
     )
 
 
-def _token_count(config: TrainConfig, manifest: dict, model_config) -> int:
+def _token_count(config: TrainSettings, manifest: dict, model_config) -> int:
     """Real token ids: the samples' tokenizer size, else the tokenizer's, else every row."""
     if manifest.get("vocab_size"):
         return int(manifest["vocab_size"])
@@ -269,7 +231,7 @@ def _token_count(config: TrainConfig, manifest: dict, model_config) -> int:
     return model_config.vocab_size
 
 
-def _load_data(config: TrainConfig):
+def _load_data(config: TrainSettings):
     """(trajectories, stats, samples fingerprint, pad id, model config, token count), checked.
 
     Target and input ids must be real tokens (below the token count), not padded rows.
@@ -281,7 +243,7 @@ def _load_data(config: TrainConfig):
     manifest = {}
     if config.expert and (Path(config.samples) / "manifest.json").exists():
         manifest = check_samples_match(config.samples, config.expert)
-    elif config.expert and config.objective == "contrastive":
+    elif config.expert and get_objective(config.objective).requires_manifest:
         raise DataError(
             f"{config.samples}/manifest.json is missing: cannot check that the samples were "
             f"drawn from --expert {config.expert}"
@@ -302,15 +264,20 @@ def _load_data(config: TrainConfig):
     return trajectories, stats, samples_fingerprint(files), pad_id, model_config, token_count
 
 
-def compile_step(config: TrainConfig, mesh, *, token_count: int | None = None):
+def compile_step(config: TrainSettings, mesh, *, token_count: int | None = None, teacher=None):
     """Load the model, add adapters, build the optimizer and jit the step on `mesh`.
 
     `token_count`: real token ids (the tokenizer's size); padded rows above it are
-    never a prediction (default: every output row).
+    never a prediction (default: every output row). `teacher`: the frozen teacher model
+    an objective with `needs_teacher` asks for; its state rides in `rest`.
 
     Returns (step_fn, (params, opt_state), rest, schedule): `step_fn(state, rest,
     shard_batch(arrays, mesh), key) -> (state, metrics)` donates `state`.
     """
+    objective = get_objective(config.objective)
+    if objective.needs_teacher != (teacher is not None):
+        need = "needs" if objective.needs_teacher else "takes no"
+        raise ValueError(f"objective {objective.name!r} {need} a teacher model")
     lora = config.lora
     model = _load_model(config, mesh)
     if token_count is not None:
@@ -318,21 +285,27 @@ def compile_step(config: TrainConfig, mesh, *, token_count: int | None = None):
     apply_lora(model, lora, seed=config.seed)
     graphdef, params, rest = nnx.split(model, trainable_filter(lora), ...)
     params, rest = _on_mesh(params, mesh), _on_mesh(rest, mesh)
+    teacher_graphdef = None
+    if teacher is not None:
+        teacher_graphdef, teacher_state = nnx.split(teacher)
+        rest = (rest, _on_mesh(teacher_state, mesh))
     tx, schedule = build_optimizer(config)
     state = (params, _on_mesh(jax.jit(tx.init)(params), mesh))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step = make_train_step(
         graphdef,
         tx,
+        objective=objective,
         dropout=bool(lora.rank and lora.dropout),
         loss_chunk_size=config.loss_chunk_size,
+        teacher_graphdef=teacher_graphdef,
     )
     step_fn = jax.jit(
         step,
         in_shardings=(
             state_shardings,
             jax.tree.map(lambda x: x.sharding, rest),
-            batch_shardings(mesh),
+            batch_shardings(mesh, objective.layout),
             None,
         ),
         out_shardings=(state_shardings, None),
@@ -367,7 +340,7 @@ class _Meter:
 
 
 def train(
-    config: TrainConfig, *, should_stop: Callable[[int], bool] | None = None, mesh=None
+    config: TrainSettings, *, should_stop: Callable[[int], bool] | None = None, mesh=None
 ) -> dict:
     """Run (or resume) training into `config.out`; returns the run summary.
 
@@ -380,7 +353,7 @@ def train(
     from tqdm.auto import tqdm
 
     from w2s_jax.checkpointing import StopSignal, TrainCheckpoints
-    from w2s_jax.data.packing import collate_step, iter_steps
+    from w2s_jax.data.packing import iter_steps
     from w2s_jax.fingerprint import weights_fingerprint_record
     from w2s_jax.metrics import MetricsLog
     from w2s_jax.models.dtypes import resolve_dtype, warn_if_slow
@@ -396,6 +369,7 @@ def train(
     _check_resumable(out, config)
     mesh = make_mesh(config.mesh) if mesh is None else mesh
     step_fn, state, rest, schedule = compile_step(config, mesh, token_count=token_count)
+    objective = get_objective(config.objective)
 
     checkpoints = TrainCheckpoints(out, save_every=config.save_every, keep=config.keep_checkpoints)
     start = checkpoints.latest_step() or 0
@@ -441,7 +415,7 @@ def train(
     try:
         with stop_signal:
             for step in range(start, config.steps):
-                arrays = collate_step(
+                arrays = objective.collate(
                     trajectories,
                     next(steps),
                     k=data_stats["k"],
@@ -450,7 +424,8 @@ def train(
                     row_multiple=row_multiple,
                 )
                 key = jax.random.fold_in(base_key, step)
-                state, metrics = step_fn(state, rest, shard_batch(arrays, mesh), key)
+                batch = shard_batch(arrays, mesh, objective.layout)
+                state, metrics = step_fn(state, rest, batch, key)
                 meter.add(
                     metrics,
                     tokens=int(arrays["attention_mask"].sum()),
@@ -462,7 +437,7 @@ def train(
                     values = meter.values(lr=float(schedule(step)))
                     if is_leader:
                         log.write(done, values)
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", kl=f"{values['kl']:.4f}")
+                    bar.set_postfix({k: f"{values[k]:.4f}" for k in ("loss", "kl") if k in values})
                 bar.update(1)
                 meta_now = {**meta, "data_step": done}
                 if checkpoints.save(done, *state, meta_now, force=stop or done == config.steps):

@@ -1,16 +1,24 @@
-"""Settings of a training run (`TrainConfig`) and of its LoRA adapters (`LoRAConfig`).
+"""Settings of a training run (`TrainSettings`) and of its LoRA adapters (`LoRAConfig`).
 
 Plain dataclasses with checks and no JAX import, so `w2s train --help` stays fast.
+`w2s train`'s flags are generated from `TrainSettings` (`w2s_jax.settings`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from pathlib import Path
 
-# Settings that do not change the trained weights; a resumed run may change them.
-FREE_SETTINGS = ("out", "mesh", "save_every", "keep_checkpoints", "log_every", "progress")
+from w2s_jax.settings import (
+    AUTO_DTYPE,
+    DTYPES,
+    at_least,
+    check,
+    comma_list,
+    free_fields,
+    record,
+    setting,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,89 +46,132 @@ class LoRAConfig:
         return cls(**{**values, "targets": tuple(values.get("targets", ()))})
 
 
-def parse_targets(text: str | Sequence[str]) -> tuple[str, ...]:
-    """ "q_proj,v_proj" (or a list) -> ("q_proj", "v_proj")."""
-    names = text.split(",") if isinstance(text, str) else list(text)
-    return tuple(n.strip() for n in names if n.strip())
+def _known_objective(name):
+    from w2s_jax.objectives import objective_names
+
+    known = objective_names()
+    return None if name in known else f"must be one of {', '.join(known)}"
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainSettings:
     """Every setting of a training run; defaults are LightReasoner's published ones.
 
     batch_positions: supervised positions per optimizer step (the reference's batch
     of 16 one-position samples), split into grad_accum equal micro-batches.
     """
 
-    samples: str
-    out: str
-    expert: str | None = None
-    objective: str = "contrastive"
-    init: str = "pretrained"
-    model_config: str | None = None
-    tokenizer: str | None = None
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    lora_dropout: float = 0.05
-    learning_rate: float = 5e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    steps: int = 1000
-    batch_positions: int = 16
-    grad_accum: int = 2
-    dtype: str = "auto"  # bfloat16 on GPU/TPU, float32 on CPU (w2s_jax.models.dtypes)
-    loss_chunk_size: int = 0
-    length_bucket: int = 64
-    bucket_window: int = 64
-    seed: int = 0
-    mesh: str | None = None
-    save_every: int = 100
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    progress: bool = True
+    samples: str | None = setting(
+        None, "A `w2s sample` --out folder.", metavar="DIR", required=True
+    )
+    out: str | None = setting(
+        None, "Output folder (resumable).", metavar="DIR", required=True, free=True
+    )
+    expert: str | None = setting(
+        None, "HF model folder to fine-tune (--init pretrained).", metavar="DIR"
+    )
+    objective: str = setting(
+        "contrastive",
+        "Training objective (w2s_jax.objectives): contrastive = soft CE on the selected "
+        "positions' sparse targets; sft = next-token CE on every completion token "
+        "(prompt masked).",
+        check=_known_objective,
+    )
+    init: str = setting(
+        "pretrained",
+        "random: train from scratch with --model-config (use --lora-rank 0).",
+        choices=("pretrained", "random"),
+    )
+    model_config: str | None = setting(None, "HF config.json for --init random.", metavar="FILE")
+    tokenizer: str | None = setting(
+        None, "Tokenizer folder recorded for export (default --expert).", metavar="DIR"
+    )
+    lora_rank: int = setting(8, "LoRA rank; 0 = full fine-tuning.")  # checked by LoRAConfig
+    lora_alpha: float = setting(16.0, "LoRA alpha (scale alpha/rank).")
+    lora_targets: tuple[str, ...] = setting(
+        ("q_proj", "v_proj"), "Comma-separated names of the linear layers to adapt."
+    )
+    lora_dropout: float = setting(0.05, "Dropout on the LoRA input.")  # checked by LoRAConfig
+    learning_rate: float = setting(
+        5e-5,
+        "Peak learning rate (AdamW), decayed linearly to 0.",
+        flags=("--lr", "--learning-rate"),
+        check=lambda v: None if v > 0 else "must be > 0",
+    )
+    warmup_steps: int = setting(0, "Linear warm-up steps.", check=at_least(0))
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    adam_b1: float = setting(0.9, "AdamW beta1.")
+    adam_b2: float = setting(0.999, "AdamW beta2.")
+    adam_eps: float = setting(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = setting(
+        1.0, "Global-norm clipping.", check=lambda v: None if v > 0 else "must be > 0"
+    )
+    steps: int = setting(1000, "Optimizer steps.", check=at_least(1))
+    batch_positions: int = setting(
+        16,
+        "Supervised positions per optimizer step (the reference's batch size).",
+        check=at_least(1),
+    )
+    grad_accum: int = setting(2, "Micro-batches per step (gradient accumulation).")
+    dtype: str = setting(
+        "auto",
+        "Model compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or "
+        "bfloat16. LoRA adapters and their optimizer state stay float32.",
+        choices=(AUTO_DTYPE, *DTYPES),
+    )
+    loss_chunk_size: int = setting(
+        0,
+        "Project positions onto the vocabulary this many at a time (0: all at once).",
+        check=at_least(0),
+    )
+    length_bucket: int = setting(
+        64, "Pad sequence lengths to a multiple of this (fewer compilations).", check=at_least(1)
+    )
+    bucket_window: int = setting(
+        64, "Trajectories sorted by length within windows of this many.", check=at_least(1)
+    )
+    seed: int = setting(0, "Seed of adapter initialisation, dropout and data order.")
+    mesh: str | None = setting(
+        None, 'Device mesh, e.g. "data=2,fsdp=4"; default all on data.', free=True
+    )
+    save_every: int = setting(100, "Checkpoint every N steps.", check=at_least(1), free=True)
+    keep_checkpoints: int = setting(3, "Keep the last K.", check=at_least(1), free=True)
+    log_every: int = setting(10, "Metrics every N steps.", check=at_least(1), free=True)
+    progress: bool = setting(True, "No progress bar.", flags=("--no-progress",), free=True)
 
     def __post_init__(self):
-        checks = [
-            (self.objective in ("contrastive", "sft"), "objective must be contrastive or sft"),
-            (self.init in ("pretrained", "random"), "init must be pretrained or random"),
+        object.__setattr__(self, "lora_targets", comma_list(self.lora_targets))
+        check(self)
+        rules = [
             (
                 self.init != "pretrained" or self.expert,
                 "--expert is required with --init pretrained",
             ),
             (self.init != "random" or self.model_config, "--init random needs --model-config"),
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.learning_rate > 0, f"learning rate must be > 0, got {self.learning_rate}"),
-            (0 <= self.warmup_steps < self.steps, "warmup steps must be in [0, steps)"),
-            (self.max_grad_norm > 0, f"max grad norm must be > 0, got {self.max_grad_norm}"),
-            (self.loss_chunk_size >= 0, "loss chunk size must be >= 0"),
-            (self.length_bucket >= 1, "length bucket must be >= 1"),
+            (self.warmup_steps < self.steps, "warmup steps must be in [0, steps)"),
             (
                 self.grad_accum >= 1 and self.batch_positions % self.grad_accum == 0,
                 f"batch positions ({self.batch_positions}) must be a positive multiple of "
                 f"grad accumulation ({self.grad_accum})",
             ),
-            (self.log_every >= 1, "log every must be >= 1"),
         ]
-        for ok, message in checks:
+        for ok, message in rules:
             if not ok:
                 raise ValueError(message)
         self.lora  # noqa: B018 (validates the LoRA settings)
 
     @property
     def lora(self) -> LoRAConfig:
-        return LoRAConfig(
-            self.lora_rank, self.lora_alpha, tuple(self.lora_targets), self.lora_dropout
-        )
+        return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_targets, self.lora_dropout)
 
     def settings(self) -> dict:
         """The JSON-able settings: `lora_targets` as a list, input paths made absolute."""
-        values = {**dataclasses.asdict(self), "lora_targets": list(self.lora_targets)}
+        values = record(self)
         for key in ("samples", "expert", "model_config", "tokenizer"):
             if values[key]:
                 values[key] = str(Path(values[key]).absolute())
         return values
+
+
+# Settings that do not change the trained weights; a resumed run may change them.
+FREE_SETTINGS = free_fields(TrainSettings)

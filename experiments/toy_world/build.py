@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,7 +142,7 @@ def evaluate(model: Path, data: Path, out: Path, max_new_tokens: int, n: int | N
     settings = EvalSettings(
         model=str(model), data=str(data), max_new_tokens=max_new_tokens, dtype="float32"
     )
-    return run_eval(settings, out, batch_size=64, max_questions=n, progress=False)
+    return run_eval(replace(settings, out=str(out), batch_size=64, max_questions=n, progress=False))
 
 
 def ship(out: Path, results: dict, config_path: Path) -> None:

@@ -14,35 +14,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from w2s_jax.export import export
+from w2s_jax.export import ExportSettings, export
+from w2s_jax.settings import add_arguments as add_settings
+from w2s_jax.settings import from_namespace
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--expert", metavar="DIR", help="The base HF model folder the adapters were trained on.")
-    add("--lora", required=True, metavar="CKPT", help="A `w2s train` output or checkpoint folder.")
-    add("--out", required=True, metavar="DIR", help="Folder for the merged HF model.")
-    add("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
-    add(
-        "--dtype",
-        default=None,
-        help="Merged weights' dtype: float32, bfloat16 or float16 (default: the base model's).",
-    )
-    add("--tokenizer", metavar="DIR", help="Tokenizer to copy (default: the one training used).")
+    add_settings(parser, ExportSettings)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = export(
-            args.expert,
-            args.lora,
-            args.out,
-            step=args.step,
-            dtype=args.dtype,
-            tokenizer=args.tokenizer,
-        )
-    except (ValueError, FileNotFoundError) as exc:  # also CheckpointError, ConfigError
-        raise SystemExit(f"error: {exc}") from None
+    result = export(from_namespace(ExportSettings, args))
     line = f"merged {result.checkpoint} -> {result.out} ({result.dtype})"
     if result.adapter is None:
         print(f"{line}; full fine-tuning checkpoint: no adapter written")

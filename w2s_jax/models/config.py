@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from w2s_jax.settings import DTYPES
+
 # model_type -> HF architecture class name written on export.
 ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
@@ -14,7 +16,6 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = ("float32", "bfloat16", "float16")
 
 # HF keys interpreted by `from_hf_json`; every other key is kept in `extra` and written back.
 _CONSUMED_KEYS = {

@@ -12,11 +12,12 @@ import logging
 
 import jax
 
-from w2s_jax.models.config import DTYPES, ConfigError
+from w2s_jax.models.config import ConfigError
+from w2s_jax.settings import AUTO_DTYPE as AUTO
+from w2s_jax.settings import DTYPES
 
 logger = logging.getLogger(__name__)
 
-AUTO = "auto"
 ACCELERATOR_DTYPE = "bfloat16"
 CPU_DTYPE = "float32"
 # Measured with benchmarks/real_scale.py at the Qwen2.5-Math-1.5B shape on XLA:CPU

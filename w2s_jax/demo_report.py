@@ -1,0 +1,194 @@
+"""The demo's report: per-arm accuracies pooled over seeds, paired statistics against
+the base expert, stage times, the Markdown table and the bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from w2s_jax import stats
+from w2s_jax.files import atomic_save_figure, read_jsonl
+
+ARMS = ("base", "lightreasoner", "sft", "no_select", "no_contrast")
+LABELS = {
+    "base": "base expert",
+    "lightreasoner": "+ LightReasoner",
+    "sft": "+ rejection-sampled SFT",
+    "no_select": "LightReasoner, no step selection",
+    "no_contrast": "LightReasoner, no contrast",
+}
+
+
+def correct_by_id(eval_dir: Path) -> dict[str, bool]:
+    return {r["id"]: bool(r["correct"]) for _, r in read_jsonl(eval_dir / "predictions.jsonl")}
+
+
+def arm_rows(arm: str, seeds: list[dict], base_correct: list[bool], ids: list[str]) -> dict:
+    """Per-seed and pooled statistics of one arm against the base expert."""
+    per_seed, pooled_arm, pooled_base = [], [], []
+    for seed, result in enumerate(seeds):
+        entry = result["arms"].get(arm, {}) if arm != "base" else {"eval": None}
+        eval_dir = entry.get("eval")
+        by_id = correct_by_id(Path(eval_dir)) if eval_dir else None
+        correct = [by_id[i] for i in ids] if by_id else list(base_correct)
+        n, k = len(correct), sum(correct)
+        low, high = stats.wilson_interval(k, n)
+        row = {
+            "seed": seed,
+            "accuracy": k / n,
+            "correct": k,
+            "total": n,
+            "accuracy_ci95": [low, high],
+            "supervised_tokens": entry.get("data", {}).get("supervised_tokens", 0),
+            "problems_used": entry.get("data", {}).get("problems_used", 0),
+            "times": arm_times(arm, result["times"]),
+        }
+        if "note" in entry:
+            row["note"] = entry["note"]
+        if arm != "base":
+            boot = stats.paired_bootstrap_diff(base_correct, correct)
+            test = stats.mcnemar(base_correct, correct)
+            row |= {
+                "diff": boot.diff,
+                "diff_ci95": [boot.low, boot.high],
+                "mcnemar_p": test.p_exact,
+            }
+        per_seed.append(row)
+        pooled_arm += correct
+        pooled_base += base_correct
+    acc = np.array([r["accuracy"] for r in per_seed])
+    summary = {
+        "arm": arm,
+        "label": LABELS[arm],
+        "per_seed": per_seed,
+        "accuracy_mean": float(acc.mean()),
+        "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+        "accuracy_ci95": list(stats.wilson_interval(sum(pooled_arm), len(pooled_arm))),
+        "supervised_tokens_mean": float(np.mean([r["supervised_tokens"] for r in per_seed])),
+        "problems_used_mean": float(np.mean([r["problems_used"] for r in per_seed])),
+        "times_mean": {
+            stage: float(np.mean([r["times"].get(stage, 0.0) for r in per_seed]))
+            for stage in ("sample", "train", "export", "eval")
+        },
+    }
+    if arm != "base":
+        boot = stats.paired_bootstrap_diff(pooled_base, pooled_arm)
+        test = stats.mcnemar(pooled_base, pooled_arm)
+        diffs = np.array([r["diff"] for r in per_seed])
+        summary |= {
+            "diff_mean": boot.diff,
+            "diff_std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
+            "diff_ci95": [boot.low, boot.high],
+            "mcnemar_p": test.p_exact,
+        }
+    return summary
+
+
+def arm_times(arm: str, times: dict) -> dict:
+    """Wall seconds per stage of one arm (sampling is one pass shared by the trained arms)."""
+    if arm == "base":
+        return {"eval": times.get("eval/base", 0.0)}
+    return {
+        "sample": times.get("sample", 0.0),
+        "train": times.get(f"train/{arm}", 0.0),
+        "export": times.get(f"export/{arm}", 0.0),
+        "eval": times.get(f"eval/{arm}", 0.0),
+    }
+
+
+def format_table(report: dict) -> str:
+    """The markdown result table of a report."""
+    n_seeds = report["seeds"]
+    spread = f" (mean ± sd of {n_seeds} seeds)" if n_seeds > 1 else ""
+    lines = [
+        f"| method | accuracy{spread} | 95% CI | Δ vs base (pts) | 95% bootstrap CI | McNemar p "
+        "| supervised tokens | problems used | sample s | train s | export s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["arms"]:
+        acc = 100 * row["accuracy_mean"]
+        acc_text = f"{acc:.1f}" + (f" ± {100 * row['accuracy_std']:.1f}" if n_seeds > 1 else "")
+        if n_seeds == 1:
+            only = row["per_seed"][0]
+            acc_text += f"% ({only['correct']}/{only['total']})"
+        else:
+            acc_text += "%"
+        low, high = (100 * x for x in row["accuracy_ci95"])
+        cells = [row["label"], acc_text, f"[{low:.1f}, {high:.1f}]"]
+        if "diff_mean" in row:
+            d = f"{100 * row['diff_mean']:+.1f}"
+            if n_seeds > 1:
+                d += f" ± {100 * row['diff_std']:.1f}"
+            d_low, d_high = (100 * x for x in row["diff_ci95"])
+            cells += [d, f"[{d_low:+.1f}, {d_high:+.1f}]", f"{row['mcnemar_p']:.3g}"]
+        else:
+            cells += ["—", "—", "—"]
+        times = row["times_mean"]
+        cells += [f"{row['supervised_tokens_mean']:,.0f}", f"{row['problems_used_mean']:,.0f}"]
+        cells += [f"{times[s]:.0f}" if times[s] else "—" for s in ("sample", "train", "export")]
+        cells.append(f"{times['eval']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_bar_chart(report: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    arms = report["arms"]
+    fig = Figure(figsize=(8.5, 3.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(arms))
+    mean = [100 * a["accuracy_mean"] for a in arms]
+    if report["seeds"] > 1:
+        err = [100 * a["accuracy_std"] for a in arms]
+        what = f"mean ± sd over {report['seeds']} seeds"
+    else:
+        err = [
+            [m - 100 * a["accuracy_ci95"][0] for m, a in zip(mean, arms, strict=True)],
+            [100 * a["accuracy_ci95"][1] - m for m, a in zip(mean, arms, strict=True)],
+        ]
+        what = "95% Wilson CI"
+    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:cyan", "tab:cyan"]
+    ax.bar(x, mean, yerr=err, capsize=4, color=colors[: len(arms)])
+    for i, a in enumerate(arms):
+        dots = [100 * r["accuracy"] for r in a["per_seed"]]
+        ax.plot([i] * len(dots), dots, "k.", markersize=4)
+        ax.annotate(
+            f"{mean[i]:.1f}",
+            (i, mean[i]),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
+    ax.set_xticks(
+        x, [a["label"].replace(", ", ",\n").replace("+ ", "+\n") for a in arms], fontsize=7
+    )
+    ax.set_ylabel(f"{report['split']} accuracy (%), {what}")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"toy world: {report['eval_questions']} {report['split']} problems", fontsize=9)
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=110)
+
+
+# --------------------------------------------------------------------- driver
+
+
+def report_markdown(report: dict) -> str:
+    s = report["settings"]
+    return (
+        f"# w2s demo: toy reasoning world\n\n"
+        f"{report['eval_questions']} {report['split']} problems, greedy; {report['seeds']} "
+        f"seed(s); {s['questions']} unlabeled train questions per seed; LoRA rank "
+        f"{s['lora_rank']}, lr {s['learning_rate']}, {s['steps']} steps x {s['batch_positions']} "
+        f"positions; α={s['alpha']}, β={s['beta']}.\n\n"
+        f"{report['table']}\n\n"
+        "Δ: paired difference to the base expert on the same problems (pooled over seeds), "
+        "95% paired-bootstrap CI, exact McNemar p. Supervised tokens: positions with a "
+        "training target. Sampling is one rollout pass per seed shared by all trained arms. "
+        f"Total wall time {report['wall_time_s']:.0f} s (this invocation).\n"
+    )

@@ -1,0 +1,205 @@
+"""Stage settings declared once: default, check, help text and resume rule per field.
+
+Every stage takes one frozen dataclass whose fields are made with `setting(...)`.
+From that one declaration come the command's flags (`add_arguments`, hence the
+`--config` keys), the settings object built from parsed flags (`from_namespace`),
+the range checks with errors naming the flag and the value (`check`), and the
+record a run folder keeps (`record`; fields marked `free` may change on resume).
+No JAX import here, so `w2s --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Check = Callable[[Any], str | None]  # value -> what is wrong with it, or None
+
+DTYPES = ("float32", "bfloat16", "float16")  # parameter/compute dtypes the models support
+AUTO_DTYPE = "auto"  # bfloat16 on GPU/TPU, float32 on CPU (w2s_jax.models.dtypes)
+
+
+def setting(
+    default: Any,
+    help: str,  # noqa: A002 (argparse's name)
+    *,
+    flags: Sequence[str] = (),
+    check: Check | None = None,
+    choices: Sequence[Any] | None = None,
+    free: bool = False,
+    parse: Callable[[str], Any] | None = None,
+    repeat: bool = False,
+    many: bool = False,
+    metavar: str | None = None,
+    required: bool = False,
+    cli: bool = True,
+) -> Any:
+    """A settings field.
+
+    flags: the flag names (default `--field-name`); a bool field whose default is True
+    is switched off by its flag (e.g. `--no-select`). check: returns an error text for a
+    bad value. choices: allowed values (checked too). free: may change when a run
+    resumes (batch size, progress bars, ...). parse: str -> value for flags (default:
+    from the default's type; tuples are comma-separated). repeat: the flag may be given
+    several times, each value appended. many: the flag takes one or more values
+    (nargs="+"). required: must be given (as a flag or in
+    --config; checked by `check`, not by argparse, so a config file can supply it).
+    cli: False for fields with no flag.
+    """
+    metadata = {
+        "help": help,
+        "flags": tuple(flags),
+        "check": check,
+        "choices": tuple(choices) if choices is not None else None,
+        "free": free,
+        "parse": parse,
+        "repeat": repeat,
+        "many": many,
+        "metavar": metavar,
+        "required": required,
+        "cli": cli,
+    }
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# --- checks ---------------------------------------------------------------------------
+
+
+def at_least(low: int | float) -> Check:
+    """An integer (no bool) >= `low`, or None where the default is None."""
+
+    def check(value):
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            return f"must be an integer >= {low}"
+        return None
+
+    return check
+
+
+def number_in(low: float, high: float, *, open_low: bool = False) -> Check:
+    """A finite number in [low, high] (or (low, high] with `open_low`)."""
+
+    def check(value):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and value <= high
+        ok = ok and (value > low if open_low else value >= low)
+        if not ok:
+            return f"must lie in {'(' if open_low else '['}{low}, {high}]"
+        return None
+
+    return check
+
+
+def comma_list(text: str | Sequence[str]) -> tuple[str, ...]:
+    """ "q_proj, v_proj" (or a list) -> ("q_proj", "v_proj")."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+# --- declaration -> flags, settings, record ----------------------------------------
+
+
+def _fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def flag_names(field: dataclasses.Field) -> tuple[str, ...]:
+    """The flags of a field: declared ones, else `--field-name`."""
+    return field.metadata.get("flags") or ("--" + field.name.replace("_", "-"),)
+
+
+def _parser_of(field: dataclasses.Field) -> Callable[[str], Any] | None:
+    meta = field.metadata
+    if meta.get("parse"):
+        return meta["parse"]
+    default = field.default
+    if isinstance(default, tuple):
+        return comma_list
+    if isinstance(default, bool) or default is None:
+        return None
+    return type(default)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: Sequence[str] = ()) -> None:
+    """Add one flag per field of settings class `cls` (defaults shown in --help)."""
+    for field in _fields(cls):
+        if field.name in skip:
+            continue
+        meta, default = field.metadata, field.default
+        help_text = meta.get("help") or ""
+        if default not in (None, False, True, ()) and "%(default)" not in help_text:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help_text += f" (default: {shown})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": field.name, "help": help_text}
+        if isinstance(default, bool):
+            kwargs["action"] = "store_false" if default else "store_true"
+        else:
+            parse = _parser_of(field)
+            if parse is not None:
+                kwargs["type"] = parse
+            if meta.get("repeat"):
+                kwargs["action"] = "append"
+            if meta.get("many"):
+                kwargs["nargs"] = "+"
+                kwargs["type"] = meta.get("parse") or str
+            if meta.get("choices") is not None and not isinstance(default, tuple):
+                kwargs["choices"] = meta["choices"]
+            if meta.get("metavar"):
+                kwargs["metavar"] = meta["metavar"]
+        kwargs["default"] = [] if meta.get("repeat") else default
+        parser.add_argument(*flag_names(field), **kwargs)
+
+
+def from_namespace(cls, args: argparse.Namespace, **overrides):
+    """`cls` from parsed flags (fields without a flag keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in _fields(cls) if hasattr(args, f.name)}
+    for field in _fields(cls):
+        many = field.metadata.get("repeat") or field.metadata.get("many")
+        if many and field.name in values and values[field.name] is not None:
+            values[field.name] = tuple(values[field.name])
+    return cls(**{**values, **overrides})
+
+
+def check(settings) -> None:
+    """ValueError naming the first field (by its flag) whose value is out of range."""
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        meta = field.metadata
+        if meta.get("required") and value in (None, ""):
+            raise ValueError(f"{flag_names(field)[0]} is required (as a flag or in --config)")
+        if value is None:
+            continue
+        problem = None
+        choices = meta.get("choices")
+        if choices is not None:
+            values = value if isinstance(value, tuple) else (value,)
+            if any(v not in choices for v in values):
+                problem = f"must be one of {', '.join(map(str, choices))}"
+        if problem is None and meta.get("check") is not None:
+            problem = meta["check"](value)
+        if problem:
+            raise ValueError(f"{flag_names(field)[0]} {problem}, got {value!r}")
+
+
+def free_fields(cls) -> tuple[str, ...]:
+    """Fields that may change when a run resumes."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("free"))
+
+
+def record(settings) -> dict:
+    """The settings as JSON values (tuples as lists)."""
+    return {f.name: _jsonable(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def default_of(cls, name: str):
+    """The declared default of field `name` of `cls` (to share it, not copy it)."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]

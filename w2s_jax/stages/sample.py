@@ -1,0 +1,285 @@
+"""The sampling stage: expert rollouts scored against the amateur into contrastive targets.
+
+`sample(settings)` validates every input before the first byte is written, then
+writes into `settings.out`: manifest.json (settings, fingerprints, the prompt used),
+samples/*.jsonl (one record per question), summary.json and kl_histogram.png.
+Re-running on the same folder resumes (finished questions are skipped); other
+settings are refused. The engine (rollout, KL, targets) is `w2s_jax.sampling`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+from w2s_jax.settings import free_fields, record
+from w2s_jax.stages.sample_settings import SampleSettings
+
+# Not part of the recorded settings: the models are identified by their fingerprints,
+# the data by its resolved source.
+_IDENTIFIED_ELSEWHERE = ("expert", "amateur", "data")
+
+
+@dataclasses.dataclass
+class SamplePlan:
+    """Everything checked before any compute or any write."""
+
+    settings: SampleSettings
+    questions: list
+    prompts: list
+    tokenizer: object
+    vocab_size: int
+    eos_ids: list
+    pad_id: int
+    manifest: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    """What a sampling run left in `out`: its summary, and whether it resumed a run."""
+
+    out: Path
+    summary: dict | None  # None on the non-leader processes of a multi-host run
+    resumed: bool
+
+
+def _check_model_folder(role: str, path: str) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{role} model folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{role} model folder {folder} has no config.json")
+    return folder
+
+
+def _shared_tokenizer(expert: Path, amateur: Path):
+    """The expert's tokenizer, after checking that the amateur's maps ids the same way."""
+    from w2s_jax import fingerprint
+    from w2s_jax.models import ModelConfig, load_tokenizer
+    from w2s_jax.sampling import check_shared_tokenizer
+
+    # Identical tokenizer files need no second load (seconds for a 151k-token vocabulary).
+    shared_files = fingerprint.same_tokenizer_files(expert, amateur)
+    to_load = [("expert", expert)] if shared_files else [("expert", expert), ("amateur", amateur)]
+    tokenizers = []
+    for role, folder in to_load:
+        try:
+            tokenizers.append(load_tokenizer(folder))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load the {role} tokenizer from {folder}: {exc}") from exc
+    if not shared_files:
+        check_shared_tokenizer(*tokenizers, expert=str(expert), amateur=str(amateur))
+    tokenizer = tokenizers[0]
+    for role, folder in (("expert", expert), ("amateur", amateur)):
+        model_vocab = ModelConfig.from_hf_json(folder / "config.json").vocab_size
+        if model_vocab < len(tokenizer):
+            raise ValueError(
+                f"{role} {folder}: the model has {model_vocab} output rows but the tokenizer "
+                f"has {len(tokenizer)} tokens"
+            )
+    return tokenizer
+
+
+def _questions(settings: SampleSettings) -> list:
+    from w2s_jax.data.tfds_source import load_source
+
+    questions = load_source(
+        settings.data,
+        split=settings.tfds_split,
+        data_dir=settings.tfds_data_dir,
+        question_field=settings.question_field,
+        id_field=settings.id_field,
+        max_questions=settings.max_questions,
+    )
+    if not questions:
+        raise ValueError(f"{settings.data}: no questions")
+    return questions
+
+
+def plan(settings: SampleSettings) -> SamplePlan:
+    """Validate every input (ValueError/DataError naming it) and build the manifest."""
+    from w2s_jax import __version__, fingerprint
+    from w2s_jax.data.tfds_source import TFDS_PREFIX
+    from w2s_jax.models import ModelConfig
+    from w2s_jax.models.dtypes import resolve_dtype
+    from w2s_jax.prompts import prompt_example, prompt_ids, stop_ids
+    from w2s_jax.sample_store import FORMAT
+
+    if Path(settings.out).exists() and not Path(settings.out).is_dir():
+        raise ValueError(f"--out {settings.out} exists and is not a folder")
+    expert = _check_model_folder("expert", settings.expert)
+    amateur = _check_model_folder("amateur", settings.amateur)
+    tokenizer = _shared_tokenizer(expert, amateur)
+    questions = _questions(settings)
+    style, system = settings.prompt_style, settings.system_prompt
+    prompts = [
+        prompt_ids(tokenizer, q.question, style=style, system_prompt=system) for q in questions
+    ]
+    model_eos = ModelConfig.from_hf_json(expert / "config.json").eos_token_ids
+    eos_ids = stop_ids(tokenizer, expert, model_eos, settings.eos_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    source = settings.data
+    if not source.startswith(TFDS_PREFIX):
+        source = str(Path(source).resolve())
+    hashed = {
+        role: fingerprint.weights_fingerprint_record(folder)
+        for role, folder in (("expert", expert), ("amateur", amateur))
+    }
+    fingerprints = {
+        "expert_weights_fingerprint": hashed["expert"]["fingerprint"],
+        "amateur_weights_fingerprint": hashed["amateur"]["fingerprint"],
+        "tokenizer_fingerprint": fingerprint.tokenizer_fingerprint(tokenizer),
+    }
+    skip = set(free_fields(SampleSettings)) | set(_IDENTIFIED_ELSEWHERE)
+    recorded = {k: v for k, v in record(settings).items() if k not in skip}
+    recorded.update(
+        fingerprints,
+        dtype=resolve_dtype(settings.dtype),
+        eos_ids=eos_ids,
+        data=source,
+        tfds_split=settings.tfds_split if source.startswith(TFDS_PREFIX) else None,
+    )
+    manifest = {
+        "format": FORMAT,
+        "settings": recorded,
+        **fingerprints,
+        "expert_weights_hashed": hashed["expert"],
+        "amateur_weights_hashed": hashed["amateur"],
+        "expert": str(expert.resolve()),
+        "amateur": str(amateur.resolve()),
+        "vocab_size": len(tokenizer),
+        "eos_ids": eos_ids,
+        "pad_id": pad_id,
+        "prompt_example": prompt_example(tokenizer, style=style, system_prompt=system),
+        "w2s_jax_version": __version__,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return SamplePlan(
+        settings, questions, prompts, tokenizer, len(tokenizer), eos_ids, pad_id, manifest
+    )
+
+
+def _local_batch_size(batch_size: int, processes: int, batch_shards: int) -> int:
+    """Per-process batch so that the global batch divides over the mesh's batch axes."""
+    local = math.ceil(batch_size / processes)
+    while (local * processes) % batch_shards:
+        local += 1
+    return local
+
+
+def sample(settings: SampleSettings, *, mesh=None, log=print) -> SampleResult:
+    """Run (or resume) the sampling stage; returns where it wrote and its summary.
+
+    `mesh` overrides `settings.mesh`. Progress goes to a tqdm bar (process 0) and
+    `log` (one line per event).
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    from w2s_jax import sample_store, sharding
+
+    sharding.maybe_initialize_distributed()
+    the_plan = plan(settings)
+    mesh = sharding.make_mesh(settings.mesh) if mesh is None else mesh
+    out = Path(settings.out)
+    process, processes = jax.process_index(), jax.process_count()
+    resumed = sample_store.check_or_create_manifest(out, the_plan.manifest, create=process == 0)
+    if processes > 1:
+        multihost_utils.sync_global_devices("w2s sample: manifest")
+    sample_store.remove_stale_temp_files(out, process)
+    done = sample_store.finished_ids(out)
+    if process == 0 and resumed:
+        log(f"resuming {out}: {len(done)} question(s) already sampled")
+    _sample_batches(the_plan, mesh, done, log)
+    if processes > 1:
+        multihost_utils.sync_global_devices("w2s sample: shards")
+    if process != 0:
+        return SampleResult(out, None, resumed)
+    return SampleResult(out, _finish(the_plan, out, log), resumed)
+
+
+def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
+    """Roll out and score every question not in `done`, one shard per batch."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from tqdm import tqdm
+
+    from w2s_jax import sample_store
+    from w2s_jax.models import load_pretrained
+    from w2s_jax.models.dtypes import warn_if_slow
+    from w2s_jax.sampling import Scorer, build_records, gather_rows, rollout_and_score
+
+    settings = the_plan.settings
+    process, processes = jax.process_index(), jax.process_count()
+    mine = list(range(len(the_plan.questions)))[process::processes]
+    todo = [i for i in mine if the_plan.questions[i].id not in done]
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    local_batch = _local_batch_size(settings.batch_size, processes, batch_shards)
+    if local_batch * processes != settings.batch_size and process == 0:
+        log(f"note: global batch {local_batch * processes} (a multiple of the mesh's batch axes)")
+    steps = math.ceil(len(todo) / local_batch)
+    if processes > 1:
+        steps = int(np.max(multihost_utils.process_allgather(np.int32(steps))))
+    if not steps:
+        return
+    dtype = the_plan.manifest["settings"]["dtype"]
+    warn_if_slow(dtype)
+    expert = load_pretrained(settings.expert, dtype=dtype, mesh=mesh)
+    amateur = load_pretrained(settings.amateur, dtype=dtype, mesh=mesh)
+    expert.restrict_vocab(the_plan.vocab_size)
+    amateur.restrict_vocab(the_plan.vocab_size)
+    scorer = Scorer(expert, amateur, config=settings, vocab_size=the_plan.vocab_size, mesh=mesh)
+    bar = tqdm(total=len(todo), unit="q", desc="sampling", disable=process != 0)
+    selected = 0
+    for step in range(steps):
+        batch = todo[step * local_batch : (step + 1) * local_batch]
+        filler = the_plan.prompts[batch[0] if batch else 0]
+        rows = [the_plan.prompts[i] for i in batch] + [filler] * (local_batch - len(batch))
+        start = time.perf_counter()
+        completion, lengths, scores = rollout_and_score(
+            expert,
+            scorer,
+            gather_rows(rows),
+            max_new_tokens=settings.max_new_tokens,
+            eos_ids=the_plan.eos_ids,
+            pad_id=the_plan.pad_id,
+        )
+        if not batch:
+            continue
+        own = slice(process * local_batch, process * local_batch + len(batch))
+        records, stats = build_records(
+            [the_plan.questions[i].id for i in batch],
+            [the_plan.prompts[i] for i in batch],
+            completion[own],
+            lengths[own],
+            {key: value[own] for key, value in scores.items()},
+            contrast=settings.contrast,
+        )
+        stats["wall_time_s"] = time.perf_counter() - start
+        sample_store.write_shard(Path(settings.out), records, stats, process_index=process)
+        selected += sum(len(r.positions) for r in records)
+        bar.update(len(batch))
+        bar.set_postfix(selected=selected)
+    bar.close()
+
+
+def _finish(the_plan: SamplePlan, out: Path, log) -> dict:
+    """summary.json and the KL histogram from every shard; the reference export if asked."""
+    from w2s_jax import sample_store
+    from w2s_jax.files import atomic_write_json
+
+    settings = the_plan.settings
+    summary, kl = sample_store.summarize(out, beta=settings.beta)
+    atomic_write_json(out / "summary.json", summary)
+    sample_store.plot_kl_histogram(kl, settings.beta, out / "kl_histogram.png")
+    log(
+        f"{summary['questions']} questions, {summary['positions']} positions, "
+        f"{summary['selected']} selected ({summary['selected_fraction']:.1%}) -> {out}"
+    )
+    if settings.export_reference:
+        rows = sample_store.export_reference(out, the_plan.tokenizer, settings.export_reference)
+        log(f"{rows} reference rows -> {settings.export_reference}")
+    return summary

@@ -1,0 +1,74 @@
+"""Settings of the sampling stage (`w2s sample`): LightReasoner's defaults (METHOD.md §1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from w2s_jax.prompts import PROMPT_STYLES, SAMPLE_SYSTEM_PROMPT
+from w2s_jax.settings import AUTO_DTYPE, DTYPES, at_least, check, number_in, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """Every setting of a sampling run; `free` ones may change when it resumes."""
+
+    expert: str | None = setting(None, "Expert HF model folder.", metavar="DIR", required=True)
+    amateur: str | None = setting(None, "Amateur HF model folder.", metavar="DIR", required=True)
+    data: str | None = setting(
+        None,
+        "Questions: a JSONL file ({id?, question, answer?} per line) or tfds:NAME.",
+        metavar="SOURCE",
+        required=True,
+    )
+    out: str | None = setting(
+        None, "Output folder, resumable.", metavar="DIR", required=True, free=True
+    )
+    alpha: float = setting(
+        0.2, "Plausibility ratio α in (0, 1].", check=number_in(0.0, 1.0, open_low=True)
+    )
+    beta: float = setting(0.4, "KL threshold β for a step.", check=number_in(0.0, math.inf))
+    max_new_tokens: int = setting(128, "Rollout length T.", check=at_least(1))
+    max_questions: int | None = setting(
+        None, "Use the first N only.", parse=int, check=at_least(1), free=True
+    )
+    batch_size: int = setting(8, "Questions per batch (global).", check=at_least(1), free=True)
+    top_k: int = setting(16, "Most tokens kept per target (renormalized).", check=at_least(1))
+    system_prompt: str = setting(SAMPLE_SYSTEM_PROMPT, "System turn of the chat prompt.")
+    prompt_style: str = setting("chat", "chat template or plain text.", choices=PROMPT_STYLES)
+    eos_ids: tuple[int, ...] = setting(
+        (),
+        "Another token id that ends a rollout (repeatable), beside the tokenizer's "
+        "special end tokens and the configs' eos_token_id.",
+        flags=("--eos-id",),
+        parse=int,
+        repeat=True,
+        metavar="ID",
+    )
+    mesh: str | None = setting(None, 'e.g. "data=4,tensor=2"; default all data.', free=True)
+    dtype: str = setting(
+        AUTO_DTYPE,
+        "Model compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16.",
+        choices=(AUTO_DTYPE, *DTYPES),
+    )
+    chunk_size: int = setting(
+        32, "Rollout positions per block of the KL kernel.", check=at_least(1), free=True
+    )
+    select: bool = setting(True, "Ablation: keep every rollout position.", flags=("--no-select",))
+    contrast: bool = setting(
+        True, "Ablation: one-hot target on the expert's own token.", flags=("--no-contrast",)
+    )
+    export_reference: str | None = setting(
+        None,
+        "Also write the LightReasoner reference's one-line-per-step JSONL.",
+        metavar="FILE",
+        free=True,
+    )
+    question_field: str = setting("question", "Field holding the question.")
+    id_field: str = setting("id", "Field holding the question id.")
+    tfds_split: str = setting("train", "Split of a tfds: source.")
+    tfds_data_dir: str | None = setting(None, "TFDS data dir (default $TFDS_DATA_DIR).", free=True)
+
+    def __post_init__(self):
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+        check(self)

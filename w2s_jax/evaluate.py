@@ -312,6 +312,25 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
+def _graded_row(q: Question, generated: list[int], tokenizer, eos, stops, settings) -> dict:
+    """One predictions.jsonl row: the decoded output, its extracted answer and its grade."""
+    output = _truncate(tokenizer.decode(generated, skip_special_tokens=True), stops)
+    answer = extract_answer(output)
+    verdict = grade(answer, q.answer, timeout=settings.symbolic_timeout)
+    return {
+        "id": q.id,
+        "question": q.question,
+        "output": output,
+        "answer": answer,
+        "gold": q.answer,
+        "correct": verdict.correct,
+        "graded_by": verdict.how,
+        "num_tokens": len(generated),
+        "hit_max_new_tokens": len(generated) == settings.max_new_tokens
+        and generated[-1] not in eos,
+    }
+
+
 def run_eval(settings: EvalSettings) -> dict:
     """Evaluate `settings.model` on `settings.data` into `settings.out`; return the summary.
 
@@ -366,26 +385,10 @@ def run_eval(settings: EvalSettings) -> dict:
             eos_ids=eos,
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
         )
-        rows = []
-        for q, tokens, length in zip(batch_q, result.tokens, result.lengths, strict=True):
-            generated = [int(t) for t in tokens[: int(length)]]
-            output = _truncate(tokenizer.decode(generated, skip_special_tokens=True), stops)
-            answer = extract_answer(output)
-            verdict = grade(answer, q.answer, timeout=settings.symbolic_timeout)
-            rows.append(
-                {
-                    "id": q.id,
-                    "question": q.question,
-                    "output": output,
-                    "answer": answer,
-                    "gold": q.answer,
-                    "correct": verdict.correct,
-                    "graded_by": verdict.how,
-                    "num_tokens": len(generated),
-                    "hit_max_new_tokens": len(generated) == settings.max_new_tokens
-                    and generated[-1] not in eos,
-                }
-            )
+        rows = [
+            _graded_row(q, [int(t) for t in tokens[: int(length)]], tokenizer, eos, stops, settings)
+            for q, tokens, length in zip(batch_q, result.tokens, result.lengths, strict=True)
+        ]
         atomic_write_jsonl(out / "shards" / f"part-{shard:06d}.jsonl", rows)
         done.update((r["id"], r) for r in rows)
         bar.update(len(rows))

@@ -339,6 +339,58 @@ class _Meter:
         return values
 
 
+def _restore(checkpoints, state, data_fingerprint: str, config: TrainSettings):
+    """(first step, state): the latest checkpoint's, refused if it saw other samples."""
+    start = checkpoints.latest_step() or 0
+    if not start:
+        return 0, state
+    *state, meta = checkpoints.restore(start, *state)
+    if meta.get("samples_fingerprint") != data_fingerprint:
+        raise DataError(
+            f"{config.out}: the checkpoint of step {start} was trained on different samples "
+            f"than {config.samples} now holds; use another --out"
+        )
+    return start, tuple(state)
+
+
+def _checkpoint_meta(config: TrainSettings, data_fingerprint: str, model_config) -> dict:
+    """What every checkpoint records besides its arrays (export and eval read it)."""
+    from w2s_jax.fingerprint import weights_fingerprint_record
+
+    return {
+        "lora": config.lora.to_dict(),
+        "samples_fingerprint": data_fingerprint,
+        "model_config": model_config.to_hf_dict(),
+        "tokenizer": config.tokenizer or config.expert,
+        "init": config.init,
+        "seed": config.seed,
+        "expert_weights_hashed": (
+            weights_fingerprint_record(config.expert) if config.expert else None
+        ),
+    }
+
+
+def _step_stream(trajectories, config: TrainSettings, start: int):
+    """The seeded stream of steps' positions, from step `start` on (resumes replay it)."""
+    from w2s_jax.data.packing import iter_steps
+
+    return iter_steps(
+        trajectories,
+        positions_per_step=config.batch_positions,
+        micro_batches=config.grad_accum,
+        seed=config.seed,
+        bucket_window=config.bucket_window,
+        start_step=start,
+    )
+
+
+def _default_stop_rule(stop_signal, checkpoints) -> Callable[[int], bool]:
+    """Stop after a SIGTERM, or (multi-host) when the cluster announces a preemption."""
+    return lambda step: (
+        stop_signal.requested or (jax.process_count() > 1 and checkpoints.reached_preemption(step))
+    )
+
+
 def train(
     config: TrainSettings, *, should_stop: Callable[[int], bool] | None = None, mesh=None
 ) -> dict:
@@ -353,8 +405,6 @@ def train(
     from tqdm.auto import tqdm
 
     from w2s_jax.checkpointing import StopSignal, TrainCheckpoints
-    from w2s_jax.data.packing import iter_steps
-    from w2s_jax.fingerprint import weights_fingerprint_record
     from w2s_jax.metrics import MetricsLog
     from w2s_jax.models.dtypes import resolve_dtype, warn_if_slow
     from w2s_jax.sharding import BATCH_AXES, make_mesh
@@ -363,53 +413,23 @@ def train(
     warn_if_slow(config.dtype)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    trajectories, data_stats, data_fingerprint, pad_id, model_config, token_count = _load_data(
-        config
-    )
+    trajectories, data_stats, data_fingerprint, pad_id, model_config, tokens = _load_data(config)
     _check_resumable(out, config)
     mesh = make_mesh(config.mesh) if mesh is None else mesh
-    step_fn, state, rest, schedule = compile_step(config, mesh, token_count=token_count)
+    step_fn, state, rest, schedule = compile_step(config, mesh, token_count=tokens)
     objective = get_objective(config.objective)
 
     checkpoints = TrainCheckpoints(out, save_every=config.save_every, keep=config.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
-    if start:
-        *state, meta = checkpoints.restore(start, *state)
-        if meta.get("samples_fingerprint") != data_fingerprint:
-            raise DataError(
-                f"{out}: the checkpoint of step {start} was trained on different samples than "
-                f"{config.samples} now holds; use another --out"
-            )
-        state = tuple(state)
-    meta = {
-        "lora": config.lora.to_dict(),
-        "samples_fingerprint": data_fingerprint,
-        "model_config": model_config.to_hf_dict(),
-        "tokenizer": config.tokenizer or config.expert,
-        "init": config.init,
-        "seed": config.seed,
-        "expert_weights_hashed": (
-            weights_fingerprint_record(config.expert) if config.expert else None
-        ),
-    }
-    steps = iter_steps(
-        trajectories,
-        positions_per_step=config.batch_positions,
-        micro_batches=config.grad_accum,
-        seed=config.seed,
-        bucket_window=config.bucket_window,
-        start_step=start,
-    )
+    start, state = _restore(checkpoints, state, data_fingerprint, config)
+    meta = _checkpoint_meta(config, data_fingerprint, model_config)
+    steps = _step_stream(trajectories, config, start)
     row_multiple = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
     base_key = jax.random.key(config.seed)
     is_leader = jax.process_index() == 0
     log = MetricsLog(out, resume_step=start, tensorboard=is_leader)
     stop_signal = StopSignal()
     if should_stop is None:
-        should_stop = lambda step: (
-            stop_signal.requested
-            or (jax.process_count() > 1 and checkpoints.reached_preemption(step))
-        )
+        should_stop = _default_stop_rule(stop_signal, checkpoints)
     meter, last_saved, stopped = _Meter(), start, False
     bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and is_leader))
     try:
@@ -423,14 +443,10 @@ def train(
                     length_bucket=config.length_bucket,
                     row_multiple=row_multiple,
                 )
-                key = jax.random.fold_in(base_key, step)
                 batch = shard_batch(arrays, mesh, objective.layout)
-                state, metrics = step_fn(state, rest, batch, key)
-                meter.add(
-                    metrics,
-                    tokens=int(arrays["attention_mask"].sum()),
-                    positions=config.batch_positions,
-                )
+                state, metrics = step_fn(state, rest, batch, jax.random.fold_in(base_key, step))
+                tokens = int(arrays["attention_mask"].sum())
+                meter.add(metrics, tokens=tokens, positions=config.batch_positions)
                 done = step + 1
                 stop = should_stop(done)
                 if done % config.log_every == 0 or done == config.steps or stop:
@@ -449,6 +465,11 @@ def train(
         bar.close()
         checkpoints.close()  # waits for a save in flight, also when interrupted
         log.close()
+    return _summarize(out, log, checkpoints, last_saved, stopped, data_stats, is_leader)
+
+
+def _summarize(out: Path, log, checkpoints, last_saved, stopped, data_stats, is_leader) -> dict:
+    """The run's summary (also summary.json and loss_curve.png on the leader)."""
     summary = {
         "steps": last_saved,
         "stopped": stopped,

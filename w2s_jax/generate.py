@@ -282,7 +282,7 @@ def generate(
     ids_bp, mask_bp = left_pad(prompt_ids, pad_id, pad_to_multiple, prefix_len=prefix_len)
     graphdefs, states = zip(*(nnx.split(m) for m in models), strict=True)
     mesh = _mesh_of(states[0])
-    place = (lambda x: x) if mesh is None else _batch_placer(mesh)
+    place = (lambda x: x) if mesh is None else partial(sharding.place_batch, mesh=mesh)
     caches, first_b, first_hidden_bd, key = _prefill_and_start(
         graphdefs,
         states,
@@ -416,11 +416,6 @@ def _prefill_groups(graphdef, state, ids_bp, mask_bp, groups, prefix_len, place)
         lasts.append(last)
         caches.append(cache)
     return lasts, caches
-
-
-def _batch_placer(mesh):
-    """Host array -> device array split over the mesh's batch axes."""
-    return lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.shape[0]))
 
 
 def _mesh_of(state):

@@ -17,8 +17,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
+from w2s_jax import sharding
 from w2s_jax.train_config import LoRAConfig
 
 __all__ = [
@@ -112,13 +113,12 @@ def _replicate_like_base(adapter: ScaledLoRA) -> None:
     Without this a model sharded over a mesh would mix them (on one device) with its
     weights (on the mesh) in one jitted call, which JAX refuses.
     """
-    sharding = adapter.base_module.kernel[...].sharding
-    if not isinstance(sharding, NamedSharding):
+    placed = adapter.base_module.kernel[...].sharding
+    if not isinstance(placed, NamedSharding):
         return
-    replicated = NamedSharding(sharding.mesh, PartitionSpec())
     for path, variable in nnx.iter_graph(adapter):
         if isinstance(variable, nnx.Variable) and path[0] != "base_module":
-            variable.set_value(jax.device_put(variable.get_value(), replicated))
+            variable.set_value(sharding.replicate(variable.get_value(), placed.mesh))
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:

@@ -149,11 +149,6 @@ def _score(
     }
 
 
-def _to_device(array: np.ndarray, sharding):
-    """A global array from identical host copies (works on one host and on many)."""
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
 class Scorer:
     """Scores rollouts on one mesh: the expert's own hidden states from its rollout
     against one teacher-forced pass of the amateur."""
@@ -184,7 +179,7 @@ class Scorer:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             place = lambda x: jax.device_put(x, device)
         else:
-            place = lambda x: _to_device(x, sharding.batch_sharding(self.mesh, x.shape[0], x.ndim))
+            place = functools.partial(sharding.place_batch, mesh=self.mesh)
         out = _score(
             self._expert[0],
             self._expert[1],

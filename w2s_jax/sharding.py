@@ -96,12 +96,26 @@ def state_shardings(state, mesh: Mesh, rules=PARTITION_RULES):
     )
 
 
-def shard_model(model, mesh: Mesh, rules=PARTITION_RULES) -> None:
-    """Move every variable of an NNX module onto `mesh` by `rules`, in place."""
-    from flax import nnx
+def to_global(array, sharding) -> jax.Array:
+    """A global array from identical host copies on every process (one host or many)."""
+    return jax.make_array_from_callback(np.shape(array), sharding, lambda index: array[index])
 
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
+
+def place_batch(array, mesh: Mesh) -> jax.Array:
+    """A host [B, ...] array split over the mesh's batch axes (`batch_sharding`)."""
+    return to_global(array, batch_sharding(mesh, np.shape(array)[0], np.ndim(array)))
+
+
+def replicate(tree, mesh: Mesh):
+    """Every array of `tree` replicated over `mesh`, unless it already lives on it."""
+
+    def place(x):
+        placed = getattr(x, "sharding", None)
+        if isinstance(placed, NamedSharding) and placed.mesh == mesh:
+            return x
+        return jax.device_put(x, NamedSharding(mesh, P()))
+
+    return jax.tree.map(place, tree)
 
 
 def _name(path: tuple) -> str:

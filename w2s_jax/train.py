@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from w2s_jax import sharding
 from w2s_jax.files import DataError, atomic_write_json
 from w2s_jax.lora import apply_lora, trainable_filter
 from w2s_jax.objectives import LossContext, Objective, get_objective
@@ -135,24 +136,10 @@ def make_train_step(graphdef, tx, **loss_options):
     return step
 
 
-def _on_mesh(tree, mesh):
-    """Replicate over `mesh` every leaf not already placed on it (adapters, RNG keys, counts)."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    def place(x):
-        sharding = x.sharding
-        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
-            return x
-        return jax.device_put(x, NamedSharding(mesh, P()))
-
-    return jax.tree.map(place, tree)
-
-
 def shard_batch(arrays: dict, mesh, layout=PACKED_LAYOUT) -> dict:
     """Global arrays on `mesh` (`batch_shardings`) from identical host copies on all processes."""
     return jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+        sharding.to_global,
         arrays,
         batch_shardings(mesh, layout),
     )
@@ -284,13 +271,13 @@ def compile_step(config: TrainSettings, mesh, *, token_count: int | None = None,
         model.restrict_vocab(token_count)
     apply_lora(model, lora, seed=config.seed)
     graphdef, params, rest = nnx.split(model, trainable_filter(lora), ...)
-    params, rest = _on_mesh(params, mesh), _on_mesh(rest, mesh)
+    params, rest = sharding.replicate(params, mesh), sharding.replicate(rest, mesh)
     teacher_graphdef = None
     if teacher is not None:
         teacher_graphdef, teacher_state = nnx.split(teacher)
-        rest = (rest, _on_mesh(teacher_state, mesh))
+        rest = (rest, sharding.replicate(teacher_state, mesh))
     tx, schedule = build_optimizer(config)
-    state = (params, _on_mesh(jax.jit(tx.init)(params), mesh))
+    state = (params, sharding.replicate(jax.jit(tx.init)(params), mesh))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step = make_train_step(
         graphdef,

@@ -149,7 +149,8 @@ def _task_config(expert_dir: Path):
 
 
 def _check_settings(out: Path, config: DemoSettings) -> None:
-    claim(out / "demo_config.json", config.settings(), what="a demo run")
+    has_results = (out / "eval").is_dir() or any(out.glob("seed-*"))
+    claim(out / "demo_config.json", config.settings(), what="a demo run", has_results=has_results)
 
 
 class _Timer:

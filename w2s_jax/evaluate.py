@@ -237,7 +237,8 @@ def _check_same_run(out: Path, fingerprint: dict) -> None:
     # prompt_example is for readers (it follows from the settings and the tokenizer), and
     # a folder made before it was recorded must still resume.
     ignore = ("model_weights_hashed", "prompt_example", *free_fields(EvalSettings))
-    claim(out / "run.json", fingerprint, ignore=ignore, what="an eval run")
+    has_results = any((out / "shards").glob("part-*.jsonl"))
+    claim(out / "run.json", fingerprint, ignore=ignore, what="an eval run", has_results=has_results)
 
 
 def _finished_rows(out: Path, questions: list[Question]) -> tuple[dict[str, dict], int]:

@@ -50,16 +50,19 @@ def claim(
     ignore: Iterable[str] = (),
     what: str = "a run",
     write: bool = True,
+    has_results: bool = True,
 ) -> bool:
     """Refuse `path`'s folder if it records other settings; else record `document`.
 
     `settings_key`: where the settings sit in the document (None: the whole document).
-    `ignore`: settings that may differ. Returns True when a record was already there
+    `ignore`: settings that may differ. `has_results`: whether the folder holds any
+    result yet; a record without results (a start that failed) never blocks a
+    corrected re-run, it is replaced. Returns True when a record was already there
     (a resumed run). With `write=False` (other processes of a multi-host run) nothing
     is written. Raises SettingsChanged listing the differences.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() or not has_results:
         if write:
             atomic_write_json(path, document)
         return False

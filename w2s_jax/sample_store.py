@@ -58,7 +58,14 @@ def check_or_create_manifest(out: str | Path, manifest: dict, *, create: bool = 
         read_manifest(out)  # a samples manifest, not some other JSON file
     elif shard_paths(out):
         raise DataError(f"{out}/samples holds shards but {path} is missing; refusing to mix runs")
-    return claim(path, manifest, settings_key="settings", what="samples", write=create)
+    return claim(
+        path,
+        manifest,
+        settings_key="settings",
+        what="samples",
+        write=create,
+        has_results=bool(shard_paths(out)),
+    )
 
 
 def samples_dir(out: str | Path) -> Path:

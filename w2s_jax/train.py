@@ -203,6 +203,7 @@ def _check_resumable(out: Path, config: TrainSettings) -> None:
         ignore=FREE_SETTINGS,
         what="a training run",
         write=jax.process_index() == 0,
+        has_results=(out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()),
     )
 
 

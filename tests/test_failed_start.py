@@ -17,6 +17,7 @@ def test_claim_replaces_a_record_without_results_and_refuses_one_with(tmp_path):
         claim(path, {"beta": 0.5})
     assert claim(path, {"beta": 0.5}, has_results=False) is False  # nothing to protect
     assert json.loads(path.read_text()) == {"beta": 0.5}
+    assert claim(path, {"beta": 0.5}, has_results=False) is True  # same settings: resumed
 
 
 def test_sample_after_a_missing_weights_file_is_fixed(tmp_path, tiny_qwen2_dir):

@@ -217,6 +217,7 @@ def test_manifest_refuses_changed_settings(tmp_path):
     manifest = {"format": sample_store.FORMAT, "settings": {"alpha": 0.2, "beta": 0.4}}
     assert sample_store.check_or_create_manifest(tmp_path, manifest) is False
     assert sample_store.check_or_create_manifest(tmp_path, manifest) is True
+    sample_store.write_shard(tmp_path, [], _stats(0, 0, 0, 0), process_index=0)  # a result
     before = sample_store.manifest_path(tmp_path).read_bytes()
     changed = {"format": sample_store.FORMAT, "settings": {"alpha": 0.2, "beta": 0.5}}
     with pytest.raises(SettingsChanged, match=r"beta: 0.4 -> 0.5"):

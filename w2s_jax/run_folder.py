@@ -62,16 +62,18 @@ def claim(
     is written. Raises SettingsChanged listing the differences.
     """
     path = Path(path)
-    if not path.exists() or not has_results:
+    diff = None
+    if path.exists():
+        recorded = read_record(path)
+        if settings_key is not None:
+            recorded, requested = recorded.get(settings_key, {}), document[settings_key]
+        else:
+            requested = document
+        diff = settings_difference(recorded, requested, ignore=ignore)
+    if diff is None or (diff and not has_results):
         if write:
             atomic_write_json(path, document)
         return False
-    recorded = read_record(path)
-    if settings_key is not None:
-        recorded, requested = recorded.get(settings_key, {}), document[settings_key]
-    else:
-        requested = document
-    diff = settings_difference(recorded, requested, ignore=ignore)
     if diff:
         raise SettingsChanged(
             f"{path.parent} holds {what} made with different settings; use another --out or "

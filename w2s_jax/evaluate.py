@@ -206,6 +206,9 @@ class EvalSettings:
         free=True,
     )
     progress: bool = setting(True, "Hide the progress bar.", flags=("--no-progress",), free=True)
+    force: bool = setting(
+        False, "Apply --lora even to a base other than the one it was trained on.", free=True
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "eos_ids", tuple(sorted(int(i) for i in self.eos_ids)))
@@ -279,6 +282,10 @@ def _load_model(settings: EvalSettings, mesh_spec: str | None):
         tokenizer = load_tokenizer(folder)
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"{folder}: cannot load its tokenizer ({exc})") from exc
+    if settings.lora:
+        from w2s_jax.lora import check_adapter_base
+
+        check_adapter_base(settings.lora, folder, force=settings.force)
     model = load_pretrained(
         folder, dtype=settings.dtype, mesh=make_mesh(mesh_spec) if mesh_spec else None
     )

@@ -93,6 +93,9 @@ class ExportSettings:
     tokenizer: str | None = setting(
         None, "Tokenizer to copy (default: the one training used).", metavar="DIR"
     )
+    force: bool = setting(
+        False, "Merge the adapters even into a base other than the one they were trained on."
+    )
 
     def __post_init__(self):
         check(self)
@@ -109,7 +112,7 @@ def export(settings: ExportSettings) -> ExportResult:
     from flax import nnx
 
     from w2s_jax.checkpointing import locate_checkpoint, read_meta
-    from w2s_jax.lora import LoRAConfig, load_lora_into, merge_lora
+    from w2s_jax.lora import LoRAConfig, check_adapter_base, load_lora_into, merge_lora
     from w2s_jax.models import (
         ModelConfig,
         init_random,
@@ -126,6 +129,7 @@ def export(settings: ExportSettings) -> ExportResult:
     if expert is None and lora_config.rank == 0:  # every parameter is in the checkpoint
         model = nnx.eval_shape(lambda: init_random(config(), seed=0, dtype=dtype))
     elif expert is not None:
+        check_adapter_base(f"{directory}/{step}", expert, force=settings.force)
         model = load_pretrained(expert, dtype=dtype)
     elif meta.get("init") == "random":  # LoRA on a scratch model: rebuild its seeded base
         model = init_random(config(), seed=meta.get("seed", 0), dtype=dtype)

@@ -12,6 +12,7 @@ checkpoint onto a loaded model.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import jax
@@ -22,10 +23,13 @@ from jax.sharding import NamedSharding
 from w2s_jax import sharding
 from w2s_jax.train_config import LoRAConfig
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "LoRAConfig",
     "ScaledLoRA",
     "apply_lora",
+    "check_adapter_base",
     "load_lora_into",
     "merge_lora",
     "trainable_filter",
@@ -134,6 +138,36 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
 def trainable_filter(config: LoRAConfig):
     """The nnx filter of what trains: adapter weights, or every parameter at rank 0."""
     return nnx.LoRAParam if config.rank else nnx.Param
+
+
+def check_adapter_base(checkpoint: str | Path, base: str | Path, *, force: bool = False) -> None:
+    """Refuse to apply a LoRA checkpoint to a base other than the one it was trained on.
+
+    The train run records its expert's weights fingerprint; a base whose fingerprint
+    differs raises ValueError naming both, unless `force` (then a warning is logged).
+    Full fine-tuning checkpoints (every parameter replaced) and checkpoints that
+    recorded no base are not checked.
+    """
+    from w2s_jax.checkpointing import read_meta
+    from w2s_jax.fingerprint import weights_fingerprint
+
+    meta = read_meta(checkpoint)
+    recorded = (meta.get("expert_weights_hashed") or {}).get("fingerprint")
+    if not meta["lora"].get("rank") or recorded is None:
+        return
+    actual = weights_fingerprint(base)
+    if actual == recorded:
+        return
+    message = (
+        f"{checkpoint} holds adapters trained on a base with weights fingerprint "
+        f"{recorded[:16]}…, but {base} has {actual[:16]}…"
+    )
+    if not force:
+        raise ValueError(
+            f"{message}; adapters are only meaningful on their own base "
+            "(--force applies them anyway)"
+        )
+    logger.warning("%s; applying them anyway (--force)", message)
 
 
 def load_lora_into(model: nnx.Module, checkpoint: str | Path, *, step: int | None = None):

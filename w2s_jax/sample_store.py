@@ -95,7 +95,12 @@ def read_samples(out: str | Path) -> Iterator[dict]:
 
 def finished_ids(out: str | Path) -> set[str]:
     """Ids of the questions already sampled into `out` (by any process)."""
-    return {record["id"] for record in read_samples(out)}
+    return set(finished_prompts(out))
+
+
+def finished_prompts(out: str | Path) -> dict[str, list[int]]:
+    """{id: prompt ids} of the questions already sampled into `out` (by any process)."""
+    return {record["id"]: record["prompt_ids"] for record in read_samples(out)}
 
 
 def remove_stale_temp_files(out: str | Path, process_index: int) -> None:

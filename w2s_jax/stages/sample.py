@@ -14,6 +14,7 @@ import math
 import time
 from pathlib import Path
 
+from w2s_jax.files import DataError
 from w2s_jax.settings import free_fields, record
 from w2s_jax.stages.sample_settings import SampleSettings
 
@@ -161,6 +162,30 @@ def plan(settings: SampleSettings) -> SamplePlan:
     )
 
 
+def _check_same_questions(finished: dict[str, list[int]], the_plan: SamplePlan, out) -> None:
+    """Refuse a resume whose data no longer holds the sampled questions as they were.
+
+    A record's prompt ids are its question as the model saw it (template included), so
+    an edited question, a question gone, or another file at the same path shows up.
+    """
+    current = {q.id: p for q, p in zip(the_plan.questions, the_plan.prompts, strict=True)}
+    limit = the_plan.settings.max_questions
+    truncated = limit is not None and len(current) >= limit  # ids past the limit are unseen
+    gone = [] if truncated else [i for i in finished if i not in current]
+    edited = [i for i in finished if i in current and current[i] != finished[i]]
+    if not (gone or edited):
+        return
+    parts = []
+    if edited:
+        parts.append(f"{len(edited)} question(s) changed, first ids: {', '.join(edited[:5])}")
+    if gone:
+        parts.append(f"{len(gone)} sampled id(s) are no longer in the data: {', '.join(gone[:5])}")
+    raise DataError(
+        f"{out} holds samples of other questions than {the_plan.settings.data} now has "
+        f"({'; '.join(parts)}); use another --out"
+    )
+
+
 def _local_batch_size(batch_size: int, processes: int, batch_shards: int) -> int:
     """Per-process batch so that the global batch divides over the mesh's batch axes."""
     local = math.ceil(batch_size / processes)
@@ -189,7 +214,9 @@ def sample(settings: SampleSettings, *, mesh=None, log=print) -> SampleResult:
     if processes > 1:
         multihost_utils.sync_global_devices("w2s sample: manifest")
     sample_store.remove_stale_temp_files(out, process)
-    done = sample_store.finished_ids(out)
+    finished = sample_store.finished_prompts(out)
+    _check_same_questions(finished, the_plan, out)
+    done = set(finished)
     if process == 0 and resumed:
         log(f"resuming {out}: {len(done)} question(s) already sampled")
     _sample_batches(the_plan, mesh, done, log)

@@ -1,4 +1,4 @@
-"""A run folder that holds no results yet never blocks a corrected re-run."""
+"""Failure modes: a failed start never blocks its fix; changed data is never mixed in."""
 
 import json
 import shutil
@@ -47,3 +47,25 @@ def test_train_after_an_unknown_lora_target_is_fixed(tmp_path, tiny_qwen2_dir):
     assert main([*argv, "--lora-targets", "q_proj,v_proj"]) == 0
     with pytest.raises(SystemExit, match=r"different settings.*lora_targets"):
         main([*argv, "--lora-targets", "q_proj"])  # now a checkpoint exists: refused
+
+
+def test_sample_refuses_a_resume_on_changed_questions(tmp_path, tiny_qwen2_dir):
+    data = tmp_path / "q.jsonl"
+    lines = [{"id": f"q{i}", "question": f"What is {i} + {i}?"} for i in range(4)]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["sample", "--expert", tiny_qwen2_dir, "--amateur", tiny_qwen2_dir, "--data", data]
+    argv = [str(a) for a in [*argv, "--out", tmp_path / "out", "--max-new-tokens", "4"]]
+    assert main(argv) == 0
+    shards = sorted((tmp_path / "out" / "samples").glob("*.jsonl"))
+    before = [p.read_bytes() for p in shards]
+    lines[2]["question"] = "What is 2 + 3?"  # an edited question under an existing id
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(SystemExit, match=r"1 question\(s\) changed, first ids: q2"):
+        main(argv)
+    others = [{"id": f"n{i}", "question": f"What is {i} * 3?"} for i in range(6)]
+    data.write_text("".join(json.dumps(line) + "\n" for line in others))  # another file
+    with pytest.raises(SystemExit, match=r"4 sampled id\(s\) are no longer in the data: q0"):
+        main(argv)
+    assert [p.read_bytes() for p in shards] == before  # nothing mixed in
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
+    assert main([*argv, "--max-questions", "2"]) == 0  # a shorter resume is no change

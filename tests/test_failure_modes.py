@@ -69,3 +69,20 @@ def test_sample_refuses_a_resume_on_changed_questions(tmp_path, tiny_qwen2_dir):
     assert [p.read_bytes() for p in shards] == before  # nothing mixed in
     data.write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
     assert main([*argv, "--max-questions", "2"]) == 0  # a shorter resume is no change
+
+
+def test_a_truncated_model_is_an_error_line_unless_allowed(tmp_path, tiny_qwen2_dir):
+    folder = tmp_path / "truncated"
+    shutil.copytree(tiny_qwen2_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 1  # the weights hold 2 layers
+    if "layer_types" in config:
+        config["layer_types"] = config["layer_types"][:1]
+    (folder / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question": "What is 2 + 3?", "answer": "#### 5"}\n')
+    argv = ["eval", "--model", folder, "--data", data, "--out", tmp_path / "e"]
+    argv = [str(a) for a in [*argv, "--max-new-tokens", "4", "--no-progress"]]
+    with pytest.raises(SystemExit, match=r"^error: .*not used by config.json: model\.layers\.1\."):
+        main(argv)
+    assert main([*argv, "--allow-unused-weights"]) == 0

@@ -309,12 +309,25 @@ def test_missing_tensor_and_wrong_shape_name_the_key(checkpoints, tmp_path):
         load_pretrained(folder)
 
 
-def test_unused_tensors_are_reported(checkpoints, tmp_path, caplog):
+def test_unused_tensors_are_an_error_unless_allowed(checkpoints, tmp_path, caplog):
     folder = copy_checkpoint(checkpoints["qwen2_untied"][0], tmp_path / "extra")
     rewrite_tensors(folder, lambda a: {**a, "model.extra.weight": np.zeros(3, np.float32)})
-    with caplog.at_level(logging.WARNING):
+    with pytest.raises(CheckpointError, match=r"1 checkpoint tensor\(s\) not used .*model.extra"):
         load_pretrained(folder)
+    with caplog.at_level(logging.WARNING):
+        load_pretrained(folder, allow_unused=True)
     assert "model.extra.weight" in caplog.text and "not used" in caplog.text
+
+
+def test_a_truncated_config_is_refused_naming_the_dropped_layers(checkpoints, tmp_path):
+    folder = copy_checkpoint(checkpoints["qwen2_untied"][0], tmp_path / "truncated")
+    config = json.loads((folder / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    config["num_hidden_layers"] = layers - 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"model\.layers\.{layers - 1}\."):
+        load_pretrained(folder)
+    assert len(load_pretrained(folder, allow_unused=True).model.layers) == layers - 1
 
 
 @pytest.mark.parametrize(

@@ -209,6 +209,11 @@ class EvalSettings:
     force: bool = setting(
         False, "Apply --lora even to a base other than the one it was trained on.", free=True
     )
+    allow_unused_weights: bool = setting(
+        False,
+        "Load checkpoints that hold tensors the config does not use (otherwise an error "
+        "naming them).",
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "eos_ids", tuple(sorted(int(i) for i in self.eos_ids)))
@@ -287,7 +292,10 @@ def _load_model(settings: EvalSettings, mesh_spec: str | None):
 
         check_adapter_base(settings.lora, folder, force=settings.force)
     model = load_pretrained(
-        folder, dtype=settings.dtype, mesh=make_mesh(mesh_spec) if mesh_spec else None
+        folder,
+        dtype=settings.dtype,
+        mesh=make_mesh(mesh_spec) if mesh_spec else None,
+        allow_unused=settings.allow_unused_weights,
     )
     warn_if_slow(model.config.dtype)
     model.restrict_vocab(len(tokenizer))

@@ -96,6 +96,11 @@ class ExportSettings:
     force: bool = setting(
         False, "Merge the adapters even into a base other than the one they were trained on."
     )
+    allow_unused_weights: bool = setting(
+        False,
+        "Load checkpoints that hold tensors the config does not use (otherwise an error "
+        "naming them).",
+    )
 
     def __post_init__(self):
         check(self)
@@ -130,7 +135,7 @@ def export(settings: ExportSettings) -> ExportResult:
         model = nnx.eval_shape(lambda: init_random(config(), seed=0, dtype=dtype))
     elif expert is not None:
         check_adapter_base(f"{directory}/{step}", expert, force=settings.force)
-        model = load_pretrained(expert, dtype=dtype)
+        model = load_pretrained(expert, dtype=dtype, allow_unused=settings.allow_unused_weights)
     elif meta.get("init") == "random":  # LoRA on a scratch model: rebuild its seeded base
         model = init_random(config(), seed=meta.get("seed", 0), dtype=dtype)
     else:

@@ -193,7 +193,9 @@ def _load_model(config: TrainSettings, mesh):
     if config.init == "random":
         model_config = ModelConfig.from_hf_json(config.model_config)
         return init_random(model_config, seed=config.seed, dtype=config.dtype, mesh=mesh)
-    return load_pretrained(config.expert, dtype=config.dtype, mesh=mesh)
+    return load_pretrained(
+        config.expert, dtype=config.dtype, mesh=mesh, allow_unused=config.allow_unused_weights
+    )
 
 
 def _check_resumable(out: Path, config: TrainSettings) -> None:

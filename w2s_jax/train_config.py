@@ -139,6 +139,12 @@ class TrainSettings:
     log_every: int = setting(10, "Metrics every N steps.", check=at_least(1), free=True)
     progress: bool = setting(True, "No progress bar.", flags=("--no-progress",), free=True)
 
+    allow_unused_weights: bool = setting(
+        False,
+        "Load checkpoints that hold tensors the config does not use (otherwise an error "
+        "naming them).",
+    )
+
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", comma_list(self.lora_targets))
         check(self)

@@ -54,23 +54,34 @@ class _ShapeOnlyKeys:
         return jax.random.key(0)
 
 
-def load_pretrained(path: str | Path, *, dtype=None, mesh=None, rules=sharding.PARTITION_RULES):
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype=None,
+    mesh=None,
+    rules=sharding.PARTITION_RULES,
+    allow_unused: bool = False,
+):
     """Load a local HF model folder (config.json + safetensors) as a `CausalLM`.
 
     dtype: parameter/compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU;
     "float32", "bfloat16", ...; default the checkpoint's). mesh: place each parameter
     with its NamedSharding from `rules` (default: one local device). Tensors are
     memory-mapped and placed one at a time, only the slices each local device needs.
-    A missing tensor or a wrong shape raises `CheckpointError` naming the key;
-    unused tensors are logged.
+    A missing tensor or a wrong shape raises `CheckpointError` naming the key. So do
+    checkpoint tensors the model does not use (a config with fewer layers than the
+    weights, say), before anything is loaded, unless `allow_unused` (then they are
+    logged).
     """
     folder = _require_folder(path)
     config = _compute_config(ModelConfig.from_hf_json(folder / "config.json"), dtype)
     tensors = SafetensorsFolder(folder)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=_ShapeOnlyKeys())))
-    used = set()
-    for path, variable in nnx.to_flat_state(state):
-        name = _path_name(path)
+    variables = [(_path_name(p), v) for p, v in nnx.to_flat_state(state)]
+    _check_unused(
+        folder, tensors, {path_to_hf(name)[0] for name, _ in variables}, config, allow_unused
+    )
+    for name, variable in variables:
         key, transpose = path_to_hf(name)
         if key not in tensors.entries:
             raise CheckpointError(f"{folder}: tensor {key!r} (parameter {name}) is missing")
@@ -94,19 +105,28 @@ def load_pretrained(path: str | Path, *, dtype=None, mesh=None, rules=sharding.P
                 lambda index, a=array, d=abstract.dtype: np.array(a[index], dtype=d),
             )
         )
-        used.add(key)
+    return nnx.merge(graphdef, state)
+
+
+def _check_unused(folder: Path, tensors, expected: set, config, allow: bool) -> None:
+    """CheckpointError naming the checkpoint tensors the model would not use."""
     unused = sorted(
         key
         for key in tensors.entries
-        if key not in used
+        if key not in expected
         and not IGNORED_HF_KEYS.search(key)
         and not (config.tie_word_embeddings and key == "lm_head.weight")
     )
-    if unused:
-        logger.warning(
-            "%s: %d checkpoint tensor(s) not used: %s", folder, len(unused), ", ".join(unused)
+    if not unused:
+        return
+    shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+    message = f"{folder}: {len(unused)} checkpoint tensor(s) not used by config.json: {shown}"
+    if not allow:
+        raise CheckpointError(
+            f"{message}; does config.json describe these weights? "
+            "(--allow-unused-weights loads them anyway)"
         )
-    return nnx.merge(graphdef, state)
+    logger.warning("%s", message)
 
 
 def init_random(config: ModelConfig, *, seed: int, dtype=None, mesh=None):

@@ -254,8 +254,9 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
         return
     dtype = the_plan.manifest["settings"]["dtype"]
     warn_if_slow(dtype)
-    expert = load_pretrained(settings.expert, dtype=dtype, mesh=mesh)
-    amateur = load_pretrained(settings.amateur, dtype=dtype, mesh=mesh)
+    allow = settings.allow_unused_weights
+    expert = load_pretrained(settings.expert, dtype=dtype, mesh=mesh, allow_unused=allow)
+    amateur = load_pretrained(settings.amateur, dtype=dtype, mesh=mesh, allow_unused=allow)
     expert.restrict_vocab(the_plan.vocab_size)
     amateur.restrict_vocab(the_plan.vocab_size)
     scorer = Scorer(expert, amateur, config=settings, vocab_size=the_plan.vocab_size, mesh=mesh)

@@ -69,6 +69,12 @@ class SampleSettings:
     tfds_split: str = setting("train", "Split of a tfds: source.")
     tfds_data_dir: str | None = setting(None, "TFDS data dir (default $TFDS_DATA_DIR).", free=True)
 
+    allow_unused_weights: bool = setting(
+        False,
+        "Load checkpoints that hold tensors the config does not use (otherwise an error "
+        "naming them).",
+    )
+
     def __post_init__(self):
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
         check(self)

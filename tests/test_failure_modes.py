@@ -86,3 +86,77 @@ def test_a_truncated_model_is_an_error_line_unless_allowed(tmp_path, tiny_qwen2_
     with pytest.raises(SystemExit, match=r"^error: .*not used by config.json: model\.layers\.1\."):
         main(argv)
     assert main([*argv, "--allow-unused-weights"]) == 0
+
+
+def _with_nan(source, folder, key="model.layers.0.self_attn.q_proj.weight"):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors[key] = tensors[key].copy()
+    tensors[key][0, 0] = np.nan
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("role", ["expert", "amateur"])
+def test_nan_weights_stop_sampling_before_anything_is_written(role, tmp_path, tiny_qwen2_dir):
+    broken = _with_nan(tiny_qwen2_dir, tmp_path / "nan_model")
+    models = {"expert": tiny_qwen2_dir, "amateur": tiny_qwen2_dir, role: broken}
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question": "What is 2 + 3?"}\n')
+    argv = ["sample", "--expert", models["expert"], "--amateur", models["amateur"]]
+    argv = [str(a) for a in [*argv, "--data", data, "--out", tmp_path / "out"]]
+    with pytest.raises(SystemExit, match=r"nan_model: non-finite .* model\.layers\.0\.self_attn"):
+        main(argv)
+    assert not list((tmp_path / "out").glob("samples/*.jsonl"))
+
+
+def test_nan_weights_stop_eval(tmp_path, tiny_qwen2_dir):
+    broken = _with_nan(tiny_qwen2_dir, tmp_path / "nan_model")
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question": "What is 2 + 3?", "answer": "#### 5"}\n')
+    argv = ["eval", "--model", broken, "--data", data, "--out", tmp_path / "e", "--no-progress"]
+    with pytest.raises(SystemExit, match=r"^error: .*non-finite values \(NaN or inf\) in model"):
+        main([str(a) for a in argv])
+    assert not (tmp_path / "e" / "summary.json").exists()
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(
+    tmp_path, tiny_qwen2_dir, monkeypatch
+):
+    """From step 3 on the step returns NaN weights and loss (as a diverging run does)."""
+    import jax
+    import jax.numpy as jnp
+    from test_train import write_samples
+
+    import w2s_jax.train as train_module
+    from w2s_jax.lora import load_lora_into
+    from w2s_jax.models import load_pretrained
+
+    real_compile = train_module.compile_step
+
+    def compile_diverging(*args, **kwargs):
+        step_fn, state, rest, schedule = real_compile(*args, **kwargs)
+        calls = []
+
+        def step(state, rest, batch, key):
+            calls.append(1)
+            state, metrics = step_fn(state, rest, batch, key)
+            if len(calls) >= 3:
+                state = jax.tree.map(lambda x: x * jnp.nan if x.dtype == jnp.float32 else x, state)
+                metrics = {**metrics, "loss": jnp.float32(jnp.nan)}
+            return state, metrics
+
+        return step, state, rest, schedule
+
+    monkeypatch.setattr(train_module, "compile_step", compile_diverging)
+    samples = write_samples(tmp_path / "samples", tiny_qwen2_dir, n=4)
+    argv = ["train", "--expert", tiny_qwen2_dir, "--samples", samples, "--out", tmp_path / "t"]
+    argv += ["--steps", "6", "--batch-positions", "4", "--save-every", "1", "--no-progress"]
+    with pytest.raises(SystemExit, match=r"^error: step 3: non-finite loss=nan; .* \(step 2\)"):
+        main([str(a) for a in argv])
+    checkpoints = tmp_path / "t" / "checkpoints"
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [1, 2]
+    load_lora_into(load_pretrained(tiny_qwen2_dir), tmp_path / "t")  # finite, or it raises

@@ -91,7 +91,7 @@ def test_flags_build_the_same_settings_as_python():
 
 
 def test_checks_name_the_flag_and_the_value():
-    with pytest.raises(ValueError, match=r"--lr must be > 0, got -1"):
+    with pytest.raises(ValueError, match=r"--lr must be a finite number > 0, got -1"):
         stages.TrainSettings(samples="s", out="o", expert="e", learning_rate=-1)
     with pytest.raises(ValueError, match=r"--arms must start with base"):
         stages.DemoSettings(arms=("sft",))

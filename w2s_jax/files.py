@@ -79,6 +79,10 @@ class DataError(ValueError):
     """Bad user data; the message names the file and line."""
 
 
+class NonFiniteError(ValueError):
+    """A NaN or infinity where a number must be finite; nothing non-finite is written."""
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSONL file.
 

@@ -183,6 +183,10 @@ def load_lora_into(model: nnx.Module, checkpoint: str | Path, *, step: int | Non
 
     config = LoRAConfig.from_dict(read_meta(checkpoint, step=step)["lora"])
     apply_lora(model, dataclasses.replace(config, dropout=0.0))
+    from w2s_jax.models.hf_io import check_finite
+
     template = nnx.state(model, trainable_filter(config))
-    nnx.update(model, restore_params(checkpoint, template, step=step))
+    restored = restore_params(checkpoint, template, step=step)
+    check_finite(checkpoint, {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(restored)})
+    nnx.update(model, restored)
     return model

@@ -435,6 +435,7 @@ def train(
                 )
                 batch = shard_batch(arrays, mesh, objective.layout)
                 state, metrics = step_fn(state, rest, batch, jax.random.fold_in(base_key, step))
+                _check_step_finite(metrics, step + 1, last_saved)
                 tokens = int(arrays["attention_mask"].sum())
                 meter.add(metrics, tokens=tokens, positions=config.batch_positions)
                 done = step + 1
@@ -456,6 +457,21 @@ def train(
         checkpoints.close()  # waits for a save in flight, also when interrupted
         log.close()
     return _summarize(out, log, checkpoints, last_saved, stopped, data_stats, is_leader)
+
+
+def _check_step_finite(metrics: dict, step: int, last_saved: int) -> None:
+    """NonFiniteError when a step's loss or gradient norm is not finite; that state is
+    never saved (the last checkpoint, of step `last_saved`, holds finite weights)."""
+    from w2s_jax.files import NonFiniteError
+
+    values = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm") if k in metrics})
+    bad = [k for k, v in values.items() if not np.isfinite(v)]
+    if bad:
+        shown = ", ".join(f"{k}={values[k]}" for k in bad)
+        raise NonFiniteError(
+            f"step {step}: non-finite {shown}; the last checkpoint (step {last_saved}) is "
+            "kept; lower the learning rate or check the data and weights"
+        )
 
 
 def _summarize(out: Path, log, checkpoints, last_saved, stopped, data_stats, is_leader) -> dict:

@@ -7,6 +7,7 @@ Plain dataclasses with checks and no JAX import, so `w2s train --help` stays fas
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from w2s_jax.settings import (
@@ -96,7 +97,7 @@ class TrainSettings:
         5e-5,
         "Peak learning rate (AdamW), decayed linearly to 0.",
         flags=("--lr", "--learning-rate"),
-        check=lambda v: None if v > 0 else "must be > 0",
+        check=lambda v: None if 0 < v < math.inf else "must be a finite number > 0",
     )
     warmup_steps: int = setting(0, "Linear warm-up steps.", check=at_least(0))
     weight_decay: float = setting(0.0, "AdamW weight decay.")

@@ -105,7 +105,29 @@ def load_pretrained(
                 lambda index, a=array, d=abstract.dtype: np.array(a[index], dtype=d),
             )
         )
+    check_finite(folder, {path_to_hf(name)[0]: variable for name, variable in variables})
     return nnx.merge(graphdef, state)
+
+
+def check_finite(where, variables: dict) -> None:
+    """NonFiniteError naming the first parameters holding a NaN or an infinity.
+
+    `variables` maps names to nnx Variables (or arrays); one reduction per tensor.
+    """
+    from w2s_jax.files import NonFiniteError
+
+    finite = _all_finite(
+        {name: getattr(v, "get_value", lambda v=v: v)() for name, v in variables.items()}
+    )
+    bad = [name for name, ok in finite.items() if not bool(ok)]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteError(f"{where}: non-finite values (NaN or inf) in {shown}")
+
+
+@jax.jit
+def _all_finite(arrays: dict) -> dict:
+    return {name: jnp.isfinite(x).all() for name, x in arrays.items()}
 
 
 def _check_unused(folder: Path, tensors, expected: set, config, allow: bool) -> None:

@@ -278,6 +278,7 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
         if not batch:
             continue
         own = slice(process * local_batch, process * local_batch + len(batch))
+        _check_scores_finite(scores, lengths, own, [the_plan.questions[i].id for i in batch])
         records, stats = build_records(
             [the_plan.questions[i].id for i in batch],
             [the_plan.prompts[i] for i in batch],
@@ -292,6 +293,25 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
         bar.update(len(batch))
         bar.set_postfix(selected=selected)
     bar.close()
+
+
+def _check_scores_finite(scores: dict, lengths, own: slice, ids: list[str]) -> None:
+    """NonFiniteError naming the first question whose KL or target weights are not finite
+    (nothing of its batch is written)."""
+    import numpy as np
+
+    from w2s_jax.files import NonFiniteError
+
+    for name in ("kl", "target_weights"):
+        values = np.asarray(scores[name][own], np.float64)
+        for row, (question, length) in enumerate(zip(ids, lengths[own], strict=True)):
+            bad = ~np.isfinite(values[row, : int(length)])
+            if bad.any():
+                position = int(np.argwhere(bad)[0][0])
+                raise NonFiniteError(
+                    f"question {question!r}: non-finite {name} at rollout position {position}; "
+                    "check the expert and amateur weights (nothing of this batch was written)"
+                )
 
 
 def _finish(the_plan: SamplePlan, out: Path, log) -> dict:

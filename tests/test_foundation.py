@@ -142,3 +142,25 @@ def test_settings_difference_lists_changed_keys_only():
         "new: None -> [1, 2]",
     ]
     assert settings_difference(recorded, dict(recorded)) == []
+
+
+def test_make_demo_installs_the_runtime_dependencies_only(tmp_path):
+    """`make demo` on a fresh machine must not pull the test extras (torch, peft, tfds)."""
+    commands = subprocess.run(
+        ["make", "-n", "demo", f"VENV={tmp_path / 'venv'}"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    installs = [line for line in commands.splitlines() if "pip install" in line]
+    assert any(line.rstrip().endswith("-e .") for line in installs)
+    assert not any("[test]" in line for line in installs)
+    test_commands = subprocess.run(
+        ["make", "-n", "test", f"VENV={tmp_path / 'venv'}"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "-e '.[test]'" in test_commands

@@ -290,8 +290,8 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
         stats["wall_time_s"] = time.perf_counter() - start
         sample_store.write_shard(Path(settings.out), records, stats, process_index=process)
         selected += sum(len(r.positions) for r in records)
+        bar.set_postfix(selected=selected, refresh=False)  # shown by the update below
         bar.update(len(batch))
-        bar.set_postfix(selected=selected)
     bar.close()
 
 
@@ -325,7 +325,8 @@ def _finish(the_plan: SamplePlan, out: Path, log) -> dict:
     sample_store.plot_kl_histogram(kl, settings.beta, out / "kl_histogram.png")
     log(
         f"{summary['questions']} questions, {summary['positions']} positions, "
-        f"{summary['selected']} selected ({summary['selected_fraction']:.1%}) -> {out}"
+        f"{summary['selected']} selected ({summary['selected_fraction']:.1%}"
+        f"{'' if settings.select else ', --no-select keeps every position'}) -> {out}"
     )
     if settings.export_reference:
         rows = sample_store.export_reference(out, the_plan.tokenizer, settings.export_reference)

@@ -133,46 +133,57 @@ def format_table(report: dict) -> str:
 
 
 def save_bar_chart(report: dict, path: Path) -> None:
+    """Two panels, one row per arm: accuracy with its interval (axis fitted to the data),
+    and the paired difference to the base expert with its 95% bootstrap CI."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     arms = report["arms"]
-    fig = Figure(figsize=(8.5, 3.8))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    x = np.arange(len(arms))
-    mean = [100 * a["accuracy_mean"] for a in arms]
+    y = np.arange(len(arms))[::-1]  # first arm on top
+    mean = np.array([100 * a["accuracy_mean"] for a in arms])
     if report["seeds"] > 1:
-        err = [100 * a["accuracy_std"] for a in arms]
+        low = high = np.array([100 * a["accuracy_std"] for a in arms])
         what = f"mean ± sd over {report['seeds']} seeds"
     else:
-        err = [
-            [m - 100 * a["accuracy_ci95"][0] for m, a in zip(mean, arms, strict=True)],
-            [100 * a["accuracy_ci95"][1] - m for m, a in zip(mean, arms, strict=True)],
-        ]
+        low = mean - [100 * a["accuracy_ci95"][0] for a in arms]
+        high = [100 * a["accuracy_ci95"][1] for a in arms] - mean
         what = "95% Wilson CI"
+    fig = Figure(figsize=(9.0, 1.4 + 0.55 * len(arms)))
+    FigureCanvasAgg(fig)
+    ax_acc, ax_diff = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": (3, 2)})
     colors = ["tab:gray", "tab:blue", "tab:orange", "tab:cyan", "tab:cyan"]
-    ax.bar(x, mean, yerr=err, capsize=4, color=colors[: len(arms)])
-    for i, a in enumerate(arms):
-        dots = [100 * r["accuracy"] for r in a["per_seed"]]
-        ax.plot([i] * len(dots), dots, "k.", markersize=4)
-        ax.annotate(
-            f"{mean[i]:.1f}",
-            (i, mean[i]),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-            xytext=(0, 3),
-            textcoords="offset points",
+    # Points, not bars: the axis is fitted to the data, so bar lengths would mislead.
+    for i, color in enumerate(colors[: len(arms)]):
+        ax_acc.errorbar(
+            mean[i], y[i], xerr=[[low[i]], [high[i]]], fmt="o", color=color, capsize=3, ms=7
         )
-    ax.set_xticks(
-        x, [a["label"].replace(", ", ",\n").replace("+ ", "+\n") for a in arms], fontsize=7
-    )
-    ax.set_ylabel(f"{report['split']} accuracy (%), {what}")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"toy world: {report['eval_questions']} {report['split']} problems", fontsize=9)
+    ax_acc.set_xlim(max(0.0, (mean - low).min() - 2.0), min(100.0, (mean + high).max() + 3.0))
+    ax_acc.grid(axis="x", color="0.9")
+    for i, value in enumerate(mean):
+        ax_acc.text(mean[i] + high[i] + 0.4, y[i], f"{value:.1f}", va="center", fontsize=8)
+    ax_acc.set_yticks(y, [a["label"] for a in arms], fontsize=8)
+    ax_acc.set_xlabel(f"{report['split']} accuracy (%), {what}", fontsize=8)
+    _difference_panel(ax_diff, arms, y)
+    fig.suptitle(f"toy world: {report['eval_questions']} {report['split']} problems", fontsize=9)
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=110)
+
+
+def _difference_panel(ax, arms: list[dict], y) -> None:
+    """Δ accuracy vs the base expert (points) with 95% paired-bootstrap CIs; base: a dash."""
+    ax.axvline(0.0, color="0.6", linewidth=0.8)
+    for i, arm in enumerate(arms):
+        if "diff_ci95" not in arm:
+            ax.text(0.0, y[i], "—", ha="center", va="center", fontsize=9)
+            continue
+        diff = 100 * arm["diff_mean"]
+        low, high = (100 * v for v in arm["diff_ci95"])
+        ax.errorbar(diff, y[i], xerr=[[diff - low], [high - diff]], fmt="o", color="k", capsize=3)
+        ax.text(high + 0.3, y[i], f"{diff:+.1f}", va="center", fontsize=8)
+    ax.set_xlabel("Δ vs base expert (points), 95% paired bootstrap CI", fontsize=8)
+    lows = [100 * a["diff_ci95"][0] for a in arms if "diff_ci95" in a] + [0.0]
+    highs = [100 * a["diff_ci95"][1] for a in arms if "diff_ci95" in a] + [0.0]
+    ax.set_xlim(min(lows) - 1.0, max(highs) + 2.5)
 
 
 # --------------------------------------------------------------------- driver

@@ -325,8 +325,13 @@ def _run_seed(config: DemoSettings, seed: int, out: Path, eval_data: Path, task,
     records = list(read_samples(sampled))
     manifest = read_manifest(sampled)
     tokenizer = load_tokenizer(config.expert_dir)
-    arms = {}
-    for arm in config.arms[1:]:
+    arms, trained = {}, config.arms[1:]
+    arms_started = time.perf_counter()
+    for index, arm in enumerate(trained):
+        log(
+            f"[seed {seed}] {arm} ({index + 1}/{len(trained)}): train, export, eval; "
+            + _elapsed_and_eta(arms_started, index, len(trained))
+        )
         data = seed_dir / "data" / arm
         if not (data / "data_stats.json").is_file():
             arm_manifest = manifest | {
@@ -356,6 +361,14 @@ def _run_seed(config: DemoSettings, seed: int, out: Path, eval_data: Path, task,
         )
         arms[arm] = entry
     return {"arms": arms, "times": timer.times}
+
+
+def _elapsed_and_eta(started: float, done: int, total: int) -> str:
+    """ "12 s elapsed, ETA 30 s" from the mean time of the `done` arms so far."""
+    elapsed = time.perf_counter() - started
+    if not done:
+        return f"{elapsed:.0f} s elapsed"
+    return f"{elapsed:.0f} s elapsed, ETA {elapsed / done * (total - done):.0f} s"
 
 
 # --------------------------------------------------------------------- report

@@ -164,3 +164,20 @@ def test_make_demo_installs_the_runtime_dependencies_only(tmp_path):
         text=True,
     ).stdout
     assert "-e '.[test]'" in test_commands
+
+
+def test_sigterm_says_how_to_resume(monkeypatch, capsys):
+    import os
+    import signal
+
+    from w2s_jax.commands import devices
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(devices, "run", terminated)
+    assert main(["devices"]) == 143
+    assert "re-run the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back

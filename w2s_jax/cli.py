@@ -12,7 +12,9 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
+import threading
 
 from w2s_jax import __version__, commands
 from w2s_jax.config import apply_config_file
@@ -37,7 +39,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     for name in _command_names():
         module = importlib.import_module(f"w2s_jax.commands.{name}")
         summary = (module.__doc__ or "").strip().splitlines()[0]
-        sub = subparsers.add_parser(name, help=summary, description=module.__doc__)
+        sub = subparsers.add_parser(
+            name,
+            help=summary,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,  # keep usage lines apart
+        )
         sub.add_argument(
             "--config", metavar="FILE", help="JSON or TOML file of option values; flags win."
         )
@@ -47,23 +54,45 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, by_name
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived while a command ran (train handles it itself, saving a checkpoint)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `w2s ARGV`. A user's error (a bad path, value or file) ends it with one
-    `error: ...` line and exit status 1; W2S_TRACEBACK=1 shows the traceback instead."""
+    `error: ...` line and exit status 1; W2S_TRACEBACK=1 shows the traceback instead.
+    SIGTERM ends it with status 143 and says how to resume (outputs are written
+    atomically, so finished work is kept)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, subparsers = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         command_argv = argv[argv.index(args.command) + 1 :]
         args = apply_config_file(subparsers[args.command], command_argv, args)
         return int(args._run(args) or 0)
+    except _Terminated:
+        print(
+            f"w2s {args.command}: stopped by SIGTERM; finished work is kept, re-run the same "
+            "command to resume",
+            file=sys.stderr,
+        )
+        return 143
     except (ValueError, OSError) as exc:  # DataError, ConfigError, CheckpointError, ...
         if os.environ.get("W2S_TRACEBACK"):
             raise
         raise SystemExit(f"error: {exc}") from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

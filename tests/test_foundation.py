@@ -144,26 +144,19 @@ def test_settings_difference_lists_changed_keys_only():
     assert settings_difference(recorded, dict(recorded)) == []
 
 
+def _make_dry_run(target: str, venv) -> str:
+    """The commands `make TARGET` would run for a fresh venv at `venv`."""
+    command = ["make", "-n", target, f"VENV={venv}"]
+    return subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
 def test_make_demo_installs_the_runtime_dependencies_only(tmp_path):
     """`make demo` on a fresh machine must not pull the test extras (torch, peft, tfds)."""
-    commands = subprocess.run(
-        ["make", "-n", "demo", f"VENV={tmp_path / 'venv'}"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    installs = [line for line in commands.splitlines() if "pip install" in line]
+    demo = _make_dry_run("demo", tmp_path / "venv")
+    installs = [line for line in demo.splitlines() if "pip install" in line]
     assert any(line.rstrip().endswith("-e .") for line in installs)
     assert not any("[test]" in line for line in installs)
-    test_commands = subprocess.run(
-        ["make", "-n", "test", f"VENV={tmp_path / 'venv'}"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    assert "-e '.[test]'" in test_commands
+    assert "-e '.[test]'" in _make_dry_run("test", tmp_path / "venv")
 
 
 def test_sigterm_says_how_to_resume(monkeypatch, capsys):

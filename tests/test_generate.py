@@ -38,7 +38,8 @@ def prompts(seed=0):
     return [rs.randint(3, 320, n).tolist() for n in PROMPT_LENGTHS]
 
 
-def hf_greedy(hf_model, prompt_ids, max_new_tokens, eos_ids, pad_id=0):
+def hf_greedy(hf_model, prompt_ids, max_new_tokens, eos_ids, pad_id=0, **generate_kwargs):
+    """HF greedy decoding of left-padded prompts, padded to `max_new_tokens` like ours."""
     ids, mask = left_pad(prompt_ids, pad_id)
     with torch.no_grad():
         out = hf_model.generate(
@@ -48,6 +49,7 @@ def hf_greedy(hf_model, prompt_ids, max_new_tokens, eos_ids, pad_id=0):
             do_sample=False,
             eos_token_id=eos_ids,
             pad_token_id=pad_id,
+            **generate_kwargs,
         )
     out = out[:, ids.shape[1] :].numpy()
     # HF stops early once every row is done: pad to the full width like ours.

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from test_generate import hf_greedy
 from transformers import AutoModelForCausalLM
 
 from w2s_jax import divergence as dv
 from w2s_jax.evaluate import EvalSettings, run_eval
-from w2s_jax.generate import generate, left_pad
+from w2s_jax.generate import generate
 from w2s_jax.models import load_pretrained, load_tokenizer
 
 TOKENS, ROWS = 300, 320
@@ -40,22 +41,6 @@ def _prompts():
     return [rs.randint(3, TOKENS, n).tolist() for n in (5, 9, 3, 12)]
 
 
-def _hf_greedy(folder, prompt_ids, max_new_tokens, *, suppress=None):
-    hf = AutoModelForCausalLM.from_pretrained(folder)
-    ids, mask = left_pad(prompt_ids, 0)
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            suppress_tokens=suppress,
-            pad_token_id=0,
-        )
-    return out[:, ids.shape[1] :].numpy()
-
-
 def test_generation_never_emits_a_padded_id(loud_padding_dir):
     model = load_pretrained(loud_padding_dir)
     batch = _prompts()
@@ -65,7 +50,8 @@ def test_generation_never_emits_a_padded_id(loud_padding_dir):
     tokens = generate(model, batch, max_new_tokens=12, eos_ids=[ROWS + 1]).tokens
     assert (tokens < TOKENS).all()
     # Reference: HF greedy with the padded ids suppressed (logit -inf).
-    expected = _hf_greedy(loud_padding_dir, batch, 12, suppress=list(range(TOKENS, ROWS)))
+    hf = AutoModelForCausalLM.from_pretrained(loud_padding_dir)
+    expected = hf_greedy(hf, batch, 12, [ROWS + 1], suppress_tokens=list(range(TOKENS, ROWS)))
     np.testing.assert_array_equal(tokens, expected)
     logits = model.logits(jnp.ones((2, model.config.hidden_size)))
     assert logits.shape == (2, ROWS) and np.isneginf(np.asarray(logits[:, TOKENS:])).all()

@@ -50,7 +50,16 @@ from w2s_jax.prompts import (
     stop_ids,
 )
 from w2s_jax.run_folder import claim
-from w2s_jax.settings import AUTO_DTYPE, DTYPES, at_least, check, comma_list, free_fields, setting
+from w2s_jax.settings import (
+    allow_unused_weights_setting,
+    at_least,
+    check,
+    comma_list,
+    compute_dtype_setting,
+    free_fields,
+    setting,
+    stop_ids_setting,
+)
 from w2s_jax.settings import record as settings_record
 
 __all__ = [
@@ -181,20 +190,8 @@ class EvalSettings:
         EVAL_SYSTEM_PROMPT, "System turn of the chat prompt ('' for none)."
     )
     max_new_tokens: int = setting(512, "Most new tokens per answer.", check=at_least(1))
-    dtype: str = setting(
-        AUTO_DTYPE,
-        "Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16 or float16.",
-        choices=(AUTO_DTYPE, *DTYPES),
-    )
-    eos_ids: tuple[int, ...] = setting(
-        (),
-        "Another token id to stop at (repeatable), beside the tokenizer's special end "
-        "tokens and the configs' eos_token_id.",
-        flags=("--eos-id",),
-        parse=int,
-        repeat=True,
-        metavar="ID",
-    )
+    dtype: str = compute_dtype_setting()
+    eos_ids: tuple[int, ...] = stop_ids_setting("an answer")
     batch_size: int = setting(16, "Questions per batch.", check=at_least(1), free=True)
     max_questions: int | None = setting(
         None, "Evaluate only the first N questions.", parse=int, check=at_least(1), free=True
@@ -209,11 +206,7 @@ class EvalSettings:
     force: bool = setting(
         False, "Apply --lora even to a base other than the one it was trained on.", free=True
     )
-    allow_unused_weights: bool = setting(
-        False,
-        "Load checkpoints that hold tensors the config does not use (otherwise an error "
-        "naming them).",
-    )
+    allow_unused_weights: bool = allow_unused_weights_setting()
 
     def __post_init__(self):
         object.__setattr__(self, "eos_ids", tuple(sorted(int(i) for i in self.eos_ids)))
@@ -244,7 +237,7 @@ def _fingerprint(settings: EvalSettings, tokenizer) -> dict:
 def _check_same_run(out: Path, fingerprint: dict) -> None:
     # prompt_example is for readers (it follows from the settings and the tokenizer), and
     # a folder made before it was recorded must still resume.
-    ignore = ("model_weights_hashed", "prompt_example", *free_fields(EvalSettings))
+    ignore = ("model_weights_hashed", "prompt_example")
     has_results = any((out / "shards").glob("part-*.jsonl"))
     claim(out / "run.json", fingerprint, ignore=ignore, what="an eval run", has_results=has_results)
 

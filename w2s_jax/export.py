@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from w2s_jax.files import atomic_write_bytes, atomic_write_json
-from w2s_jax.settings import DTYPES, check, setting
+from w2s_jax.settings import DTYPES, allow_unused_weights_setting, check, setting
 
 ADAPTER_DIR = "adapter"
 REPORT_FILE = "export_report.json"
@@ -96,11 +96,7 @@ class ExportSettings:
     force: bool = setting(
         False, "Merge the adapters even into a base other than the one they were trained on."
     )
-    allow_unused_weights: bool = setting(
-        False,
-        "Load checkpoints that hold tensors the config does not use (otherwise an error "
-        "naming them).",
-    )
+    allow_unused_weights: bool = allow_unused_weights_setting()
 
     def __post_init__(self):
         check(self)

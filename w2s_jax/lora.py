@@ -180,13 +180,15 @@ def load_lora_into(model: nnx.Module, checkpoint: str | Path, *, step: int | Non
     ValueError when the checkpoint's shapes do not fit the model.
     """
     from w2s_jax.checkpointing import read_meta, restore_params
+    from w2s_jax.models.hf_io import check_finite
 
     config = LoRAConfig.from_dict(read_meta(checkpoint, step=step)["lora"])
     apply_lora(model, dataclasses.replace(config, dropout=0.0))
-    from w2s_jax.models.hf_io import check_finite
-
     template = nnx.state(model, trainable_filter(config))
     restored = restore_params(checkpoint, template, step=step)
-    check_finite(checkpoint, {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(restored)})
+    check_finite(
+        checkpoint,
+        {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(restored)},
+    )
     nnx.update(model, restored)
     return model

@@ -153,10 +153,16 @@ class Scorer:
     """Scores rollouts on one mesh: the expert's own hidden states from its rollout
     against one teacher-forced pass of the amateur."""
 
-    def __init__(self, expert, amateur, *, config, vocab_size: int, mesh=None):
-        """config: the sampling settings (alpha, beta, top_k, chunk_size, select are read)."""
+    def __init__(self, expert, amateur, *, config, mesh=None):
+        """config: the sampling settings (alpha, beta, top_k, chunk_size, select are read).
+        KL and targets cover the real token ids of the models (`CausalLM.restrict_vocab`)."""
+        if expert.token_count != amateur.token_count:
+            raise ValueError(
+                f"expert and amateur cover {expert.token_count} and {amateur.token_count} token "
+                "ids; restrict both to the shared tokenizer's size"
+            )
         self.config = config
-        self.vocab_size = vocab_size
+        self.vocab_size = expert.token_count
         self.mesh = mesh
         self._expert = nnx.split(expert)
         self._amateur = nnx.split(amateur)

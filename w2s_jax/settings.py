@@ -35,7 +35,6 @@ def setting(
     many: bool = False,
     metavar: str | None = None,
     required: bool = False,
-    cli: bool = True,
 ) -> Any:
     """A settings field.
 
@@ -47,7 +46,6 @@ def setting(
     several times, each value appended. many: the flag takes one or more values
     (nargs="+"). required: must be given (as a flag or in
     --config; checked by `check`, not by argparse, so a config file can supply it).
-    cli: False for fields with no flag.
     """
     metadata = {
         "help": help,
@@ -60,9 +58,43 @@ def setting(
         "many": many,
         "metavar": metavar,
         "required": required,
-        "cli": cli,
     }
     return dataclasses.field(default=default, metadata=metadata)
+
+
+# --- fields several stages declare ------------------------------------------------
+
+
+def compute_dtype_setting(note: str = "") -> Any:
+    """`--dtype`: the compute dtype, `auto` by default (w2s_jax.models.dtypes)."""
+    return setting(
+        AUTO_DTYPE,
+        "Compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), "
+        f"{', '.join(DTYPES[:-1])} or {DTYPES[-1]}.{note}",
+        choices=(AUTO_DTYPE, *DTYPES),
+    )
+
+
+def stop_ids_setting(what: str) -> Any:
+    """`--eos-id ID` (repeatable): stop ids the user adds to the tokenizer's own."""
+    return setting(
+        (),
+        f"Another token id that ends {what} (repeatable), beside the tokenizer's special "
+        "end tokens and the configs' eos_token_id.",
+        flags=("--eos-id",),
+        parse=int,
+        repeat=True,
+        metavar="ID",
+    )
+
+
+def allow_unused_weights_setting() -> Any:
+    """`--allow-unused-weights`: accept checkpoint tensors the config does not use."""
+    return setting(
+        False,
+        "Load checkpoints that hold tensors the config does not use (otherwise an error "
+        "naming them).",
+    )
 
 
 # --- checks ---------------------------------------------------------------------------
@@ -104,10 +136,6 @@ def comma_list(text: str | Sequence[str]) -> tuple[str, ...]:
 # --- declaration -> flags, settings, record ----------------------------------------
 
 
-def _fields(cls) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
-
-
 def flag_names(field: dataclasses.Field) -> tuple[str, ...]:
     """The flags of a field: declared ones, else `--field-name`."""
     return field.metadata.get("flags") or ("--" + field.name.replace("_", "-"),)
@@ -127,7 +155,7 @@ def _parser_of(field: dataclasses.Field) -> Callable[[str], Any] | None:
 
 def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: Sequence[str] = ()) -> None:
     """Add one flag per field of settings class `cls` (defaults shown in --help)."""
-    for field in _fields(cls):
+    for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
         meta, default = field.metadata, field.default
@@ -157,8 +185,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: Sequence[str] =
 
 def from_namespace(cls, args: argparse.Namespace, **overrides):
     """`cls` from parsed flags (fields without a flag keep their defaults)."""
-    values = {f.name: getattr(args, f.name) for f in _fields(cls) if hasattr(args, f.name)}
-    for field in _fields(cls):
+    fields = dataclasses.fields(cls)
+    values = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
+    for field in fields:
         many = field.metadata.get("repeat") or field.metadata.get("many")
         if many and field.name in values and values[field.name] is not None:
             values[field.name] = tuple(values[field.name])

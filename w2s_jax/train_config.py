@@ -11,11 +11,11 @@ import math
 from pathlib import Path
 
 from w2s_jax.settings import (
-    AUTO_DTYPE,
-    DTYPES,
+    allow_unused_weights_setting,
     at_least,
     check,
     comma_list,
+    compute_dtype_setting,
     free_fields,
     record,
     setting,
@@ -114,12 +114,7 @@ class TrainSettings:
         check=at_least(1),
     )
     grad_accum: int = setting(2, "Micro-batches per step (gradient accumulation).")
-    dtype: str = setting(
-        "auto",
-        "Model compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or "
-        "bfloat16. LoRA adapters and their optimizer state stay float32.",
-        choices=(AUTO_DTYPE, *DTYPES),
-    )
+    dtype: str = compute_dtype_setting(" LoRA adapters and their optimizer state stay float32.")
     loss_chunk_size: int = setting(
         0,
         "Project positions onto the vocabulary this many at a time (0: all at once).",
@@ -140,11 +135,7 @@ class TrainSettings:
     log_every: int = setting(10, "Metrics every N steps.", check=at_least(1), free=True)
     progress: bool = setting(True, "No progress bar.", flags=("--no-progress",), free=True)
 
-    allow_unused_weights: bool = setting(
-        False,
-        "Load checkpoints that hold tensors the config does not use (otherwise an error "
-        "naming them).",
-    )
+    allow_unused_weights: bool = allow_unused_weights_setting()
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", comma_list(self.lora_targets))

@@ -105,20 +105,16 @@ def load_pretrained(
                 lambda index, a=array, d=abstract.dtype: np.array(a[index], dtype=d),
             )
         )
-    check_finite(folder, {path_to_hf(name)[0]: variable for name, variable in variables})
+    check_finite(folder, {path_to_hf(name)[0]: v.get_value() for name, v in variables})
     return nnx.merge(graphdef, state)
 
 
-def check_finite(where, variables: dict) -> None:
-    """NonFiniteError naming the first parameters holding a NaN or an infinity.
-
-    `variables` maps names to nnx Variables (or arrays); one reduction per tensor.
-    """
+def check_finite(where, arrays: dict) -> None:
+    """NonFiniteError naming the first of `arrays` (name -> array) holding a NaN or an
+    infinity; one reduction per tensor."""
     from w2s_jax.files import NonFiniteError
 
-    finite = _all_finite(
-        {name: getattr(v, "get_value", lambda v=v: v)() for name, v in variables.items()}
-    )
+    finite = _all_finite(arrays)
     bad = [name for name, ok in finite.items() if not bool(ok)]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

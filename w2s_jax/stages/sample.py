@@ -259,7 +259,7 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
     amateur = load_pretrained(settings.amateur, dtype=dtype, mesh=mesh, allow_unused=allow)
     expert.restrict_vocab(the_plan.vocab_size)
     amateur.restrict_vocab(the_plan.vocab_size)
-    scorer = Scorer(expert, amateur, config=settings, vocab_size=the_plan.vocab_size, mesh=mesh)
+    scorer = Scorer(expert, amateur, config=settings, mesh=mesh)
     bar = tqdm(total=len(todo), unit="q", desc="sampling", disable=process != 0)
     selected = 0
     for step in range(steps):

@@ -6,7 +6,15 @@ import dataclasses
 import math
 
 from w2s_jax.prompts import PROMPT_STYLES, SAMPLE_SYSTEM_PROMPT
-from w2s_jax.settings import AUTO_DTYPE, DTYPES, at_least, check, number_in, setting
+from w2s_jax.settings import (
+    allow_unused_weights_setting,
+    at_least,
+    check,
+    compute_dtype_setting,
+    number_in,
+    setting,
+    stop_ids_setting,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,21 +44,9 @@ class SampleSettings:
     top_k: int = setting(16, "Most tokens kept per target (renormalized).", check=at_least(1))
     system_prompt: str = setting(SAMPLE_SYSTEM_PROMPT, "System turn of the chat prompt.")
     prompt_style: str = setting("chat", "chat template or plain text.", choices=PROMPT_STYLES)
-    eos_ids: tuple[int, ...] = setting(
-        (),
-        "Another token id that ends a rollout (repeatable), beside the tokenizer's "
-        "special end tokens and the configs' eos_token_id.",
-        flags=("--eos-id",),
-        parse=int,
-        repeat=True,
-        metavar="ID",
-    )
+    eos_ids: tuple[int, ...] = stop_ids_setting("a rollout")
     mesh: str | None = setting(None, 'e.g. "data=4,tensor=2"; default all data.', free=True)
-    dtype: str = setting(
-        AUTO_DTYPE,
-        "Model compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16.",
-        choices=(AUTO_DTYPE, *DTYPES),
-    )
+    dtype: str = compute_dtype_setting()
     chunk_size: int = setting(
         32, "Rollout positions per block of the KL kernel.", check=at_least(1), free=True
     )
@@ -69,12 +65,8 @@ class SampleSettings:
     tfds_split: str = setting("train", "Split of a tfds: source.")
     tfds_data_dir: str | None = setting(None, "TFDS data dir (default $TFDS_DATA_DIR).", free=True)
 
-    allow_unused_weights: bool = setting(
-        False,
-        "Load checkpoints that hold tensors the config does not use (otherwise an error "
-        "naming them).",
-    )
+    allow_unused_weights: bool = allow_unused_weights_setting()
 
     def __post_init__(self):
-        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+        object.__setattr__(self, "eos_ids", tuple(sorted(int(i) for i in self.eos_ids)))
         check(self)

@@ -88,14 +88,18 @@ def test_a_truncated_model_is_an_error_line_unless_allowed(tmp_path, tiny_qwen2_
     assert main([*argv, "--allow-unused-weights"]) == 0
 
 
-def _with_nan(source, folder, key="model.layers.0.self_attn.q_proj.weight"):
-    import numpy as np
+def _with_nan(source, folder, key="model.layers.0.self_attn.q_proj.weight", value=float("nan")):
+    """A copy of the checkpoint `source` with `value` at [0, 0] of tensor `key` (all of
+    it, for a 1-d tensor)."""
     from safetensors.numpy import load_file, save_file
 
     shutil.copytree(source, folder)
     tensors = load_file(folder / "model.safetensors")
     tensors[key] = tensors[key].copy()
-    tensors[key][0, 0] = np.nan
+    if tensors[key].ndim == 1:
+        tensors[key][:] = value
+    else:
+        tensors[key][0, 0] = value
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
@@ -120,6 +124,19 @@ def test_nan_weights_stop_eval(tmp_path, tiny_qwen2_dir):
     argv = ["eval", "--model", broken, "--data", data, "--out", tmp_path / "e", "--no-progress"]
     with pytest.raises(SystemExit, match=r"^error: .*non-finite values \(NaN or inf\) in model"):
         main([str(a) for a in argv])
+    assert not (tmp_path / "e" / "summary.json").exists()
+
+
+def test_logits_that_overflow_at_run_time_stop_eval(tmp_path, tiny_qwen2_dir):
+    # every weight is finite, so the load-time check passes; the final norm's scale makes
+    # the logits overflow float32 while decoding
+    broken = _with_nan(tiny_qwen2_dir, tmp_path / "hot_model", "model.norm.weight", 3e38)
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"id": "q7", "question": "What is 2 + 3?", "answer": "#### 5"}\n')
+    argv = ["eval", "--model", broken, "--data", data, "--out", tmp_path / "e", "--no-progress"]
+    with pytest.raises(SystemExit, match=r"^error: question 'q7': .*hot_model's logits are not"):
+        main([str(a) for a in argv])
+    assert not list((tmp_path / "e").glob("shards/*.jsonl"))
     assert not (tmp_path / "e" / "summary.json").exists()
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from tiny_checkpoints import make_tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -65,6 +66,8 @@ def test_greedy_equals_hf_generate_token_for_token(request, family):
     assert result.tokens.shape == (4, 32) and result.tokens.dtype == np.int32
     np.testing.assert_array_equal(result.tokens, expected)
     assert len(set(map(tuple, result.tokens.tolist()))) == 4  # rows differ: not degenerate
+    assert result.nonfinite_step.tolist() == [-1] * 4
+    result.check_finite(["a", "b", "c", "d"])  # finite: nothing raised
 
 
 def test_stop_ids_padding_and_lengths_match_hf(qwen2):
@@ -92,6 +95,18 @@ def test_all_rows_stopping_ends_early_and_single_eos_int(qwen2):
     assert result.tokens[:, 0].tolist() == first and (result.tokens[:, 1:] == 0).all()
     single = generate(model, batch[:1], max_new_tokens=32, eos_ids=first[0])
     assert single.lengths.tolist() == [1]
+
+
+def test_nonfinite_logits_are_reported_per_row(qwen2):
+    from w2s_jax.files import NonFiniteError
+
+    model, _ = qwen2
+    hot = nnx.clone(model)
+    hot.model.norm.weight[...] = hot.model.norm.weight[...] * 3e38  # finite, overflowing logits
+    result = generate(hot, prompts()[:2], max_new_tokens=4, eos_ids=[2])
+    assert result.nonfinite_step.tolist() == [0, 0]
+    with pytest.raises(NonFiniteError, match="^row a: the model's logits are not finite .* 0"):
+        result.check_finite(["row a", "row b"])
 
 
 def test_hidden_states_equal_hf_teacher_forced_pass(qwen2):

@@ -394,6 +394,7 @@ def run_eval(settings: EvalSettings) -> dict:
             eos_ids=eos,
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
         )
+        result.check_finite([f"question {q.id!r}" for q in batch_q], what=settings.model)
         rows = [
             _graded_row(q, [int(t) for t in tokens[: int(length)]], tokenizer, eos, stops, settings)
             for q, tokens, length in zip(batch_q, result.tokens, result.lengths, strict=True)

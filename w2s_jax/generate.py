@@ -36,7 +36,9 @@ from w2s_jax.models.decoder import default_positions
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     """tokens: i32[B, max_new_tokens], pad_id after a row stopped. lengths: i32[B], the
-    number of generated tokens per row including its stop token. hidden_states (only
+    number of generated tokens per row including its stop token. nonfinite_step: i32[B],
+    the first generated token whose logits (any model's) held a NaN or +inf, -1 if
+    none (`check_finite` raises on it). hidden_states (only
     with `return_hidden_states=True`): a jax.Array [B, max_new_tokens, D] in the model's
     compute dtype, on the model's devices: the final-norm hidden state from which
     tokens[:, t] was chosen (its logits are `model.logits(hidden_states)`); rows are
@@ -45,6 +47,21 @@ class GenerationResult:
     tokens: np.ndarray
     lengths: np.ndarray
     hidden_states: jax.Array | None = None
+    nonfinite_step: np.ndarray | None = None
+
+    def check_finite(self, names: Sequence[str], what: str = "the model") -> None:
+        """NonFiniteError naming the first row (by `names`) whose logits held a NaN or
+        +inf at some decoding step, and that step; nothing when every row stayed finite."""
+        from w2s_jax.files import NonFiniteError
+
+        if self.nonfinite_step is None:
+            return
+        for name, step in zip(names, self.nonfinite_step, strict=True):
+            if step >= 0:
+                raise NonFiniteError(
+                    f"{name}: {what}'s logits are not finite (NaN or +inf) at generated "
+                    f"token {int(step)}; its weights or dtype overflow (try --dtype float32)"
+                )
 
 
 def shared_prefix_cache(model, prefix_ids_n):
@@ -117,7 +134,14 @@ def _start_decoding(
         logits.append(model.logits(last_bd))
     key, sub = jax.random.split(key)
     first_b = mode.next_tokens(logits[0], sub, *logits[1:])
-    return tuple(out_caches), first_b, last_hidden[0], key
+    bad_b = jnp.where(_nonfinite_rows(logits), 0, -1).astype(jnp.int32)
+    return tuple(out_caches), first_b, bad_b, last_hidden[0], key
+
+
+def _nonfinite_rows(logits) -> jax.Array:
+    """bool[B]: rows where any model's logits hold a NaN or +inf (-inf marks padded
+    vocabulary rows and is fine)."""
+    return jnp.stack([jnp.any(jnp.isnan(x) | (x == jnp.inf), axis=-1) for x in logits]).any(0)
 
 
 @partial(
@@ -130,6 +154,7 @@ def _decode(
     states,
     caches,
     first_b,
+    bad_b,
     first_hidden_bd,
     mask_bp,
     eos_e,
@@ -141,7 +166,8 @@ def _decode(
     keep_hidden,
 ):
     """The decoding loop: every model (the expert, then a lockstep mode's amateur) takes
-    the last token into its own cache; the mode picks the next from their logits."""
+    the last token into its own cache; the mode picks the next from their logits. bad_b:
+    per row, the first step whose logits held a NaN or +inf (-1: none yet)."""
     models = [nnx.merge(graphdef, state) for graphdef, state in zip(graphdefs, states, strict=True)]
     b, p = mask_bp.shape
     cache_len = p + max_new_tokens  # as allocated by _start_decoding
@@ -155,11 +181,11 @@ def _decode(
     hidden_bnd = jnp.zeros(hidden_shape, first_hidden_bd.dtype).at[:, 0].set(first_hidden_bd)
 
     def cond(carry):
-        i, _, _, _, done_b, _, _, _ = carry
+        i, _, _, _, done_b, _, _, _, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done_b)
 
     def body(carry):
-        i, caches, tokens_bn, last_b, done_b, lengths_b, hidden_bnd, key = carry
+        i, caches, tokens_bn, last_b, done_b, lengths_b, bad_b, hidden_bnd, key = carry
         slot = p + i - 1  # the cache slot of `last_b`
         mask_b1s = (kv_valid_bs & (jnp.arange(cache_len) <= slot)[None])[:, None, :]
         positions_b1 = (prompt_len_b + i - 1)[:, None]
@@ -171,18 +197,30 @@ def _decode(
         key, sub = jax.random.split(key)
         logits = [model.logits(h[:, 0]) for model, h in zip(models, hiddens, strict=True)]
         next_b = mode.next_tokens(logits[0], sub, *logits[1:])
+        bad_b = jnp.where((bad_b < 0) & ~done_b & _nonfinite_rows(logits), i, bad_b)
         if keep_hidden:
             hidden_bnd = jax.lax.dynamic_update_slice(hidden_bnd, hiddens[0], (0, i, 0))
         next_b = jnp.where(done_b, pad_id, next_b)
         lengths_b = jnp.where(done_b, lengths_b, i + 1)
         tokens_bn = tokens_bn.at[:, i].set(next_b)
         done_b = done_b | jnp.isin(next_b, eos_e)
-        return i + 1, tuple(new_caches), tokens_bn, next_b, done_b, lengths_b, hidden_bnd, key
+        return (
+            i + 1,
+            tuple(new_caches),
+            tokens_bn,
+            next_b,
+            done_b,
+            lengths_b,
+            bad_b,
+            hidden_bnd,
+            key,
+        )
 
-    carry = (jnp.int32(1), caches, tokens_bn, first_b, done_b, lengths_b, hidden_bnd, key)
-    _, caches, tokens_bn, _, _, lengths_b, hidden_bnd, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), caches, tokens_bn, first_b, done_b, lengths_b, bad_b, hidden_bnd, key)
+    carry = jax.lax.while_loop(cond, body, carry)
+    _, caches, tokens_bn, _, _, lengths_b, bad_b, hidden_bnd, _ = carry
     # returning the caches lets them alias the donated buffers
-    return tokens_bn, lengths_b, hidden_bnd if keep_hidden else None, caches
+    return tokens_bn, lengths_b, bad_b, hidden_bnd if keep_hidden else None, caches
 
 
 def left_pad(
@@ -283,7 +321,7 @@ def generate(
     graphdefs, states = zip(*(nnx.split(m) for m in models), strict=True)
     mesh = _mesh_of(states[0])
     place = (lambda x: x) if mesh is None else partial(sharding.place_batch, mesh=mesh)
-    caches, first_b, first_hidden_bd, key = _prefill_and_start(
+    caches, first_b, bad_b, first_hidden_bd, key = _prefill_and_start(
         graphdefs,
         states,
         prompt_ids,
@@ -297,11 +335,12 @@ def generate(
         cache_len=ids_bp.shape[1] + max_new_tokens,
         place=place,
     )
-    tokens_bn, lengths_b, hidden_bnd, _ = _decode(
+    tokens_bn, lengths_b, bad_b, hidden_bnd, _ = _decode(
         graphdefs,
         states,
         caches,
         first_b,
+        bad_b,
         first_hidden_bd,
         place(mask_bp),
         jnp.asarray(eos + eos[:1] * (-len(eos) % 8), jnp.int32),  # fixed size: fewer compiles
@@ -315,6 +354,7 @@ def generate(
         tokens=sharding.to_host(tokens_bn),
         lengths=sharding.to_host(lengths_b),
         hidden_states=hidden_bnd,
+        nonfinite_step=sharding.to_host(bad_b),
     )
 
 
@@ -334,7 +374,8 @@ def _prefill_and_start(
     place,
 ):
     """Every model's prompts prefilled in `groups` length groups (`_prefill_groups`), then
-    `_start_decoding`: (caches, first tokens, the expert's last hidden states, key)."""
+    `_start_decoding`: (caches, first tokens, their non-finite flags (-1 or 0), the
+    expert's last hidden states, key)."""
     width = ids_bp.shape[1]
     groups = length_groups(
         prompt_ids, count=groups, prefix_len=prefix_len, width=width, multiple=multiple

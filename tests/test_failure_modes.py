@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -177,3 +178,68 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(
     checkpoints = tmp_path / "t" / "checkpoints"
     assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [1, 2]
     load_lora_into(load_pretrained(tiny_qwen2_dir), tmp_path / "t")  # finite, or it raises
+
+
+def _unprivileged(argv, cwd):
+    """Run `w2s ARGV` in `cwd` as a user that cannot write where the files say it cannot
+    (root ignores file modes, so as root it runs as nobody); None if that is impossible."""
+    import os
+    import subprocess
+    import sys
+
+    command = [str(Path(sys.executable).parent / "w2s"), *map(str, argv)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            return None
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    env = {**os.environ, "HOME": str(cwd), "W2S_JAX_CACHE_DIR": str(cwd / "cache")}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def readable_runs(tmp_path_factory):
+    """A world-readable folder holding questions, a sample run and a train run of the toy
+    models, and a read-only folder `ro` (pytest's own temp folders are private)."""
+    import os
+    import tempfile
+
+    from w2s_jax.demo import ASSETS
+
+    root = Path(tempfile.mkdtemp(prefix="w2s_ro_"))
+    data = root / "q.jsonl"
+    data.write_text('{"id": "q1", "question": "What is 2 + 3?", "answer": "#### 5"}\n')
+    expert, amateur = ASSETS / "expert", ASSETS / "amateur"
+    assert main(["sample", "--expert", str(expert), "--amateur", str(amateur), "--data", str(data),
+                 "--out", str(root / "samples"), "--max-new-tokens", "8"]) == 0  # fmt: skip
+    assert main(["train", "--expert", str(expert), "--samples", str(root / "samples"),
+                 "--out", str(root / "train"), "--steps", "1", "--no-progress"]) == 0  # fmt: skip
+    (root / "ro").mkdir()
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (root / "ro").chmod(0o555)
+    yield {"root": root, "data": data, "expert": expert, "amateur": amateur}
+    os.chmod(root / "ro", 0o755)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+READ_ONLY_COMMANDS = {
+    "sample": ["sample", "--expert", "{expert}", "--amateur", "{amateur}", "--data", "{data}"],
+    "train": ["train", "--expert", "{expert}", "--samples", "{root}/samples", "--steps", "1"],
+    "export": ["export", "--expert", "{expert}", "--lora", "{root}/train"],
+    "eval": ["eval", "--model", "{expert}", "--data", "{data}", "--max-new-tokens", "8"],
+    "demo": ["demo"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(READ_ONLY_COMMANDS))
+def test_a_read_only_out_gives_one_error_line(command, readable_runs):
+    argv = [a.format(**readable_runs) for a in READ_ONLY_COMMANDS[command]]
+    result = _unprivileged([*argv, "--out", "ro/run"], readable_runs["root"])
+    if result is None:
+        pytest.skip("running as root without setpriv: file modes cannot be tested")
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # no traceback
+    assert result.stderr.startswith(
+        ("error: ro/run: Permission denied", "error: cannot write ro/run/")
+    )
+    assert not (readable_runs["root"] / "ro" / "run").exists()

@@ -62,6 +62,13 @@ def _raise_terminated(signum, frame):
     raise _Terminated
 
 
+def _message(exc: Exception) -> str:
+    """An exception as one line: an OSError as "PATH: reason", without "[Errno N]"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `w2s ARGV`. A user's error (a bad path, value or file) ends it with one
     `error: ...` line and exit status 1; W2S_TRACEBACK=1 shows the traceback instead.
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # DataError, ConfigError, CheckpointError, ...
         if os.environ.get("W2S_TRACEBACK"):
             raise
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(f"error: {_message(exc)}") from None
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

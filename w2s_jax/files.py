@@ -32,8 +32,11 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     one, never a mix, and no temp file behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # name the file we meant to write, not the temp file
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from None
     try:
         os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, "wb") as handle:

@@ -32,11 +32,13 @@ import optax
 from flax import nnx
 
 from w2s_jax import sharding
+from w2s_jax.data.kd_selection import kd_selection, step_stream
 from w2s_jax.files import DataError, atomic_write_json
 from w2s_jax.lora import apply_lora, trainable_filter
 from w2s_jax.objectives import LossContext, Objective, get_objective
 from w2s_jax.objectives.base import PACKED_LAYOUT, ROWS
 from w2s_jax.run_folder import claim
+from w2s_jax.teacher import load_teacher, student_tokenizer_folder
 from w2s_jax.train_config import FREE_SETTINGS, TrainSettings
 
 RUN_FILE = "train_config.json"
@@ -82,12 +84,13 @@ def make_loss_and_grads(
     gradients averaged. As each holds the same number of positions, that is the mean
     over all the step's positions. `rest` is the frozen state; with `teacher_graphdef`
     (objectives that need a teacher) it is the pair (frozen state, teacher state) and
-    the teacher runs in the same step. metrics: loss, then the objective's (contrastive
-    and sft: kl = KL(v_C ‖ πθ), agreement = argmax of πθ == the target's top token).
+    the teacher runs in the same step. `step` (the 0-based optimizer step, traced) reaches
+    the loss as `LossContext.step`. metrics: loss, then the objective's (contrastive and
+    sft: kl = KL(v_C ‖ πθ), agreement = argmax of πθ == the target's top token).
     """
     objective = get_objective(objective) if isinstance(objective, str) else objective
 
-    def micro_loss(params, rest, micro, key):
+    def micro_loss(params, rest, micro, key, step):
         teacher = None
         if teacher_graphdef is not None:
             rest, teacher_state = rest
@@ -95,20 +98,23 @@ def make_loss_and_grads(
         model = nnx.merge(graphdef, params, rest, copy=True)
         if dropout:
             nnx.reseed(model, dropout=key)
-        return objective.loss(model, micro, LossContext(loss_chunk_size, teacher))
+        return objective.loss(model, micro, LossContext(loss_chunk_size, teacher, step))
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def loss_and_grads(params, rest, batch, key):
+    def loss_and_grads(params, rest, batch, key, step=0):
         a = jax.tree.leaves(batch)[0].shape[0]
+        step = jnp.asarray(step, jnp.int32)
 
         def body(carry, xs):
             micro, index = xs
-            (loss, aux), grads = grad_fn(params, rest, micro, jax.random.fold_in(key, index))
+            micro_key = jax.random.fold_in(key, index)
+            (loss, aux), grads = grad_fn(params, rest, micro, micro_key, step)
             return jax.tree.map(jnp.add, carry, (grads, loss, aux)), None
 
         # the loss's and aux's shapes and dtypes, without running it
-        shapes = jax.eval_shape(micro_loss, params, rest, jax.tree.map(lambda x: x[0], batch), key)
+        first = jax.tree.map(lambda x: x[0], batch)
+        shapes = jax.eval_shape(micro_loss, params, rest, first, key, step)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         zero = (jax.tree.map(jnp.zeros_like, params), *zeros)
         (grads, loss, aux), _ = jax.lax.scan(body, zero, (batch, jnp.arange(a)))
@@ -122,13 +128,15 @@ def make_train_step(graphdef, tx, **loss_options):
     """The (un-jitted) step: ((params, opt_state), rest, batch, key) -> (new state, metrics).
 
     Gradients from `make_loss_and_grads(graphdef, **loss_options)`, then `tx` (clipping
-    + AdamW); metrics add grad_norm (before clipping).
+    + AdamW); metrics add grad_norm (before clipping). The step's index is the optimizer's
+    update count (restored with it on resume), as for the learning-rate schedule.
     """
     loss_and_grads = make_loss_and_grads(graphdef, **loss_options)
 
     def step(state, rest, batch, key):
         params, opt_state = state
-        metrics, grads = loss_and_grads(params, rest, batch, key)
+        index = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
+        metrics, grads = loss_and_grads(params, rest, batch, key, index)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (params, opt_state), {**metrics, "grad_norm": optax.tree.norm(grads)}
@@ -187,6 +195,12 @@ def check_samples_match(samples: str | Path, expert: str | Path) -> dict:
     return manifest
 
 
+def configured_objective(config: TrainSettings) -> Objective:
+    """The run's objective, bound to its settings when it has some (`Objective.configure`)."""
+    objective = get_objective(config.objective)
+    return objective.configure(config) if objective.configure else objective
+
+
 def _load_model(config: TrainSettings, mesh):
     from w2s_jax.models import ModelConfig, init_random, load_pretrained
 
@@ -213,7 +227,7 @@ def _token_count(config: TrainSettings, manifest: dict, model_config) -> int:
     """Real token ids: the samples' tokenizer size, else the tokenizer's, else every row."""
     if manifest.get("vocab_size"):
         return int(manifest["vocab_size"])
-    folder = config.tokenizer or config.expert
+    folder = student_tokenizer_folder(config)
     if folder:
         from w2s_jax.models import load_tokenizer
 
@@ -264,7 +278,7 @@ def compile_step(config: TrainSettings, mesh, *, token_count: int | None = None,
     Returns (step_fn, (params, opt_state), rest, schedule): `step_fn(state, rest,
     shard_batch(arrays, mesh), key) -> (state, metrics)` donates `state`.
     """
-    objective = get_objective(config.objective)
+    objective = configured_objective(config)
     if objective.needs_teacher != (teacher is not None):
         need = "needs" if objective.needs_teacher else "takes no"
         raise ValueError(f"objective {objective.name!r} {need} a teacher model")
@@ -351,27 +365,16 @@ def _checkpoint_meta(config: TrainSettings, data_fingerprint: str, model_config)
         "lora": config.lora.to_dict(),
         "samples_fingerprint": data_fingerprint,
         "model_config": model_config.to_hf_dict(),
-        "tokenizer": config.tokenizer or config.expert,
+        "tokenizer": student_tokenizer_folder(config),
         "init": config.init,
         "seed": config.seed,
         "expert_weights_hashed": (
             weights_fingerprint_record(config.expert) if config.expert else None
         ),
+        "teacher_weights_hashed": (
+            weights_fingerprint_record(config.teacher) if config.teacher else None
+        ),
     }
-
-
-def _step_stream(trajectories, config: TrainSettings, start: int):
-    """The seeded stream of steps' positions, from step `start` on (resumes replay it)."""
-    from w2s_jax.data.packing import iter_steps
-
-    return iter_steps(
-        trajectories,
-        positions_per_step=config.batch_positions,
-        micro_batches=config.grad_accum,
-        seed=config.seed,
-        bucket_window=config.bucket_window,
-        start_step=start,
-    )
 
 
 def _default_stop_rule(stop_signal, checkpoints) -> Callable[[int], bool]:
@@ -404,15 +407,17 @@ def train(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     trajectories, data_stats, data_fingerprint, pad_id, model_config, tokens = _load_data(config)
+    kd_subset, data_fingerprint = kd_selection(config, trajectories, data_fingerprint)
     _check_resumable(out, config)
     mesh = make_mesh(config.mesh) if mesh is None else mesh
-    step_fn, state, rest, schedule = compile_step(config, mesh, token_count=tokens)
-    objective = get_objective(config.objective)
+    teacher = load_teacher(config, mesh, tokens)
+    step_fn, state, rest, schedule = compile_step(config, mesh, token_count=tokens, teacher=teacher)
+    objective = configured_objective(config)
 
     checkpoints = TrainCheckpoints(out, save_every=config.save_every, keep=config.keep_checkpoints)
     start, state = _restore(checkpoints, state, data_fingerprint, config)
     meta = _checkpoint_meta(config, data_fingerprint, model_config)
-    steps = _step_stream(trajectories, config, start)
+    steps = step_stream(trajectories, config, start, kd_subset)
     row_multiple = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
     base_key = jax.random.key(config.seed)
     is_leader = jax.process_index() == 0

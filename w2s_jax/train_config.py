@@ -17,6 +17,7 @@ from w2s_jax.settings import (
     comma_list,
     compute_dtype_setting,
     free_fields,
+    number_in,
     record,
     setting,
 )
@@ -47,6 +48,18 @@ class LoRAConfig:
         return cls(**{**values, "targets": tuple(values.get("targets", ()))})
 
 
+def _selection_share(spec: str) -> float | None:
+    """top=P% -> P / 100 (in (0, 1]); None if `spec` is not of that form."""
+    text = spec.strip()
+    if not (text.startswith("top=") and text.endswith("%")):
+        return None
+    try:
+        share = float(text[4:-1]) / 100.0
+    except ValueError:
+        return None
+    return share if 0.0 < share <= 1.0 else None
+
+
 def _known_objective(name):
     from w2s_jax.objectives import objective_names
 
@@ -75,7 +88,8 @@ class TrainSettings:
         "contrastive",
         "Training objective (w2s_jax.objectives): contrastive = soft CE on the selected "
         "positions' sparse targets; sft = next-token CE on every completion token "
-        "(prompt masked).",
+        "(prompt masked); salt = SALT: (1-w)CE + w KD from a small --teacher for "
+        "--kd-steps steps, then CE.",
         check=_known_objective,
     )
     init: str = setting(
@@ -86,6 +100,41 @@ class TrainSettings:
     model_config: str | None = setting(None, "HF config.json for --init random.", metavar="FILE")
     tokenizer: str | None = setting(
         None, "Tokenizer folder recorded for export (default --expert).", metavar="DIR"
+    )
+    teacher: str | None = setting(
+        None,
+        "HF folder of the frozen teacher (--objective salt: the small LM); it must share "
+        "the student's tokenizer.",
+        metavar="DIR",
+    )
+    kd_steps: int = setting(0, "SALT: steps of the KD phase (n_KD).", check=at_least(0))
+    kd_weight: float = setting(
+        0.5, "SALT: KD weight w in (1-w)CE + w KD.", check=number_in(0.0, 1.0)
+    )
+    kd_temperature: float = setting(
+        1.0,
+        "SALT: temperature of both distributions in KD.",
+        check=number_in(0.0, 1e6, open_low=True),
+    )
+    kd_direction: str = setting(
+        "forward",
+        "SALT: KD divergence: forward KL(teacher||student), reverse KL, or Jensen-Shannon.",
+        choices=("forward", "reverse", "js"),
+    )
+    kd_transition: str = setting(
+        "step",
+        "SALT: w stays until --kd-steps (step) or decays linearly to 0 by then (linear).",
+        choices=("step", "linear"),
+    )
+    kd_data_selection: str | None = setting(
+        None,
+        "SALT_DS: top=P%% draws the KD phase from the P%% of records with the highest "
+        "--kd-scores score.",
+        metavar="top=P%",
+        check=lambda v: None if _selection_share(v) else "must be top=P% with 0 < P <= 100",
+    )
+    kd_scores: str | None = setting(
+        None, "SALT_DS: a `w2s score` --out folder (or its scores.jsonl).", metavar="PATH"
     )
     lora_rank: int = setting(8, "LoRA rank; 0 = full fine-tuning.")  # checked by LoRAConfig
     lora_alpha: float = setting(16.0, "LoRA alpha (scale alpha/rank).")
@@ -146,6 +195,10 @@ class TrainSettings:
                 "--expert is required with --init pretrained",
             ),
             (self.init != "random" or self.model_config, "--init random needs --model-config"),
+            (
+                bool(self.kd_data_selection) == bool(self.kd_scores),
+                "--kd-data-selection and --kd-scores go together",
+            ),
             (self.warmup_steps < self.steps, "warmup steps must be in [0, steps)"),
             (
                 self.grad_accum >= 1 and self.batch_positions % self.grad_accum == 0,
@@ -162,10 +215,15 @@ class TrainSettings:
     def lora(self) -> LoRAConfig:
         return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_targets, self.lora_dropout)
 
+    @property
+    def kd_selection_share(self) -> float | None:
+        """The share of records the KD phase draws from (`--kd-data-selection`), or None."""
+        return _selection_share(self.kd_data_selection) if self.kd_data_selection else None
+
     def settings(self) -> dict:
         """The JSON-able settings: `lora_targets` as a list, input paths made absolute."""
         values = record(self)
-        for key in ("samples", "expert", "model_config", "tokenizer"):
+        for key in ("samples", "expert", "model_config", "tokenizer", "teacher", "kd_scores"):
             if values[key]:
                 values[key] = str(Path(values[key]).absolute())
         return values

@@ -29,11 +29,13 @@ def run(args: argparse.Namespace) -> int:
     sharding.maybe_initialize_distributed()
     summary = train(settings)
     final = summary["final"] or {}
-    print(
-        f"step {summary['steps']}: loss {final.get('loss', float('nan')):.4f}, "
-        f"KL {final.get('kl', float('nan')):.4f}, agreement {final.get('agreement', 0):.1%} "
-        f"-> {summary['checkpoint']}"
-    )
+    shown = [f"loss {final.get('loss', float('nan')):.4f}"]
+    if "kd" in final:  # salt
+        shown.append(f"CE {final['ce']:.4f}, KD {final['kd']:.4f} (weight {final['kd_weight']:g})")
+    else:
+        shown.append(f"KL {final.get('kl', float('nan')):.4f}")
+        shown.append(f"agreement {final.get('agreement', 0):.1%}")
+    print(f"step {summary['steps']}: {', '.join(shown)} -> {summary['checkpoint']}")
     if summary["stopped"]:
         print(f"stopped early; re-run the same command to resume from step {summary['steps']}")
         return 143

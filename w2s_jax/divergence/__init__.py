@@ -38,16 +38,20 @@ from w2s_jax.divergence.checks import (
     check_loss_inputs,
     check_pair,
     check_positive_int,
+    check_temperature,
     fused_pair_vocabs,
     head_vocab,
 )
 
 __all__ = [
+    "DISTILL_DIRECTIONS",
     "contrastive_loss",
     "contrastive_target",
     "contrastive_target_chunked",
     "fused_contrastive_loss",
+    "fused_distillation",
     "fused_kl_and_target",
+    "fused_loss_and_rank",
     "fused_token_kl",
     "plausibility_mask",
     "select_steps",
@@ -282,6 +286,93 @@ def fused_contrastive_loss(
         target_weights,
         position_mask,
         chunk_size=chunk_size,
+        vocab_size=vocab_size,
+        layout=head_layout,
+    )
+
+
+DISTILL_DIRECTIONS = ("forward", "reverse", "js")
+
+
+def fused_distillation(
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    target_ids,
+    *,
+    chunk_size,
+    temperature=1.0,
+    direction="forward",
+    vocab_size=None,
+    student_head_layout="dv",
+    teacher_head_layout="dv",
+):
+    """Per position, from hidden states and LM heads: (ce, kd, agree), never [..., T, V].
+
+    ce: −log softmax(z_s)[target_ids], the student's next-token loss. kd: the divergence
+    between teacher and student at temperature τ, on softmax(z/τ): ``"forward"``
+    KL(teacher‖student) (``token_kl``), ``"reverse"`` KL(student‖teacher)
+    (``token_reverse_kl``) or ``"js"`` (``token_js``); no τ² factor. agree: argmax z_s ==
+    argmax z_t. Hidden states [..., T, D_s] and [..., T, D_t], ``target_ids`` int [..., T];
+    heads and layouts as in ``fused_token_kl``. ``vocab_size`` (default: the heads' common
+    V) gives padded ids logit −inf in both. Gradients reach the student's hidden states
+    and head only (the teacher's inputs are ``stop_gradient``-ed), block by block.
+    """
+    names = ("student_hidden", "student_head", "teacher_hidden", "teacher_head")
+    layouts = (student_head_layout, teacher_head_layout)
+    v_student, v_teacher = fused_pair_vocabs(
+        names, student_hidden, student_head, layouts[0], teacher_hidden, teacher_head, layouts[1]
+    )
+    common = min(v_student, v_teacher)
+    vocab_size = check_positive_int("vocab_size", common if vocab_size is None else vocab_size)
+    if vocab_size > common:
+        raise ValueError(
+            f"vocab_size {vocab_size} exceeds the LM heads' vocabulary "
+            f"({v_student} student, {v_teacher} teacher)"
+        )
+    if jnp.shape(target_ids) != jnp.shape(student_hidden)[:-1]:
+        raise ValueError(
+            f"target_ids must have shape {jnp.shape(student_hidden)[:-1]}, "
+            f"got {jnp.shape(target_ids)}"
+        )
+    if direction not in DISTILL_DIRECTIONS:
+        raise ValueError(f"direction must be one of {DISTILL_DIRECTIONS}, got {direction!r}")
+    return kernels.fused_distill(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        target_ids,
+        temperature=check_temperature(temperature),
+        direction=direction,
+        chunk_size=check_positive_int("chunk_size", chunk_size),
+        vocab_size=vocab_size,
+        layouts=layouts,
+    )
+
+
+def fused_loss_and_rank(hidden, head, target_ids, *, chunk_size, vocab_size=None, head_layout="dv"):
+    """Per position: (−log softmax(z)[target], rank of the target), z = hidden @ head, fused.
+
+    rank: how many ids have a strictly larger logit than the target (0 for the argmax),
+    so the target is in the top-k iff rank < k. ``hidden`` [..., T, D], ``target_ids``
+    int [..., T] below ``vocab_size`` (default V; ids at and above it are padded rows,
+    logit −inf); head and layout as in ``fused_contrastive_loss``. Float32 and int32 [..., T].
+    """
+    v = head_vocab("hidden", hidden, "head", head, head_layout)
+    if jnp.shape(target_ids) != jnp.shape(hidden)[:-1]:
+        raise ValueError(
+            f"target_ids must have shape {jnp.shape(hidden)[:-1]}, got {jnp.shape(target_ids)}"
+        )
+    vocab_size = check_positive_int("vocab_size", v if vocab_size is None else vocab_size)
+    if vocab_size > v:
+        raise ValueError(f"vocab_size {vocab_size} exceeds head's vocabulary of {v} rows")
+    return kernels.fused_loss_and_rank(
+        hidden,
+        head,
+        target_ids,
+        chunk_size=check_positive_int("chunk_size", chunk_size),
         vocab_size=vocab_size,
         layout=head_layout,
     )

@@ -34,6 +34,14 @@ def check_alpha(alpha) -> float:
     return math.log(value)
 
 
+def check_temperature(temperature) -> float:
+    """A finite temperature > 0."""
+    value = _static_number("temperature", temperature, float)
+    if not 0.0 < value < math.inf:  # also rejects NaN
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return value
+
+
 def check_positive_int(name, value) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

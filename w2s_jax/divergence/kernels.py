@@ -296,3 +296,43 @@ def fused_loss(
         block, (hidden, target_ids, target_weights), _position_axis(hidden), chunk_size
     )
     return _masked_mean(per_position, position_mask)
+
+
+# Knowledge distillation: D(teacher ‖ student) by direction, both logits already at τ.
+_DISTILL = {
+    "forward": lambda zt, zs: kl(zt, zs),
+    "reverse": lambda zt, zs: kl(zs, zt),
+    "js": lambda zt, zs: js(zt, zs),
+}
+
+
+@_jit("temperature", "direction", "chunk_size", "vocab_size", "layouts")
+def fused_distill(
+    hs, head_s, ht, head_t, target_ids, *, temperature, direction, chunk_size, vocab_size, layouts
+):
+    common = min(_vocab(head_s, layouts[0]), _vocab(head_t, layouts[1]))
+    ht, head_t = jax.lax.stop_gradient((ht, head_t))  # the teacher is frozen
+    divergence = _DISTILL[direction]
+
+    def block(hs, ht, ids):
+        zs = _logits(hs, head_s, layouts[0], common, vocab_size)
+        zt = _logits(ht, head_t, layouts[1], common, vocab_size)
+        ce = _soft_ce(zs, ids[..., None], jnp.ones(jnp.shape(ids) + (1,), jnp.float32))
+        kd = divergence(zt / temperature, zs / temperature)
+        agree = jnp.argmax(zs, axis=-1) == jnp.argmax(zt, axis=-1)
+        return ce, kd, agree
+
+    return _map_position_chunks(block, (hs, ht, target_ids), _position_axis(hs), chunk_size)
+
+
+@_jit("chunk_size", "vocab_size", "layout")
+def fused_loss_and_rank(hidden, head, target_ids, *, chunk_size, vocab_size, layout):
+    width = _vocab(head, layout)
+
+    def block(h, ids):
+        z = _logits(h, head, layout, width, vocab_size)
+        ce = _soft_ce(z, ids[..., None], jnp.ones(jnp.shape(ids) + (1,), jnp.float32))
+        z_target = jnp.take_along_axis(z, ids[..., None], axis=-1)
+        return ce, jnp.sum(z > z_target, axis=-1, dtype=jnp.int32)
+
+    return _map_position_chunks(block, (hidden, target_ids), _position_axis(hidden), chunk_size)

@@ -21,6 +21,7 @@ BUILTIN: dict[str, tuple[str, str]] = {
         "soft CE on the selected positions' sparse targets",
     ),
     "sft": ("w2s_jax.objectives.sft", "next-token CE on every completion token (prompt masked)"),
+    "salt": ("w2s_jax.objectives.salt", "SALT: (1-w)CE + w KD from a small --teacher, then CE"),
 }
 
 _registered: dict[str, Objective] = {}

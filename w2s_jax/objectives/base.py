@@ -19,6 +19,8 @@ An `Objective` answers four questions, each with a plain function:
    also gets a frozen teacher model, in `LossContext.teacher` (SALT's KD).
 4. Metrics (`metrics`): (mean loss over micro-batches, summed aux, whole step's batch)
    -> the reported metrics besides "loss".
+5. Settings (`configure`, optional): binds the run's `TrainSettings` (e.g. SALT's KD
+   schedule); `LossContext.step` gives the loss the optimizer step's index.
 
 The step in `w2s_jax.train` is written once against this contract and never asks an
 objective's name; `w2s_jax.objectives` maps names to objectives.
@@ -59,10 +61,13 @@ class LossContext:
 
     loss_chunk_size: project this many positions onto the vocabulary at a time (0: all
     at once). teacher: the frozen teacher model, for objectives with needs_teacher.
+    step: the 0-based index of the optimizer step (an int32 scalar under jit), for losses
+    whose weights follow a schedule (SALT's KD phase).
     """
 
     loss_chunk_size: int = 0
     teacher: Any = None
+    step: Any = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,3 +84,6 @@ class Objective:
     # The targets are the expert's (`w2s sample`): with --expert, a samples folder
     # without manifest.json is refused (one that has it is checked whatever the objective).
     requires_manifest: bool = False
+    # (TrainSettings) -> this objective bound to a run's own settings (SALT's KD options),
+    # called once before the step is built; None: the objective has no settings of its own.
+    configure: Callable[[Any], Objective] | None = None

@@ -24,7 +24,9 @@ ORDER = ("sample", "train", "export", "eval", "demo", "devices")
 
 
 def _command_names() -> list[str]:
-    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
+    """Every command's name: its module's, with dashes for underscores (`import-gguf`)."""
+    modules = [m.name for m in pkgutil.iter_modules(commands.__path__)]
+    names = [m.replace("_", "-") for m in modules if not m.startswith("_")]
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
 
@@ -37,7 +39,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     by_name = {}
     for name in _command_names():
-        module = importlib.import_module(f"w2s_jax.commands.{name}")
+        module = importlib.import_module(f"w2s_jax.commands.{name.replace('-', '_')}")
         summary = (module.__doc__ or "").strip().splitlines()[0]
         sub = subparsers.add_parser(
             name,

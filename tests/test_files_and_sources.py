@@ -103,3 +103,17 @@ def test_atomic_write_gives_plain_file_permissions(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(umask)
+
+
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    from w2s_jax.files import atomic_folder
+
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+        raise RuntimeError("crash half way")
+    assert list(tmp_path.iterdir()) == []  # no folder, no temp folder
+    with atomic_folder(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert (tmp_path / "model" / "config.json").read_text() == "{}"
+    assert (tmp_path / "model").stat().st_mode & 0o755 == 0o755  # not mkdtemp's private 0o700

@@ -102,24 +102,30 @@ def _loss_and_rank(graphdef, state, input_ids, attention_mask, *, chunk_size):
     )
 
 
-def _score_batch(graphdef, state, trajectories, settings: ScoreSettings) -> list[dict]:
-    """Scores of a batch of trajectories (one padded forward pass)."""
-    length = max(len(t.input_ids) for t in trajectories) + 1
-    length = math.ceil(length / settings.length_bucket) * settings.length_bucket
-    ids = np.zeros((len(trajectories), length), np.int32)
-    mask = np.zeros_like(ids)
-    for row, t in enumerate(trajectories):
-        full = np.append(t.input_ids, t.target_ids[-1, 0])  # + the last supervised token
-        ids[row, : len(full)], mask[row, : len(full)] = full, 1
-    losses, ranks = map(
-        np.asarray,
-        _loss_and_rank(graphdef, state, ids, mask, chunk_size=settings.chunk_size),
-    )
-    k = settings.top_k
-    return [
-        {"id": t.id, **sequence_scores(losses[r, t.logit_index], ranks[r, t.logit_index], k)}
-        for r, t in enumerate(trajectories)
-    ]
+def score_trajectories(
+    model, trajectories, *, top_k=10, batch_size=16, chunk_size=64, length_bucket=64
+) -> list[dict]:
+    """Scores (`sequence_scores` + id) of trajectories (`load_trajectories(..., "sft")`), in
+    order, `batch_size` per padded forward pass of `model` (a `CausalLM`)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    rows = []
+    for b in range(0, len(trajectories), batch_size):
+        batch = trajectories[b : b + batch_size]
+        length = max(len(t.input_ids) for t in batch) + 1
+        ids = np.zeros((len(batch), math.ceil(length / length_bucket) * length_bucket), np.int32)
+        mask = np.zeros_like(ids)
+        for row, t in enumerate(batch):
+            full = np.append(t.input_ids, t.target_ids[-1, 0])  # + the last supervised token
+            ids[row, : len(full)], mask[row, : len(full)] = full, 1
+        losses, ranks = map(
+            np.asarray, _loss_and_rank(graphdef, state, ids, mask, chunk_size=chunk_size)
+        )
+        for r, t in enumerate(batch):
+            at = t.logit_index
+            rows.append({"id": t.id, **sequence_scores(losses[r, at], ranks[r, at], top_k)})
+    return rows
 
 
 def score(settings: ScoreSettings) -> dict:
@@ -128,7 +134,6 @@ def score(settings: ScoreSettings) -> dict:
     Returns the summary (also OUT/summary.json): records, positions, and the means over
     records of salt_ds (of those that have one), mean_loss and topk_hit_rate.
     """
-    from flax import nnx
     from tqdm.auto import tqdm
 
     from w2s_jax.data.packing import find_sample_files, load_trajectories
@@ -144,16 +149,15 @@ def score(settings: ScoreSettings) -> dict:
         settings.model, dtype=settings.dtype, allow_unused=settings.allow_unused_weights
     )
     model.restrict_vocab(tokens)
-    graphdef, state = nnx.split(model)
+    options = {
+        k: getattr(settings, k) for k in ("top_k", "batch_size", "chunk_size", "length_bucket")
+    }
     bar = tqdm(total=len(trajectories), desc="score", disable=not settings.progress)
     for number, start in enumerate(range(0, len(trajectories), settings.shard_size)):
         shard = trajectories[start : start + settings.shard_size]
         path = out / SCORE_SHARDS / f"{number:06d}.jsonl"
         if not path.exists():
-            rows = []
-            for b in range(0, len(shard), settings.batch_size):
-                rows += _score_batch(graphdef, state, shard[b : b + settings.batch_size], settings)
-            atomic_write_jsonl(path, rows)
+            atomic_write_jsonl(path, score_trajectories(model, shard, **options))
         bar.update(len(shard))
     bar.close()
     return _summarize(out)

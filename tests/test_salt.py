@@ -253,3 +253,49 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, samples, tiny_qwe
     assert "needs --teacher DIR" in _cli(*common, "--out", tmp_path / "u", "--kd-steps", "2")
     message = _cli(*common, "--out", tmp_path / "v", "--teacher", tiny_qwen2_dir)
     assert "--objective salt needs --kd-steps N >= 1" in message
+
+
+def test_reduced_toy_run_moves_a_scratch_student_towards_the_shipped_amateur(tmp_path):
+    """The toy world in small: toy tokenizer and problems, the shipped amateur as teacher,
+    a student from scratch; KD toward the teacher falls during the KD phase."""
+    from pathlib import Path
+
+    from w2s_jax.data.arithmetic import TaskConfig, generate_split
+    from w2s_jax.data.sft_records import write_sft_records
+    from w2s_jax.files import atomic_write_json
+    from w2s_jax.models import load_tokenizer
+
+    amateur = Path(__file__).parents[1] / "w2s_jax" / "assets" / "toy_world" / "amateur"
+    tokenizer = load_tokenizer(amateur)
+    task = TaskConfig(min_steps=1, max_steps=2, digits=2, operand_digits=1)
+    problems = generate_split("train", 24, seed=0, config=task)
+    write_sft_records(
+        tmp_path / "data", tokenizer, ((p.id, p.question, p.answer) for p in problems)
+    )
+    student = json.loads((amateur / "config.json").read_text())
+    student.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16)
+    atomic_write_json(tmp_path / "student.json", student)
+    config = TrainSettings(
+        samples=str(tmp_path / "data"),
+        out=str(tmp_path / "run"),
+        objective="salt",
+        teacher=str(amateur),
+        init="random",
+        model_config=str(tmp_path / "student.json"),
+        lora_rank=0,
+        kd_steps=8,
+        kd_weight=0.9,
+        steps=10,
+        batch_positions=64,
+        grad_accum=1,
+        dtype="float32",
+        learning_rate=1e-2,
+        length_bucket=64,
+        log_every=1,
+        loss_chunk_size=32,
+        progress=False,
+    )
+    train(config, mesh=make_mesh("data=1", devices=jax.devices()[:1]))
+    kd, ce = _log(tmp_path / "run", "kd"), _log(tmp_path / "run", "ce")
+    assert kd[7] < 0.7 * kd[0] and kd[8:] == [0.0, 0.0]
+    assert ce[-1] < ce[0] and all(np.isfinite(ce))

@@ -246,13 +246,16 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, samples, tiny_qwe
     make_tiny_tokenizer(tmp_path / "tok", vocab_size=280)
     make_tiny_model(tmp_path / "other", tokenizer_folder=tmp_path / "tok", hidden_size=32)
     common = ["--samples", samples, "--expert", tiny_qwen2_dir, "--objective", "salt"]
-    message = _cli(*common, "--out", tmp_path / "t", "--teacher", tmp_path / "other")
+    message = _cli(
+        *common, "--out", tmp_path / "t", "--teacher", tmp_path / "other", "--kd-steps", 2
+    )
     assert message.startswith("error: --teacher ")
     assert "differ (teacher vs student: sizes 280 vs 300" in message
-    assert not (tmp_path / "t" / "checkpoints").exists()
+    assert not (tmp_path / "t" / "train_config.json").exists()
     assert "needs --teacher DIR" in _cli(*common, "--out", tmp_path / "u", "--kd-steps", "2")
     message = _cli(*common, "--out", tmp_path / "v", "--teacher", tiny_qwen2_dir)
     assert "--objective salt needs --kd-steps N >= 1" in message
+    assert not (tmp_path / "v" / "train_config.json").exists()
 
 
 def test_reduced_toy_run_moves_a_scratch_student_towards_the_shipped_amateur(tmp_path):

@@ -408,11 +408,11 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     trajectories, data_stats, data_fingerprint, pad_id, model_config, tokens = _load_data(config)
     kd_subset, data_fingerprint = kd_selection(config, trajectories, data_fingerprint)
-    _check_resumable(out, config)
-    mesh = make_mesh(config.mesh) if mesh is None else mesh
-    teacher = load_teacher(config, mesh, tokens)
-    step_fn, state, rest, schedule = compile_step(config, mesh, token_count=tokens, teacher=teacher)
     objective = configured_objective(config)
+    mesh = make_mesh(config.mesh) if mesh is None else mesh
+    teacher = load_teacher(config, mesh, tokens)  # checked before the folder is claimed
+    _check_resumable(out, config)
+    step_fn, state, rest, schedule = compile_step(config, mesh, token_count=tokens, teacher=teacher)
 
     checkpoints = TrainCheckpoints(out, save_every=config.save_every, keep=config.keep_checkpoints)
     start, state = _restore(checkpoints, state, data_fingerprint, config)

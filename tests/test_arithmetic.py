@@ -200,6 +200,7 @@ def test_split_shares_follow_fractions():
         TaskConfig(min_steps=5, max_steps=6, digits=3, operand_digits=2),
         TaskConfig(min_steps=1, max_steps=2, digits=1, operations=("add", "sub")),
         TaskConfig(min_steps=3, max_steps=3, digits=3, operations=("add", "mul", "div")),
+        TaskConfig(min_steps=1, max_steps=2, digits=1, max_value=20),
     ],
 )
 def test_difficulty_knobs(config):
@@ -216,7 +217,9 @@ def test_difficulty_knobs(config):
             op.split(":")[0] for op in p.canonical.split("|")[1:]
         }  # canonical lists the operations used
         assert kinds <= set(config.operations)
-    assert max(p.carries for p in problems) >= 1 or config.digits == 1
+    assert max(p.carries for p in problems) >= 1 or config.value_cap < 10
+    assert all(10 ** (config.digits - 1) <= p.start < 10**config.digits for p in problems)
+    assert max(p.value for p in problems) > 10**config.digits - 1 or not config.max_value
 
 
 def test_more_steps_means_more_equations():
@@ -245,6 +248,7 @@ def test_write_split_round_trips_through_load_questions(tmp_path):
         (dict(digits=2, operand_digits=3), "operand_digits"),
         (dict(operations=("add", "pow")), "operations"),
         (dict(operations=("sub", "div")), "grow"),
+        (dict(digits=2, max_value=50), "max_value must be 0 or >= 99"),
     ],
 )
 def test_bad_config_is_a_clear_error(kwargs, message):

@@ -68,7 +68,9 @@ class TaskConfig:
     digits and every intermediate quantity stays within 1..10**digits - 1.
     Amounts found or given away have up to `operand_digits` digits; bags hold
     2..9 items and there are 2..5 bags (times tables); piles are 2..5.
-    `operations` picks which step kinds may occur.
+    `operations` picks which step kinds may occur. `max_value` (0: 10**digits - 1)
+    lets intermediate quantities grow past the start's digits, up to max_value
+    (digits=1, max_value=20: one-digit starts, sums into the teens).
     """
 
     min_steps: int = 2
@@ -76,6 +78,7 @@ class TaskConfig:
     digits: int = 2
     operand_digits: int = 1
     operations: tuple[str, ...] = OPERATIONS
+    max_value: int = 0
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
@@ -94,13 +97,18 @@ class TaskConfig:
             raise ValueError(
                 f"operations must be a non-empty subset of {OPERATIONS}, got {self.operations}"
             )
+        if self.max_value and self.max_value < 10**self.digits - 1:
+            raise ValueError(
+                f"max_value must be 0 or >= {10**self.digits - 1} (digits={self.digits}), "
+                f"got {self.max_value}"
+            )
         if not {"add", "buy", "mul"} & set(self.operations):
             raise ValueError("operations need at least one of add, buy, mul to grow the quantity")
 
     @property
     def value_cap(self) -> int:
         """The largest quantity a problem may reach."""
-        return 10**self.digits - 1
+        return self.max_value or 10**self.digits - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +228,7 @@ def _sample_chain(rng: random.Random, config: TaskConfig) -> tuple[int, list[Ste
     n_steps = rng.randint(config.min_steps, config.max_steps)
     low = 10 ** (config.digits - 1) if config.digits > 1 else 2
     for _ in range(1000):
-        start = rng.randint(low, config.value_cap)
+        start = rng.randint(low, 10**config.digits - 1)
         value, steps = start, []
         while len(steps) < n_steps:
             candidates = _candidate_steps(value, config, rng)

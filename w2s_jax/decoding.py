@@ -17,6 +17,7 @@ the tokenizer.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import ClassVar
 
 import jax
@@ -59,12 +60,14 @@ class Greedy(DecodingMode):
 @decoding_mode
 class Sampling(DecodingMode):
     """A draw from softmax(logits / temperature), optionally restricted to the top_k
-    tokens and then to the smallest most-likely prefix of mass top_p."""
+    tokens and then to the smallest most-likely prefix of mass top_p. `row_keys`: one PRNG
+    key per row (see `sample_rows`), so that a row's draws do not depend on its batch."""
 
     needs_rng: ClassVar[bool] = True
     temperature: float = 1.0
     top_k: int | None = static_field(default=None)
     top_p: float | None = None
+    row_keys: jax.Array | None = None
 
     def check(self, vocab_size: int) -> None:
         if not self.temperature > 0:
@@ -72,8 +75,81 @@ class Sampling(DecodingMode):
         check_top(vocab_size, self.top_k, self.top_p)
 
     def next_tokens(self, logits_bv, key, amateur_logits_bv=None):
-        return sample_logits(
-            logits_bv, key, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
+        return sample_rows(
+            logits_bv,
+            key,
+            self.row_keys,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+        )
+
+
+@decoding_mode
+class Contrastive(DecodingMode):
+    """Contrastive decoding with a lockstep amateur (Li et al. 2022; O'Brien & Lewis 2023).
+
+    Scores from `w2s_jax.divergence.contrastive_scores`: on the expert's plausible set
+    (s_E ≥ log alpha + max s_E) form "weighted" gives (1+beta)·s_E − beta·s_A, form
+    "difference" s_E − s_A with the amateur at `amateur_temperature`. temperature 0 takes
+    the best score (the first on ties); temperature > 0 draws from softmax(scores /
+    temperature) (top_p as in `Sampling`; a +inf score, a plausible token the amateur
+    rules out, takes all the mass). Models of different padded vocabulary widths are
+    compared on their common ids.
+    """
+
+    needs_amateur: ClassVar[bool] = True
+    alpha: float = static_field(default=0.1)
+    beta: float = 0.5
+    form: str = static_field(default="weighted")
+    amateur_temperature: float = 1.0
+    temperature: float = static_field(default=0.0)
+    top_p: float | None = None
+    row_keys: jax.Array | None = None
+
+    @property
+    def needs_rng(self) -> bool:  # only when it samples
+        return self.temperature > 0
+
+    def check(self, vocab_size: int) -> None:
+        from w2s_jax.divergence import CONTRASTIVE_FORMS
+
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"contrastive alpha must lie in (0, 1], got {self.alpha}")
+        if not 0 <= self.beta < float("inf"):
+            raise ValueError(f"contrastive beta must be a finite number >= 0, got {self.beta}")
+        if self.form not in CONTRASTIVE_FORMS:
+            raise ValueError(
+                f"contrastive form must be one of {CONTRASTIVE_FORMS}, got {self.form!r}"
+            )
+        if not 0 < self.amateur_temperature < float("inf"):
+            raise ValueError(
+                f"amateur temperature must be a finite number > 0, got {self.amateur_temperature}"
+            )
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"contrastive temperature must be >= 0, got {self.temperature}")
+        check_top(vocab_size, None, self.top_p)
+
+    def next_tokens(self, logits_bv, key, amateur_logits_bv=None):
+        from w2s_jax.divergence import contrastive_scores
+
+        v = min(logits_bv.shape[-1], amateur_logits_bv.shape[-1])
+        scores_bv = contrastive_scores(
+            logits_bv[:, :v],
+            amateur_logits_bv[:, :v],
+            self.alpha,
+            self.beta,
+            form=self.form,
+            amateur_temperature=self.amateur_temperature,
+        )
+        if self.temperature == 0:
+            return first_argmax(scores_bv)
+        infinite_b1 = jnp.isposinf(scores_bv).any(axis=-1, keepdims=True)
+        scores_bv = jnp.where(
+            infinite_b1, jnp.where(jnp.isposinf(scores_bv), 0.0, -jnp.inf), scores_bv
+        )
+        return sample_rows(
+            scores_bv, key, self.row_keys, temperature=self.temperature, top_p=self.top_p
         )
 
 
@@ -94,6 +170,18 @@ def first_argmax(logits_bv):
     ids_v = jnp.arange(logits_bv.shape[-1], dtype=jnp.int32)
     is_max_bv = (logits_bv == logits_bv.max(axis=-1, keepdims=True)) | jnp.isnan(logits_bv)
     return jnp.min(jnp.where(is_max_bv, ids_v, logits_bv.shape[-1]), axis=-1)
+
+
+def sample_rows(logits_bv, key, row_keys_b=None, *, temperature, top_k=None, top_p=None):
+    """`sample_logits`, each row drawing with its own key when `row_keys_b` (a [B] key
+    array) is given: row b uses fold_in(row_keys_b[b], bits of the step's `key`), so its
+    tokens depend on its own key and the step only, not on the other rows of the batch."""
+    draw = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    if row_keys_b is None:
+        return draw(logits_bv, key)
+    step = jax.random.bits(key, dtype=jnp.uint32)
+    keys_b = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_b)
+    return jax.vmap(lambda logits_v, k: draw(logits_v[None], k)[0])(logits_bv, keys_b)
 
 
 def sample_logits(logits_bv, key, *, temperature, top_k=None, top_p=None, greedy=False):

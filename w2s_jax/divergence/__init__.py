@@ -44,7 +44,9 @@ from w2s_jax.divergence.checks import (
 )
 
 __all__ = [
+    "CONTRASTIVE_FORMS",
     "DISTILL_DIRECTIONS",
+    "contrastive_scores",
     "contrastive_loss",
     "contrastive_target",
     "contrastive_target_chunked",
@@ -115,6 +117,34 @@ def contrastive_target(expert_logits, amateur_logits, alpha, k, *, with_stats=Fa
     k = check_k(k, jnp.shape(expert_logits)[-1])
     return kernels.target(
         expert_logits, amateur_logits, log_alpha=log_alpha, k=k, with_stats=bool(with_stats)
+    )
+
+
+CONTRASTIVE_FORMS = ("weighted", "difference")
+
+
+def contrastive_scores(
+    expert_logits, amateur_logits, alpha=0.1, beta=0.5, *, form="weighted", amateur_temperature=1.0
+):
+    """Contrastive-decoding scores, float32 [..., V], from expert and amateur logits [..., V].
+
+    On the plausible set (``plausibility_mask``: s_E ≥ log alpha + max s_E, s the
+    log-probabilities) ``form="weighted"`` scores (1+beta)·s_E − beta·s_A (O'Brien & Lewis
+    2023) and ``"difference"`` s_E − s_A (Li et al. 2022; beta unused), with
+    s_A = log softmax(amateur_logits / amateur_temperature); −inf outside the set, +inf
+    where the amateur gives a plausible token probability 0. ``alpha`` and ``form`` are
+    static; ``beta`` (≥ 0) and ``amateur_temperature`` (> 0) may be traced.
+    """
+    log_alpha = check_alpha(alpha)
+    check_pair("expert_logits", expert_logits, "amateur_logits", amateur_logits)
+    if form not in CONTRASTIVE_FORMS:
+        raise ValueError(f"form must be one of {CONTRASTIVE_FORMS}, got {form!r}")
+    if isinstance(beta, (int, float)) and not 0 <= beta < math.inf:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if isinstance(amateur_temperature, (int, float)):
+        check_temperature(amateur_temperature)
+    return kernels.contrastive_scores(
+        expert_logits, amateur_logits, beta, amateur_temperature, log_alpha=log_alpha, form=form
     )
 
 

@@ -336,3 +336,16 @@ def fused_loss_and_rank(hidden, head, target_ids, *, chunk_size, vocab_size, lay
         return ce, jnp.sum(z > z_target, axis=-1, dtype=jnp.int32)
 
     return _map_position_chunks(block, (hidden, target_ids), _position_axis(hidden), chunk_size)
+
+
+@_jit("log_alpha", "form")
+def contrastive_scores(
+    expert_logits, amateur_logits, beta, amateur_temperature, *, log_alpha, form
+):
+    s_e = jax.nn.log_softmax(expert_logits.astype(jnp.float32), axis=-1)
+    s_a = jax.nn.log_softmax(amateur_logits.astype(jnp.float32) / amateur_temperature, axis=-1)
+    if form == "difference":
+        score = s_e - s_a
+    else:  # (1+β)·s_E − β·s_A, written so that β = 0 gives s_E even where s_A = −inf
+        score = s_e + jnp.where(beta == 0, 0.0, beta * (s_e - s_a))
+    return jnp.where(mask(expert_logits, log_alpha), score, -jnp.inf)

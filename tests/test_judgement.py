@@ -47,3 +47,16 @@ def test_items_use_only_problems_that_can_slip():
         assert problem.carries > 0  # both classes: chains whose arithmetic carries or borrows
     with pytest.raises(ValueError, match="n must be"):
         judgement_items("train", -1)
+
+
+def test_step_items_end_at_the_first_result_digit_a_slip_changes():
+    items = judgement_items("train", 100, seed=2, unit="step")
+    assert sum(i["label"] for i in items) == 50
+    for item in items:
+        left, result = item["text"].rsplit("=", 1)
+        expression = left.rsplit(": ", 1)[1]
+        exact = str(eval(expression))  # noqa: S307 (digits and operators only)
+        # the candidate digits: a prefix of the exact result (right) or not (wrong)
+        assert exact.startswith(result) == (item["label"] == 1), item
+    with pytest.raises(ValueError, match="unit must be one of"):
+        judgement_items("train", 2, unit="word")

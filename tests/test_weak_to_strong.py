@@ -174,7 +174,10 @@ def test_toy_world_defaults_and_held_out_test(tmp_path, tiny_qwen2_dir):
     assert (defaults.strong_dir / "config.json").is_file()
     train, test = load_data(WeakToStrongSettings(train_items=20, test_items=10))
     assert sum(r["label"] for r in train) == 10 and len(test) == 10
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert all(r["id"].startswith("train-") for r in train)
+    assert all(r["id"].startswith("test-") and "=" in r["text"] for r in test)
+    calibration = WeakToStrongSettings(train_items=20, test_items=10, toy_eval_split="validation")
+    assert load_data(calibration)[1][0]["id"].startswith("validation-")
     data = write_data(tmp_path / "all.jsonl", 30, 0)
     settings = small(
         tmp_path, tiny_qwen2_dir, tiny_qwen2_dir, data=str(data), test_data=None, test_items=10

@@ -63,6 +63,17 @@ class WeakToStrongSettings:
     slip_rate: float = setting(
         0.5, "Toy world: share of carries forgotten in a wrong solution.", check=number_in(0, 1)
     )
+    toy_eval_split: str = setting(
+        "test",
+        "Toy world: the split scored (test for reported runs, validation to calibrate).",
+        choices=("test", "validation"),
+    )
+    toy_unit: str = setting(
+        "step",
+        "Toy world: judge one solution step (text ending in its equation) or a whole "
+        "worked solution (prompt + completion).",
+        choices=("step", "solution"),
+    )
     seeds: int = setting(
         1, "Repeat with seeds 0..N-1 (split, order, init).", check=at_least(1), free=True
     )
@@ -70,7 +81,21 @@ class WeakToStrongSettings:
         LOSSES, "Comma-separated losses to train the strong student with.", choices=LOSSES
     )
     mode: str = setting(
-        "full", "What trains: full, lora (adapters + head) or head (linear probe).", choices=MODES
+        "full",
+        "What trains in the strong model: full, lora (adapters + head) or head (linear probe).",
+        choices=MODES,
+    )
+    weak_mode: str = setting(
+        "head",
+        "What trains in the weak model (same choices as --mode). The toy pair is one size "
+        "with the same latent knowledge, so its weak supervisor is a linear probe.",
+        choices=MODES,
+    )
+    weak_learning_rate: float | None = setting(
+        0.1,
+        "Peak learning rate of the weak model (None: --lr).",
+        check=_positive,
+        parse=float,
     )
     lora_rank: int = setting(8, "LoRA rank (--mode lora).", check=at_least(1))
     lora_alpha: float = setting(16.0, "LoRA alpha (--mode lora).", check=_positive)
@@ -78,6 +103,9 @@ class WeakToStrongSettings:
         ("q_proj", "v_proj"), "Comma-separated layers LoRA adapts (--mode lora)."
     )
     epochs: int = setting(2, "Epochs over each training set.", check=at_least(1))
+    weak_epochs: int | None = setting(
+        6, "Epochs of the weak model (None: --epochs).", check=at_least(1), parse=int
+    )
     batch_size: int = setting(32, "Rows per optimizer step.", check=at_least(1))
     learning_rate: float = setting(
         1e-3,

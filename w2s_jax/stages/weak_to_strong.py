@@ -46,9 +46,10 @@ def _toy_data(settings: WeakToStrongSettings) -> tuple[list[dict], list[dict]]:
     manifest = json.loads((TOY_WORLD / "manifest.json").read_text())["task"]
     task = TaskConfig(**{**manifest, "operations": tuple(manifest["operations"])})
     options = {"seed": 0, "config": task, "slip_rate": settings.slip_rate}
+    options["unit"] = settings.toy_unit
     return (
         judgement_items("train", settings.train_items, **options),
-        judgement_items("test", settings.test_items, **options),
+        judgement_items(settings.toy_eval_split, settings.test_items, **options),
     )
 
 
@@ -118,7 +119,7 @@ class _Run:
     log: object
 
 
-def _fit_options(run: _Run, loss: str, seed: int):
+def _fit_options(run: _Run, loss: str, seed: int, *, weak: bool):
     from w2s_jax.classify import FitOptions
 
     s = run.settings
@@ -129,9 +130,12 @@ def _fit_options(run: _Run, loss: str, seed: int):
         loss_options = (("alpha", s.product_alpha), ("beta", s.product_beta))
     else:
         loss_options = ()
-    fields = ("epochs", "batch_size", "learning_rate", "warmup_steps", "weight_decay")
+    fields = ("batch_size", "warmup_steps", "weight_decay")
+    learning_rate = s.weak_learning_rate if weak and s.weak_learning_rate else s.learning_rate
     return FitOptions(
         loss=loss,
+        learning_rate=learning_rate,
+        epochs=s.weak_epochs if weak and s.weak_epochs else s.epochs,
         loss_options=loss_options,
         seed=seed,
         max_grad_norm=s.max_grad_norm,
@@ -141,17 +145,18 @@ def _fit_options(run: _Run, loss: str, seed: int):
     )
 
 
-def _spec(run: _Run, base: Path):
+def _spec(run: _Run, base: Path, mode: str):
     from w2s_jax.models.classifier import ClassifierSpec
     from w2s_jax.train_config import LoRAConfig
 
     s = run.settings
     lora = LoRAConfig(s.lora_rank, s.lora_alpha, s.lora_targets, dropout=0.0)
-    return ClassifierSpec(str(base.absolute()), s.num_classes, s.mode, lora)
+    return ClassifierSpec(str(base.absolute()), s.num_classes, mode, lora)
 
 
-def _classifier(run: _Run, folder: Path, base: Path, encoded, ids, labels, loss, seed):
-    """The classifier saved in `folder`, trained first when it is not there yet."""
+def _classifier(run: _Run, folder: Path, role: str, encoded, ids, labels, loss, seed):
+    """The `role` ("weak" or "strong") classifier saved in `folder`, trained first when it
+    is not there yet."""
     from w2s_jax.classify import fit
     from w2s_jax.models.classifier import (
         META_FILE,
@@ -162,7 +167,8 @@ def _classifier(run: _Run, folder: Path, base: Path, encoded, ids, labels, loss,
 
     if (folder / META_FILE).is_file():
         return load_classifier(folder, dtype=run.dtype, mesh=run.mesh)
-    spec = _spec(run, base)
+    s, weak = run.settings, role == "weak"
+    spec = _spec(run, s.weak_dir if weak else s.strong_dir, s.weak_mode if weak else s.mode)
     model = build_classifier(
         spec,
         dtype=run.dtype,
@@ -176,7 +182,7 @@ def _classifier(run: _Run, folder: Path, base: Path, encoded, ids, labels, loss,
         spec.mode,
         rows,
         labels,
-        _fit_options(run, loss, seed),
+        _fit_options(run, loss, seed, weak=weak),
         pad_id=encoded["pad_id"],
         mesh=run.mesh,
         log=run.log,
@@ -278,14 +284,12 @@ def _run_seed(run: _Run, seed: int, out: Path, train: list[dict], encoded: dict)
     @cache
     def weak():
         return _classifier(
-            run, models / "weak", s.weak_dir, encoded["weak"], half1, truth1, "xent", seed
+            run, models / "weak", "weak", encoded["weak"], half1, truth1, "xent", seed
         )
 
     def strong(name, labels, loss):
         return lambda: (
-            _classifier(
-                run, models / name, s.strong_dir, encoded["strong"], half2, labels, loss, seed
-            ),
+            _classifier(run, models / name, "strong", encoded["strong"], half2, labels, loss, seed),
             encoded["strong"],
         )
 

@@ -156,7 +156,11 @@ def save_chart(report: dict, path: Path) -> None:
             mean[i], y[i], xerr=[[low[i]], [high[i]]], fmt="o", color=colors[i], capsize=3, ms=7
         )
         ax_acc.text(mean[i] + high[i] + 0.4, y[i], f"{mean[i]:.1f}", va="center", fontsize=8)
-    ax_acc.set_xlim(max(0.0, (mean - low).min() - 2.0), min(100.0, (mean + high).max() + 4.0))
+    left, right = max(0.0, (mean - low).min() - 2.0), (mean + high).max() + 5.0
+    ax_acc.set_xlim(left, right)  # room for the labels, beyond 100 if need be
+    ax_acc.set_xticks([t for t in ax_acc.get_xticks() if left <= t <= 100])
+    for i, style in ((0, "--"), (1, ":")):  # weak and ceiling as reference lines
+        ax_acc.axvline(mean[i], color=colors[i], linestyle=style, linewidth=0.8)
     ax_acc.grid(axis="x", color="0.9")
     ax_acc.set_yticks(y, [r["label"] for r in rows], fontsize=8)
     ax_acc.set_xlabel(f"test accuracy (%), {what}", fontsize=8)

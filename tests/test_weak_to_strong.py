@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from w2s_jax.files import DataError, atomic_write_jsonl, read_jsonl
+from w2s_jax.run_folder import SettingsChanged
 from w2s_jax.stages.w2s_settings import WeakToStrongSettings
 from w2s_jax.stages.weak_to_strong import load_data, weak_to_strong
 
@@ -185,3 +186,23 @@ def test_toy_world_defaults_and_held_out_test(tmp_path, tiny_qwen2_dir):
     train, test = load_data(settings)
     assert len(train) == 20 and len(test) == 10
     assert load_data(settings) == (train, test)
+
+
+def test_lora_student_and_linear_ramp(tmp_path, tiny_qwen2_dir, tiny_qwen2_amateur_dir):
+    settings = small(
+        tmp_path,
+        tiny_qwen2_amateur_dir,
+        tiny_qwen2_dir,
+        mode="lora",
+        weak_mode="full",
+        losses=("logconf",),
+        warmup="linear",
+    )
+    report = weak_to_strong(settings, log=lambda _: None)
+    assert [m["name"] for m in report["models"]] == ["weak", "ceiling", "w2s-logconf"]
+    saved = json.loads((tmp_path / "out/seed-0/models/w2s-logconf/classifier.json").read_text())
+    assert saved["mode"] == "lora" and saved["lora"]["rank"] == 8
+    weak = json.loads((tmp_path / "out/seed-0/models/weak/classifier.json").read_text())
+    assert weak["mode"] == "full"
+    with pytest.raises(SettingsChanged, match="different settings"):
+        weak_to_strong(replace(settings, losses=("xent",)), log=lambda _: None)

@@ -22,7 +22,6 @@ early-exit amateur in the spirit of DoLa, saved under --work).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -36,7 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from w2s_jax.data.sft_records import sft_record  # noqa: E402
 from w2s_jax.files import atomic_write_json, read_jsonl  # noqa: E402
-from w2s_jax.models import load_pretrained, load_tokenizer, save_pretrained  # noqa: E402
+from w2s_jax.models import load_pretrained, load_tokenizer  # noqa: E402
+from w2s_jax.models.weaken import truncate_layers  # noqa: E402
 from w2s_jax.sample_store import read_samples  # noqa: E402
 
 SHIPPED = REPO / "w2s_jax" / "assets" / "toy_world"
@@ -46,10 +46,7 @@ def early_exit_amateur(expert: Path, layers: int, work: Path) -> Path:
     """The expert cut to its first `layers` decoder layers (same norm and head), as a folder."""
     folder = work / f"{expert.name}-first-{layers}-layers"
     if not (folder / "config.json").is_file():
-        model = load_pretrained(expert, dtype="float32")
-        model.model.layers = nnx.List(list(model.model.layers)[:layers])
-        model.config = dataclasses.replace(model.config, num_hidden_layers=layers)
-        save_pretrained(model, folder, tokenizer=expert)
+        truncate_layers(expert, folder, layers)
     return folder
 
 

@@ -5,8 +5,9 @@ classifier head on half 1's ground truth; writes its soft labels for half 2; tra
 the strong model on them with each --losses loss, and the strong ceiling on half 2's
 ground truth; scores all on one test split. Writes report.json, report.md and
 report.png into --out (accuracy with 95% CIs, PGR per loss with bootstrap CIs);
-re-running on the same --out resumes. Defaults: the toy world (shipped amateur =
-weak, shipped expert = strong, "is this worked solution correct?").
+re-running on the same --out resumes. Defaults: the toy world ("is this solution
+step right so far?"; the shipped expert is strong, a linear probe on the shipped
+amateur is the weak supervisor).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class WeakToStrongSettings:
     data: str | None = setting(
         None,
         "Labelled training JSONL: {id, label, text} or {id, label, prompt, completion} "
-        "(default: the toy world's 'is this worked solution correct?' items).",
+        "(default: the toy world's items, see --toy-unit).",
         metavar="FILE",
     )
     test_data: str | None = setting(
@@ -70,8 +70,8 @@ class WeakToStrongSettings:
     )
     toy_unit: str = setting(
         "step",
-        "Toy world: judge one solution step (text ending in its equation) or a whole "
-        "worked solution (prompt + completion).",
+        "Toy world: judge a solution step cut after the digit a slip changes (text) or a "
+        "whole worked solution (prompt + completion).",
         choices=("step", "solution"),
     )
     seeds: int = setting(

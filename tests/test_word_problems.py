@@ -16,39 +16,30 @@ from w2s_jax.data.word_problems import (
 # An independent reader of the questions: one pattern per sentence shape, written
 # from the rendered text (not from the templates), and what it does to the count.
 N = r"(\d+)"
+HE = "(?:He|She)"
+ADD = rf"^(?:{HE} finds|{HE} gets|Then) {N} more( \w+)?(?: from a friend| are put in the box)?$"
+SUB = rf"^(?:{HE} gives away|{HE} loses|Then) {N}(?: of them| \w+ are taken out of the box)?$"
+SHARE = rf"^{HE} shares them equally among {N} friends, \w+ included, and keeps one share$"
+BUY = rf"^(?:{HE} buys {N} bags of|{HE} gets {N} packs with|Then {N} bags holding) {N}"
+SELL = rf"^(?:{HE} sells {N} bags of|{HE} gives {N} friends|Then {N} groups of) {N}"
 READERS = [
     (rf"^\w+ (?:has|starts with) {N} \w+$", lambda v, a: a[0]),
     (rf"^At first there are {N} \w+ in \w+'s box$", lambda v, a: a[0]),
-    (
-        rf"^(?:(?:He|She) finds|(?:He|She) gets|Then) {N} more( \w+)?(?: from a friend| are put in the box)?$",
-        lambda v, a: v + a[0],
-    ),  # fmt: skip
-    (
-        rf"^(?:(?:He|She) gives away|(?:He|She) loses|Then) {N}(?: of them| \w+ are taken out of the box)?$",
-        lambda v, a: v - a[0],
-    ),  # fmt: skip
-    (r"^(?:He|She) doubles them$", lambda v, a: 2 * v),
-    (r"^(?:He|She) triples them$", lambda v, a: 3 * v),
-    (r"^(?:He|She) ends up with two times as many$", lambda v, a: 2 * v),
-    (r"^(?:He|She) ends up with three times as many$", lambda v, a: 3 * v),
+    (ADD, lambda v, a: v + a[0]),
+    (SUB, lambda v, a: v - a[0]),
+    (rf"^{HE} doubles them$", lambda v, a: 2 * v),
+    (rf"^{HE} triples them$", lambda v, a: 3 * v),
+    (rf"^{HE} ends up with two times as many$", lambda v, a: 2 * v),
+    (rf"^{HE} ends up with three times as many$", lambda v, a: 3 * v),
     (rf"^The number of \w+ in the box is multiplied by {N}$", lambda v, a: v * a[0]),
-    (rf"^(?:He|She) splits them into {N} equal piles and keeps one$", lambda v, a: v // a[0]),
-    (
-        rf"^(?:He|She) shares them equally among {N} friends, \w+ included, and keeps one share$",
-        lambda v, a: v // a[0],
-    ),  # fmt: skip
+    (rf"^{HE} splits them into {N} equal piles and keeps one$", lambda v, a: v // a[0]),
+    (SHARE, lambda v, a: v // a[0]),
     (
         rf"^The box is split into {N} equal parts and only one part stays in it$",
         lambda v, a: v // a[0],
-    ),  # fmt: skip
-    (
-        rf"^(?:(?:He|She) buys {N} bags of|(?:He|She) gets {N} packs with|Then {N} bags holding) {N}",
-        lambda v, a: v + a[0] * a[1],
-    ),  # fmt: skip
-    (
-        rf"^(?:(?:He|She) sells {N} bags of|(?:He|She) gives {N} friends|Then {N} groups of) {N}",
-        lambda v, a: v - a[0] * a[1],
-    ),  # fmt: skip
+    ),
+    (BUY, lambda v, a: v + a[0] * a[1]),
+    (SELL, lambda v, a: v - a[0] * a[1]),
     (r"^How many \w+ (?:does \w+ have|are in the box)", lambda v, a: v),
 ]
 

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
-from w2s_jax import stats
+from w2s_jax import eval_decoding, stats
+from w2s_jax.data.benchmarks import PRESET_HELP, PRESETS, is_multiple_choice, load_eval_questions
 from w2s_jax.data.sources import Question
+from w2s_jax.eval_decoding import DECODINGS
+from w2s_jax.eval_sampled import summarize_samples
 from w2s_jax.files import (
     DataError,
     atomic_write_json,
@@ -34,11 +37,11 @@ from w2s_jax.files import (
 )
 from w2s_jax.grading import (
     SYMBOLIC_TIMEOUT_S,
+    choice_letter,
     extract_answer,
-    gold_from_asdiv,
     gold_from_gsm8k,
-    gold_from_math,
     grade,
+    grade_choice,
     is_equiv,
 )
 from w2s_jax.prompts import (
@@ -57,6 +60,7 @@ from w2s_jax.settings import (
     comma_list,
     compute_dtype_setting,
     free_fields,
+    number_in,
     setting,
     stop_ids_setting,
 )
@@ -71,85 +75,6 @@ __all__ = [
     "load_eval_questions",
     "run_eval",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """Where a dataset keeps its question, gold answer and id, and how to read the gold."""
-
-    question_fields: tuple[str, ...]
-    answer_field: str
-    id_field: str
-    gold: Callable[[str], str]
-
-
-PRESETS = {
-    "gsm8k": Preset(("question",), "answer", "id", gold_from_gsm8k),
-    "math": Preset(("problem",), "solution", "unique_id", gold_from_math),
-    "svamp": Preset(("Body", "Question"), "Answer", "ID", str.strip),
-    "asdiv": Preset(("body", "question"), "answer", "id", gold_from_asdiv),
-    "plain": Preset(("question",), "answer", "id", str.strip),
-}
-
-
-def load_eval_questions(
-    source: str,
-    *,
-    preset: str = "gsm8k",
-    question_fields: tuple[str, ...] | None = None,
-    answer_field: str | None = None,
-    id_field: str | None = None,
-    max_questions: int | None = None,
-) -> list[Question]:
-    """Questions with their gold final answers (in `Question.answer`) from a JSONL file.
-
-    Several question fields (SVAMP's Body + Question) are joined with a space, a
-    period added after a part that does not end a sentence. Fields default to the
-    preset's. Errors name the file and line: missing question or answer field, a
-    gold answer the preset cannot read, a duplicated id, an empty file.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    spec = PRESETS[preset]
-    q_fields = question_fields or spec.question_fields
-    a_field, i_field = answer_field or spec.answer_field, id_field or spec.id_field
-    questions, seen = [], {}
-    for lineno, record in read_jsonl(source):
-        where = f"{source}:{lineno}"
-        parts = []
-        for field in q_fields:
-            text = record.get(field)
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(
-                    f"{where}: question field {field!r} is missing or empty "
-                    f"(fields present: {', '.join(sorted(record)) or 'none'})"
-                )
-            parts.append(text.strip())
-        question = " ".join(
-            p if i == len(parts) - 1 or p[-1] in ".?!" else p + "." for i, p in enumerate(parts)
-        )
-        raw = record.get(a_field)
-        if raw is None or str(raw).strip() == "":
-            raise DataError(
-                f"{where}: answer field {a_field!r} is missing or empty; evaluation needs a "
-                f"gold answer (fields present: {', '.join(sorted(record))}; see --answer-field)"
-            )
-        try:
-            gold = spec.gold(str(raw))
-        except ValueError as exc:
-            raise DataError(
-                f"{where}: preset {preset!r} cannot read the gold answer: {exc}"
-            ) from exc
-        qid = str(record.get(i_field, f"line-{lineno}"))
-        if qid in seen:
-            raise DataError(f"{where}: id {qid!r} already used on line {seen[qid]}")
-        seen[qid] = lineno
-        questions.append(Question(qid, question, gold))
-        if max_questions is not None and len(questions) >= max_questions:
-            break
-    if not questions:
-        raise DataError(f"{source}: no questions")
-    return questions
 
 
 # ------------------------------------------------------------------ running
@@ -170,13 +95,7 @@ class EvalSettings:
     lora: str | None = setting(
         None, "`w2s train` checkpoint (run folder or step folder) applied to --model."
     )
-    preset: str = setting(
-        "gsm8k",
-        "Dataset shape: gsm8k (question, answer '... #### N'), math (problem, solution with "
-        "\\boxed{}), svamp (Body + Question, Answer), asdiv (body + question, answer "
-        "'9 (apples)'), plain (question, answer as is).",
-        choices=tuple(sorted(PRESETS)),
-    )
+    preset: str = setting("gsm8k", PRESET_HELP, choices=tuple(sorted(PRESETS)))
     question_fields: tuple[str, ...] | None = setting(
         None,
         "Field(s) holding the question; several comma-separated fields are joined.",
@@ -189,7 +108,55 @@ class EvalSettings:
     system_prompt: str = setting(
         EVAL_SYSTEM_PROMPT, "System turn of the chat prompt ('' for none)."
     )
-    max_new_tokens: int = setting(512, "Most new tokens per answer.", check=at_least(1))
+    max_new_tokens: int = setting(
+        512,
+        "Most new tokens per answer (the Qwen2.5-Math toolkit and the LightReasoner paper: 2048).",
+        check=at_least(1),
+    )
+    decoding: str | None = setting(
+        None,
+        "greedy, sampling (--temperature, default 1.0) or contrastive (needs --amateur; greedy "
+        "over the contrastive scores unless --temperature > 0). Default: sampling when "
+        "--temperature > 0 is given, else greedy.",
+        choices=DECODINGS,
+    )
+    amateur: str | None = setting(
+        None, "Amateur model of --decoding contrastive (the same tokenizer).", metavar="DIR"
+    )
+    cd_alpha: float | None = setting(
+        None,
+        "Contrastive plausibility: tokens with p_E >= alpha * max p_E (default 0.1).",
+        parse=float,
+        check=number_in(0, 1, open_low=True),
+    )
+    cd_beta: float | None = setting(
+        None,
+        "Contrastive weight: argmax (1+beta)*log p_E - beta*log p_A (default 0.5).",
+        parse=float,
+        check=number_in(0, math.inf),
+    )
+    cd_amateur_temperature: float | None = setting(
+        None,
+        "Temperature of the amateur's log-probabilities (default 1.0).",
+        parse=float,
+        check=number_in(0, math.inf, open_low=True),
+    )
+    cd_form: str | None = setting(
+        None,
+        "weighted: (1+beta)*s_E - beta*s_A (O'Brien & Lewis; default); difference: s_E - s_A "
+        "(Li et al.).",
+        choices=("weighted", "difference"),
+    )
+    samples: int = setting(
+        1, "Answers sampled per question; reports pass@k for k <= N and maj@N.", check=at_least(1)
+    )
+    temperature: float | None = setting(
+        None, "Sampling temperature (> 0 samples).", parse=float, check=number_in(0, math.inf)
+    )
+    top_p: float | None = setting(
+        None, "Nucleus sampling mass.", parse=float, check=number_in(0, 1, open_low=True)
+    )
+    seed: int = setting(0, "Seed of sampled decoding (and of --compare's bootstrap).")
     dtype: str = compute_dtype_setting()
     eos_ids: tuple[int, ...] = stop_ids_setting("an answer")
     batch_size: int = setting(16, "Questions per batch.", check=at_least(1), free=True)
@@ -213,6 +180,8 @@ class EvalSettings:
         if self.question_fields is not None:
             object.__setattr__(self, "question_fields", comma_list(self.question_fields))
         check(self)
+        for name, value in eval_decoding.resolve(self).items():
+            object.__setattr__(self, name, value)
 
 
 def _fingerprint(settings: EvalSettings, tokenizer) -> dict:
@@ -231,19 +200,34 @@ def _fingerprint(settings: EvalSettings, tokenizer) -> dict:
         record["lora_step"] = read_meta(settings.lora).get("step")
         directory, step = locate_checkpoint(settings.lora)
         record["lora_weights"] = folder_fingerprint_record(directory / str(step))["fingerprint"]
+    if settings.amateur:
+        record["amateur_weights"] = weights_fingerprint_record(settings.amateur)["fingerprint"]
     return record
+
+
+# Settings added with sampled and contrastive decoding, at the values that reproduce the
+# runs made before them: a folder that does not record them resumes at these values.
+_BEFORE_DECODING_SETTINGS = {"decoding": "greedy", "samples": 1, "temperature": 0.0, "seed": 0}
 
 
 def _check_same_run(out: Path, fingerprint: dict) -> None:
     # prompt_example is for readers (it follows from the settings and the tokenizer), and
     # a folder made before it was recorded must still resume.
-    ignore = ("model_weights_hashed", "prompt_example")
+    ignore = ["model_weights_hashed", "prompt_example"]
+    if (out / "run.json").is_file():
+        recorded = json.loads((out / "run.json").read_text())
+        ignore += [
+            k
+            for k, v in _BEFORE_DECODING_SETTINGS.items()
+            if k not in recorded and fingerprint.get(k) == v
+        ]
     has_results = any((out / "shards").glob("part-*.jsonl"))
     claim(out / "run.json", fingerprint, ignore=ignore, what="an eval run", has_results=has_results)
 
 
-def _finished_rows(out: Path, questions: list[Question]) -> tuple[dict[str, dict], int]:
-    """Rows already written (by id) and the next free shard number; checks they match."""
+def _finished_rows(out: Path, questions: list[Question]) -> tuple[dict[tuple[str, int], dict], int]:
+    """Rows already written (by id and sample index) and the next free shard number;
+    checks they match the questions."""
     by_id = {q.id: q for q in questions}
     rows, next_shard = {}, 0
     for shard in sorted((out / "shards").glob("part-*.jsonl")):
@@ -255,7 +239,7 @@ def _finished_rows(out: Path, questions: list[Question]) -> tuple[dict[str, dict
                     f"{shard}:{lineno}: question {row['id']!r} differs from the data file; "
                     "the data changed since this run started: use a new --out folder"
                 )
-            rows[row["id"]] = row
+            rows[row["id"], row.get("sample", 0)] = row
     return rows, next_shard
 
 
@@ -264,13 +248,12 @@ def _truncate(text: str, stops: tuple[str, ...]) -> str:
     return text[:cut]
 
 
-def _load_model(settings: EvalSettings, mesh_spec: str | None):
+def _load_model(settings: EvalSettings, mesh):
     """(model, tokenizer), padded vocabulary rows masked. A LoRA checkpoint is merged into
     float32 weights; in a half-precision dtype its adapters stay separate layers, since
     rounding the merged weights would lose most of a small update."""
     from w2s_jax.models import ModelConfig, load_pretrained, load_tokenizer
     from w2s_jax.models.dtypes import warn_if_slow
-    from w2s_jax.sharding import make_mesh
 
     folder = Path(settings.model)
     if not (folder / "config.json").is_file():
@@ -285,10 +268,7 @@ def _load_model(settings: EvalSettings, mesh_spec: str | None):
 
         check_adapter_base(settings.lora, folder, force=settings.force)
     model = load_pretrained(
-        folder,
-        dtype=settings.dtype,
-        mesh=make_mesh(mesh_spec) if mesh_spec else None,
-        allow_unused=settings.allow_unused_weights,
+        folder, dtype=settings.dtype, mesh=mesh, allow_unused=settings.allow_unused_weights
     )
     warn_if_slow(model.config.dtype)
     model.restrict_vocab(len(tokenizer))
@@ -301,13 +281,17 @@ def _load_model(settings: EvalSettings, mesh_spec: str | None):
     return model, tokenizer
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Accuracy (with a 95% Wilson interval), counts, mean output length, no-answer share."""
+def summarize(rows: list[dict], *, timeout: float = SYMBOLIC_TIMEOUT_S) -> dict:
+    """Accuracy (with a 95% Wilson interval), counts, mean output length, no-answer share.
+
+    Rows with a `sample` index (a sampled run, `w2s_jax.eval_sampled`): accuracy is the
+    mean over all samples, its interval clustered by question, and pass@k, maj@N follow.
+    """
     total = len(rows)
     correct = sum(r["correct"] for r in rows)
     no_answer = sum(r["answer"] is None for r in rows)
     low, high = stats.wilson_interval(correct, total)
-    return {
+    summary = {
         "accuracy": correct / total,
         "accuracy_text": f"{100 * correct / total:.1f}% ({correct}/{total})",
         "accuracy_ci95": [low, high],
@@ -319,15 +303,34 @@ def summarize(rows: list[dict]) -> dict:
         "hit_max_new_tokens": sum(r["hit_max_new_tokens"] for r in rows),
         "graded_by": dict(sorted(Counter(r["graded_by"] for r in rows).items())),
     }
+    if "sample" not in rows[0]:
+        return summary
+    sampled = summarize_samples(rows_by_question(rows), timeout=timeout)
+    return summary | sampled | {"accuracy_ci95": sampled["mean_accuracy_ci95_clustered"]}
 
 
-def _graded_row(q: Question, generated: list[int], tokenizer, eos, stops, settings) -> dict:
-    """One predictions.jsonl row: the decoded output, its extracted answer and its grade."""
-    output = _truncate(tokenizer.decode(generated, skip_special_tokens=True), stops)
+def rows_by_question(rows: list[dict]) -> list[list[dict]]:
+    """Rows grouped by question id (in first-seen order), each group in sample order."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["id"], []).append(row)
+    return [sorted(g, key=lambda r: r.get("sample", 0)) for g in groups.values()]
+
+
+def _graded_row(q: Question, sample: int | None, generated: list[int], ctx: dict) -> dict:
+    """One predictions.jsonl row: the decoded output, its extracted answer and its grade
+    (by choice letter for a multiple-choice preset); `sample`: its index in a sampled run."""
+    settings, eos = ctx["settings"], ctx["eos"]
+    output = _truncate(ctx["tokenizer"].decode(generated, skip_special_tokens=True), ctx["stops"])
     answer = extract_answer(output)
-    verdict = grade(answer, q.answer, timeout=settings.symbolic_timeout)
+    if is_multiple_choice(settings.preset):
+        answer = choice_letter(answer)
+        verdict = grade_choice(answer, q.answer)
+    else:
+        verdict = grade(answer, q.answer, timeout=settings.symbolic_timeout)
     return {
         "id": q.id,
+        **({} if sample is None else {"sample": sample}),
         "question": q.question,
         "output": output,
         "answer": answer,
@@ -340,16 +343,68 @@ def _graded_row(q: Question, generated: list[int], tokenizer, eos, stops, settin
     }
 
 
+def _decode_batch(batch: list[tuple[Question, int]], ctx: dict) -> list[dict]:
+    """Generate and grade one batch of (question, sample index) rows."""
+    import jax
+
+    from w2s_jax.generate import generate
+
+    settings, tokenizer, eos = ctx["settings"], ctx["tokenizer"], ctx["eos"]
+    sampled = eval_decoding.is_sampled(settings)
+    result = generate(
+        ctx["model"],
+        [ctx["prompts"][q.id] for q, _ in batch],
+        max_new_tokens=settings.max_new_tokens,
+        eos_ids=eos,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
+        mode=eval_decoding.mode_for(settings, [(q.id, j) for q, j in batch]),
+        amateur=ctx["amateur"],
+        rng=jax.random.key(settings.seed) if sampled else None,
+    )
+    result.check_finite([f"question {q.id!r}" for q, _ in batch], what=settings.model)
+    return [
+        _graded_row(q, j if sampled else None, [int(t) for t in tokens[: int(length)]], ctx)
+        for (q, j), tokens, length in zip(batch, result.tokens, result.lengths, strict=True)
+    ]
+
+
+def _context(settings: EvalSettings, questions: list[Question]) -> dict:
+    """Models, tokenizer, stop ids and strings of a run, after its folder is claimed."""
+    from w2s_jax.sharding import make_mesh
+
+    mesh = make_mesh(settings.mesh) if settings.mesh else None
+    model, tokenizer = _load_model(settings, mesh)
+    amateur = eval_decoding.load_amateur(settings, tokenizer, mesh) if settings.amateur else None
+    _check_same_run(Path(settings.out), _fingerprint(settings, tokenizer))
+    eos = stop_ids(tokenizer, settings.model, model.config.eos_token_ids, settings.eos_ids)
+    prompts = {
+        q.id: prompt_ids(
+            tokenizer, q.question, style=settings.prompt_style, system_prompt=settings.system_prompt
+        )
+        for q in questions
+    }
+    stops = PLAIN_STOP_STRINGS if settings.prompt_style == "plain" else ()
+    return dict(
+        settings=settings,
+        model=model,
+        amateur=amateur,
+        tokenizer=tokenizer,
+        eos=eos,
+        stops=stops,
+        prompts=prompts,
+    )
+
+
 def run_eval(settings: EvalSettings) -> dict:
     """Evaluate `settings.model` on `settings.data` into `settings.out`; return the summary.
 
-    Resumes from the shards already there. Batches are fixed chunks of the questions
-    sorted by prompt length (longest first), so a resumed run decodes the same batches
-    as an uninterrupted one.
+    Resumes from the shards already there, per (question, sample). Batches are fixed
+    chunks of the rows sorted by prompt length (longest first), so a resumed run decodes
+    the same batches as an uninterrupted one; a sampled row's draws depend on the seed,
+    its question and its sample index only (`w2s_jax.eval_decoding`).
     """
     from tqdm import tqdm
 
-    from w2s_jax.generate import generate
     from w2s_jax.models.dtypes import resolve_dtype
 
     if not settings.out:
@@ -364,48 +419,28 @@ def run_eval(settings: EvalSettings) -> dict:
         id_field=settings.id_field,
         max_questions=settings.max_questions,
     )
-    model, tokenizer = _load_model(settings, settings.mesh)
-    _check_same_run(out, _fingerprint(settings, tokenizer))
+    ctx = _context(settings, questions)
     done, next_shard = _finished_rows(out, questions)
-    eos = stop_ids(tokenizer, settings.model, model.config.eos_token_ids, settings.eos_ids)
-    stops = PLAIN_STOP_STRINGS if settings.prompt_style == "plain" else ()
-    pending = [q for q in questions if q.id not in done]
-    prompts = {
-        q.id: prompt_ids(
-            tokenizer, q.question, style=settings.prompt_style, system_prompt=settings.system_prompt
-        )
-        for q in pending
-    }
-    order = sorted(range(len(pending)), key=lambda i: (-len(prompts[pending[i].id]), i))
+    items = [(q, j) for q in questions for j in range(settings.samples)]
+    pending = [(q, j) for q, j in items if (q.id, j) not in done]
+    order = sorted(pending, key=lambda item: -len(ctx["prompts"][item[0].id]))  # stable
     size = settings.batch_size
-    batches = [order[i : i + size] for i in range(0, len(order), size)]
     bar = tqdm(
-        total=len(questions),
-        initial=len(questions) - len(pending),
+        total=len(items),
+        initial=len(items) - len(pending),
         desc="eval",
         disable=not settings.progress,
     )
-    for shard, batch in enumerate(batches, start=next_shard):
-        batch_q = [pending[i] for i in batch]
-        result = generate(
-            model,
-            [prompts[q.id] for q in batch_q],
-            max_new_tokens=settings.max_new_tokens,
-            eos_ids=eos,
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
-        )
-        result.check_finite([f"question {q.id!r}" for q in batch_q], what=settings.model)
-        rows = [
-            _graded_row(q, [int(t) for t in tokens[: int(length)]], tokenizer, eos, stops, settings)
-            for q, tokens, length in zip(batch_q, result.tokens, result.lengths, strict=True)
-        ]
+    for shard, start in enumerate(range(0, len(order), size), start=next_shard):
+        rows = _decode_batch(order[start : start + size], ctx)
         atomic_write_jsonl(out / "shards" / f"part-{shard:06d}.jsonl", rows)
-        done.update((r["id"], r) for r in rows)
+        done.update(((r["id"], r.get("sample", 0)), r) for r in rows)
         bar.update(len(rows))
         bar.set_postfix(acc=f"{sum(r['correct'] for r in done.values()) / len(done):.3f}")
     bar.close()
-    rows = [done[q.id] for q in questions]
-    summary = summarize(rows) | {"settings": json.loads((out / "run.json").read_text())}
+    rows = [done[q.id, j] for q, j in items]
+    summary = summarize(rows, timeout=settings.symbolic_timeout)
+    summary |= {"settings": json.loads((out / "run.json").read_text())}
     atomic_write_jsonl(out / "predictions.jsonl", rows)
     atomic_write_json(out / "summary.json", summary)
     return summary

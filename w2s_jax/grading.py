@@ -277,6 +277,16 @@ class Verdict(NamedTuple):
 
 def grade(prediction: str | None, gold: str, *, timeout: float = SYMBOLIC_TIMEOUT_S) -> Verdict:
     """Compare an extracted answer to the gold answer (string, numeric, then symbolic)."""
+    return _compare(prediction, gold, timeout=timeout, percent=True)
+
+
+def same_answer(first: str, second: str, *, timeout: float = SYMBOLIC_TIMEOUT_S) -> bool:
+    """Whether two extracted answers are the same (as `grade`, but numbers must be equal:
+    no gold/100 or gold*100 match), e.g. to group sampled answers for a majority vote."""
+    return _compare(first, second, timeout=timeout, percent=False).correct
+
+
+def _compare(prediction: str | None, gold: str, *, timeout: float, percent: bool) -> Verdict:
     if prediction is None or not str(prediction).strip():
         return Verdict(False, "no_answer")
     pred_norm, gold_norm = normalize_answer(prediction), normalize_answer(gold)
@@ -286,9 +296,36 @@ def grade(prediction: str | None, gold: str, *, timeout: float = SYMBOLIC_TIMEOU
         return Verdict(True, "string")
     pred_num, gold_num = to_number(pred_norm), to_number(gold_norm)
     if pred_num is not None and gold_num is not None:
-        return Verdict(numbers_equal(pred_num, gold_num), "numeric")
+        if percent:
+            return Verdict(numbers_equal(pred_num, gold_num), "numeric")
+        return Verdict(math.isclose(pred_num, gold_num, rel_tol=1e-4), "numeric")
     verdict = _WORKER.equal(str(prediction), str(gold), timeout)
     return Verdict(False, "timeout") if verdict is None else Verdict(verdict, "symbolic")
+
+
+# ---------------------------------------------------------------- multiple choice
+
+CHOICE_LETTERS = "ABCDEFGHIJ"
+
+
+def choice_letter(answer: str | None) -> str | None:
+    """The choice letter an extracted answer names: the last standalone capital A-J in it
+    ("(C)", "C. 42", "\\text{(B)}"), or a lone lower-case letter; None when there is none."""
+    if answer is None:
+        return None
+    letters = re.findall(rf"(?<![A-Za-z\\])([{CHOICE_LETTERS}])(?![A-Za-z])", answer)
+    if letters:
+        return letters[-1]
+    lone = answer.strip().strip("().").strip()
+    return lone.upper() if len(lone) == 1 and lone.upper() in CHOICE_LETTERS else None
+
+
+def grade_choice(answer: str | None, gold_letter: str) -> Verdict:
+    """A multiple-choice answer graded by its letter (`choice_letter`) against the gold's."""
+    letter = choice_letter(answer)
+    if letter is None:
+        return Verdict(False, "no_answer")
+    return Verdict(letter == gold_letter, "choice")
 
 
 def is_equiv(prediction: str | None, gold: str, *, timeout: float = SYMBOLIC_TIMEOUT_S) -> bool:

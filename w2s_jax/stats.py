@@ -1,4 +1,5 @@
-"""How sure an accuracy (difference) is: Wilson interval, paired bootstrap, McNemar.
+"""How sure an accuracy (difference) is: Wilson interval, paired bootstrap, McNemar;
+sampled evaluation: pass@k, and a mean over samples with an interval clustered by question.
 
 Pure numpy/stdlib. Inputs are per-question correctness vectors (bool or 0/1) of
 equal length, aligned question by question for the paired statistics.
@@ -96,3 +97,57 @@ def mcnemar(correct_a, correct_b) -> McNemar:
     tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
     chi2 = (abs(only_a - only_b) - 1) ** 2 / n if abs(only_a - only_b) > 1 else 0.0
     return McNemar(only_a, only_b, min(1.0, 2 * tail), math.erfc(math.sqrt(chi2 / 2)))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 − C(n−c, k)/C(n, k)
+    (Chen et al. 2021), computed as a product so that large n does not overflow."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def clustered_mean_interval(
+    successes, sizes, *, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean, low, high): the share of successes over all trials, with a normal interval
+    whose standard error treats each cluster (e.g. a question's samples) as one unit.
+
+    successes[i] of sizes[i] trials in cluster i; the ratio estimator Σs/Σn with the
+    cluster-robust (linearized) variance Q/(Q−1)·Σ(s_i − mean·n_i)²/(Σn)². One cluster
+    gives [0, 1]; bounds are clipped to [0, 1].
+    """
+    s, n = np.asarray(successes, np.float64), np.asarray(sizes, np.float64)
+    if s.ndim != 1 or s.shape != n.shape or s.size == 0 or (n <= 0).any() or (s > n).any():
+        raise ValueError("need one successes <= size > 0 pair per cluster, at least one cluster")
+    mean = float(s.sum() / n.sum())
+    q = s.size
+    if q < 2:
+        return mean, 0.0, 1.0
+    se = math.sqrt(q / (q - 1) * float(((s - mean * n) ** 2).sum())) / float(n.sum())
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    return mean, max(0.0, mean - z * se), min(1.0, mean + z * se)
+
+
+def paired_bootstrap_mean_diff(
+    scores_a, scores_b, *, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> BootstrapDiff:
+    """Paired bootstrap CI of mean(B) − mean(A) for per-question scores in [0, 1] (e.g. the
+    share of a question's samples graded correct): questions resampled with replacement,
+    percentile interval (inverted-CDF quantiles), drawn in blocks of 1,000 resamples."""
+    a, b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
+        raise ValueError("paired score vectors must be 1-D, non-empty and equal in length")
+    d = b - a
+    rng = np.random.default_rng(seed)
+    means = np.concatenate(
+        [
+            d[rng.integers(0, d.size, size=(min(1000, n_resamples - i), d.size))].mean(axis=1)
+            for i in range(0, n_resamples, 1000)
+        ]
+    )
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail], method="inverted_cdf")
+    return BootstrapDiff(float(d.mean()), float(low), float(high))

@@ -1,6 +1,9 @@
-"""Grade a model on math word problems (greedy, batched, resumable), or compare finished runs.
+"""Grade a model on math word problems (batched, resumable), or compare finished runs.
 
 Evaluate:  w2s eval --model DIR [--lora CKPT] --data FILE.jsonl --out DIR
+Sampled:   w2s eval ... --samples N --temperature T [--top-p P] [--seed S]  (pass@k, maj@N)
+Contrastive decoding: w2s eval ... --decoding contrastive --amateur DIR [--cd-alpha A]
+           [--cd-beta B] [--cd-amateur-temperature T] [--cd-form weighted|difference]
 Compare:   w2s eval --compare RUN_A RUN_B [...] --out DIR
 
 An evaluation writes OUT/predictions.jsonl (one row per question: id, question,
@@ -23,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from w2s_jax.evaluate import EvalSettings
 
     add_settings(parser, EvalSettings)
-    add_settings(parser, CompareSettings, skip=("out",))
+    add_settings(parser, CompareSettings, skip=("out", "seed"))  # --seed is shared
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -48,6 +51,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"accuracy {summary['accuracy_text']}; no answer in {no_answer:.1f}%; "
         f"mean output {summary['mean_output_tokens']:.1f} tokens; written to {args.out}"
     )
+    if "pass_at_k" in summary:
+        n, (low, high) = summary["samples"], summary["accuracy_ci95"]
+        print(
+            f"{n} samples per question: mean accuracy {100 * summary['accuracy']:.1f}% "
+            f"(95% CI clustered by question [{100 * low:.1f}, {100 * high:.1f}]); "
+            f"pass@1 {100 * summary['pass_at_k']['1']:.1f}%, "
+            f"pass@{n} {100 * summary['pass_at_k'][str(n)]:.1f}%, "
+            f"maj@{n} {summary['maj_at_n_text']}"
+        )
     return 0
 
 

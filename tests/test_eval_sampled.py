@@ -214,3 +214,26 @@ def test_bad_decoding_flags_give_clear_errors(tmp_path, flags, message):
     argv = ["eval", "--model", "M", "--data", "D", "--out", str(tmp_path / "o")] + flags
     with pytest.raises(SystemExit, match=message):
         cli.main(argv)
+
+
+def test_the_qwen25_math_protocol_sets_and_records_its_settings(tmp_path):
+    from w2s_jax.prompts import EVAL_SYSTEM_PROMPT
+    from w2s_jax.settings import record
+
+    settings = EvalSettings(model="M", data="D", protocol="qwen25-math")
+    recorded = record(settings)  # what run.json keeps (besides the free fields)
+    assert {k: recorded[k] for k in ("protocol", "max_new_tokens", "decoding")} == {
+        "protocol": "qwen25-math",
+        "max_new_tokens": 2048,
+        "decoding": "greedy",
+    }
+    assert (settings.system_prompt, settings.prompt_style) == (EVAL_SYSTEM_PROMPT, "chat")
+    assert EvalSettings(model="M", data="D", protocol="qwen25-math", max_new_tokens=2048)
+    base = ["eval", "--model", "M", "--data", "D", "--out", str(tmp_path), "--protocol"]
+    for flags, message in [
+        (["--max-new-tokens", "256"], "sets --max-new-tokens 2048; got 256"),
+        (["--decoding", "sampling"], "sets --decoding 'greedy'; got 'sampling'"),
+        (["--prompt-style", "plain"], "sets --prompt-style 'chat'"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            cli.main(base + ["qwen25-math"] + flags)

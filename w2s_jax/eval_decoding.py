@@ -1,4 +1,5 @@
-"""How `w2s eval` decodes: greedy, sampling or contrastive, from the run's settings.
+"""How `w2s eval` decodes: greedy, sampling or contrastive, from the run's settings, and
+the evaluation protocols (`--protocol`) that fix those settings.
 
 `resolve` fills the defaults that depend on the chosen decoding and refuses settings
 that do not apply to it; `mode_for` builds the `w2s_jax.decoding` mode of one batch,
@@ -14,6 +15,8 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from w2s_jax.prompts import EVAL_SYSTEM_PROMPT
+
 DECODINGS = ("greedy", "sampling", "contrastive")
 CD_DEFAULTS = {
     "cd_alpha": 0.1,
@@ -21,6 +24,34 @@ CD_DEFAULTS = {
     "cd_amateur_temperature": 1.0,
     "cd_form": "weighted",
 }
+
+
+# What each --protocol sets. qwen25-math: the Qwen2.5-Math toolkit's qwen25-math-cot as
+# the LightReasoner paper ran it: its boxed system prompt in the chat template, greedy,
+# 2,048 new tokens. Its stop words (<|im_end|>, <|endoftext|>) are the tokenizer's
+# special end tokens, which `prompts.stop_ids` already stops on.
+PROTOCOLS = {
+    "qwen25-math": {
+        "prompt_style": "chat",
+        "system_prompt": EVAL_SYSTEM_PROMPT,
+        "decoding": "greedy",
+        "max_new_tokens": 2048,
+    }
+}
+
+
+def apply_protocol(settings, defaults: dict) -> dict:
+    """The fields `settings.protocol` sets; ValueError naming a flag given another value
+    (a field still at its default in `defaults` takes the protocol's)."""
+    if settings.protocol is None:
+        return {}
+    values = PROTOCOLS[settings.protocol]
+    for name, value in values.items():
+        given = getattr(settings, name)
+        if given not in (value, defaults[name]):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"--protocol {settings.protocol} sets {flag} {value!r}; got {given!r}")
+    return values
 
 
 def resolve(settings) -> dict:

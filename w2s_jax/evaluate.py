@@ -96,6 +96,13 @@ class EvalSettings:
         None, "`w2s train` checkpoint (run folder or step folder) applied to --model."
     )
     preset: str = setting("gsm8k", PRESET_HELP, choices=tuple(sorted(PRESETS)))
+    protocol: str | None = setting(
+        None,
+        "An evaluation protocol that sets other settings: qwen25-math (the Qwen2.5-Math "
+        "toolkit as in the LightReasoner paper: its boxed system prompt, chat template, "
+        "greedy, --max-new-tokens 2048).",
+        choices=tuple(eval_decoding.PROTOCOLS),
+    )
     question_fields: tuple[str, ...] | None = setting(
         None,
         "Field(s) holding the question; several comma-separated fields are joined.",
@@ -180,6 +187,9 @@ class EvalSettings:
         if self.question_fields is not None:
             object.__setattr__(self, "question_fields", comma_list(self.question_fields))
         check(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in eval_decoding.apply_protocol(self, defaults).items():
+            object.__setattr__(self, name, value)
         for name, value in eval_decoding.resolve(self).items():
             object.__setattr__(self, name, value)
 

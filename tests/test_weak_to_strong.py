@@ -206,3 +206,19 @@ def test_lora_student_and_linear_ramp(tmp_path, tiny_qwen2_dir, tiny_qwen2_amate
     assert weak["mode"] == "full"
     with pytest.raises(SettingsChanged, match="different settings"):
         weak_to_strong(replace(settings, losses=("xent",)), log=lambda _: None)
+
+
+def test_weak_side_reused_from_another_run(run, tmp_path):
+    settings, report, _ = run
+    lines = []
+    reuse = replace(
+        settings, out=str(tmp_path / "reuse"), weak_from=settings.out, losses=("product",)
+    )
+    again = weak_to_strong(reuse, log=lines.append)
+    assert sum("steps" in line for line in lines) == 2  # ceiling and product: no weak training
+    assert again["models"][0]["per_seed"] == report["models"][0]["per_seed"]
+    assert again["weak_label_accuracy"] == report["weak_label_accuracy"]
+    other = replace(reuse, out=str(tmp_path / "other"), weak_epochs=1)
+    with pytest.raises(ValueError, match=r"weak side was made with other settings.*weak_epochs"):
+        weak_to_strong(other, log=lambda _: None)
+    assert not (tmp_path / "other").exists()

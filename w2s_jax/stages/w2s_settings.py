@@ -22,6 +22,21 @@ from w2s_jax.settings import (
 )
 
 LOSSES = ("xent", "logconf", "product")
+# Settings that shape only the strong models: a run may reuse the weak side of another
+# run that differs in these (--weak-from).
+STRONG_ONLY = (
+    "strong",
+    "mode",
+    "learning_rate",
+    "epochs",
+    "losses",
+    "aux_coef",
+    "warmup_frac",
+    "warmup",
+    "product_alpha",
+    "product_beta",
+    "weak_from",
+)
 MODES = ("full", "lora", "head")  # w2s_jax.models.classifier.MODES
 TOY_WORLD = Path(__file__).resolve().parents[1] / "assets" / "toy_world"
 
@@ -52,6 +67,12 @@ class WeakToStrongSettings:
         None,
         "Labelled test JSONL (default with --data: --test-items records held out of it).",
         metavar="FILE",
+    )
+    weak_from: str | None = setting(
+        None,
+        "Reuse another run's (its --out) halves, weak classifier, weak labels and weak "
+        "scores; every setting but the strong model's must match.",
+        metavar="DIR",
     )
     num_classes: int = setting(2, "Classes of the task (labels are 0..C-1).", check=at_least(2))
     train_items: int = setting(
@@ -162,7 +183,7 @@ class WeakToStrongSettings:
         """The recorded settings (the free ones left out), input paths made absolute."""
         free = free_fields(WeakToStrongSettings)
         values = {k: v for k, v in record(self).items() if k not in free}
-        for key in ("weak", "strong", "data", "test_data"):
+        for key in ("weak", "strong", "data", "test_data", "weak_from"):
             if values[key]:
                 values[key] = str(Path(values[key]).absolute())
         return values

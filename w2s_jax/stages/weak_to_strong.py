@@ -28,7 +28,7 @@ import numpy as np
 
 from w2s_jax.files import atomic_write_json, atomic_write_jsonl, read_jsonl
 from w2s_jax.run_folder import claim
-from w2s_jax.stages.w2s_settings import TOY_WORLD, WeakToStrongSettings
+from w2s_jax.stages.w2s_settings import STRONG_ONLY, TOY_WORLD, WeakToStrongSettings
 from w2s_jax.w2s_metrics import split_halves
 
 RUN_FILE = "w2s_config.json"
@@ -306,6 +306,58 @@ def _run_seed(run: _Run, seed: int, out: Path, train: list[dict], encoded: dict)
     return {"models": results, "weak_label_accuracy": label_accuracy}
 
 
+# --------------------------------------------------------------------- reuse
+
+
+WEAK_SIDE = ("split.json", "weak_labels.jsonl", "eval/weak.json", "models/weak")
+
+
+def _check_weak_source(source: Path, document: dict, seeds: int) -> None:
+    """ValueError unless `source` is a run whose weak side this run may reuse."""
+    from w2s_jax.run_folder import read_record, settings_difference
+
+    record = source / RUN_FILE
+    if not record.is_file():
+        raise FileNotFoundError(f"--weak-from {source}: no {RUN_FILE} there")
+    theirs = read_record(record)
+    ignore = {f"settings.{k}" for k in STRONG_ONLY} | {"strong_weights"}
+    flat = [
+        {f"settings.{k}": v for k, v in doc["settings"].items()}
+        | {k: v for k, v in doc.items() if k != "settings"}
+        for doc in (theirs, document)
+    ]
+    diff = settings_difference(*flat, ignore=ignore | {"settings.seeds"})
+    if diff:
+        raise ValueError(
+            f"--weak-from {source}: its weak side was made with other settings or data "
+            "(theirs -> this run's): " + "; ".join(diff)
+        )
+    for seed in range(seeds):
+        missing = [n for n in WEAK_SIDE if not (source / f"seed-{seed}" / n).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"--weak-from {source}/seed-{seed}: missing {', '.join(missing)} (run it first)"
+            )
+
+
+def _copy_weak_side(source: Path, out: Path, seeds: int) -> None:
+    """The weak side of every seed copied from `source` (what is already here is kept)."""
+    import shutil
+
+    for seed in range(seeds):
+        for name in WEAK_SIDE:
+            src, dst = source / f"seed-{seed}" / name, out / f"seed-{seed}" / name
+            if dst.exists():
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".tmp")
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            tmp.unlink(missing_ok=True)
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, tmp)
+            tmp.rename(dst)
+
+
 # --------------------------------------------------------------------- the stage
 
 
@@ -330,9 +382,13 @@ def weak_to_strong(settings: WeakToStrongSettings, *, log=print) -> dict:
         "weak_weights": weights_fingerprint(settings.weak_dir),
         "strong_weights": weights_fingerprint(settings.strong_dir),
     }
+    if settings.weak_from:
+        _check_weak_source(Path(settings.weak_from), document, settings.seeds)
     out.mkdir(parents=True, exist_ok=True)
     has_results = any(out.glob("seed-*/split.json"))
     claim(out / RUN_FILE, document, what="a weak-to-strong run", has_results=has_results)
+    if settings.weak_from:
+        _copy_weak_side(Path(settings.weak_from), out, settings.seeds)
     run = _Run(
         settings,
         make_mesh(settings.mesh),

@@ -114,7 +114,8 @@ class WeakToStrongSettings:
     )
     weak_learning_rate: float | None = setting(
         0.1,
-        "Peak learning rate of the weak model (None: --lr).",
+        "Peak learning rate of the weak model (the default suits a linear probe, the default "
+        "--weak-mode; give one with another mode; null in --config: --lr).",
         check=_positive,
         parse=float,
     )
@@ -125,7 +126,10 @@ class WeakToStrongSettings:
     )
     epochs: int = setting(2, "Epochs over each training set.", check=at_least(1))
     weak_epochs: int | None = setting(
-        6, "Epochs of the weak model (None: --epochs).", check=at_least(1), parse=int
+        6,
+        "Epochs of the weak model (null in --config: --epochs).",
+        check=at_least(1),
+        parse=int,
     )
     batch_size: int = setting(32, "Rows per optimizer step.", check=at_least(1))
     learning_rate: float = setting(

@@ -23,6 +23,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from w2s_jax.divergence import CONTRASTIVE_FORMS, contrastive_scores
+
 
 def static_field(**kwargs):
     """A mode field that is part of the compiled program (shapes depend on it)."""
@@ -112,8 +114,6 @@ class Contrastive(DecodingMode):
         return self.temperature > 0
 
     def check(self, vocab_size: int) -> None:
-        from w2s_jax.divergence import CONTRASTIVE_FORMS
-
         if not 0 < self.alpha <= 1:
             raise ValueError(f"contrastive alpha must lie in (0, 1], got {self.alpha}")
         if not 0 <= self.beta < float("inf"):
@@ -131,8 +131,6 @@ class Contrastive(DecodingMode):
         check_top(vocab_size, None, self.top_p)
 
     def next_tokens(self, logits_bv, key, amateur_logits_bv=None):
-        from w2s_jax.divergence import contrastive_scores
-
         v = min(logits_bv.shape[-1], amateur_logits_bv.shape[-1])
         scores_bv = contrastive_scores(
             logits_bv[:, :v],

@@ -11,6 +11,7 @@ contrastive amateur after checking that it shares the expert's tokenizer.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,11 +19,12 @@ from pathlib import Path
 from w2s_jax.prompts import EVAL_SYSTEM_PROMPT
 
 DECODINGS = ("greedy", "sampling", "contrastive")
-CD_DEFAULTS = {
-    "cd_alpha": 0.1,
-    "cd_beta": 0.5,
-    "cd_amateur_temperature": 1.0,
-    "cd_form": "weighted",
+# --cd-* settings -> fields of `decoding.Contrastive`, whose defaults they take
+CD_FIELDS = {
+    "cd_alpha": "alpha",
+    "cd_beta": "beta",
+    "cd_amateur_temperature": "amateur_temperature",
+    "cd_form": "form",
 }
 
 
@@ -61,16 +63,19 @@ def resolve(settings) -> dict:
     decoding = settings.decoding or ("sampling" if (temperature or 0) > 0 else "greedy")
     values = {"decoding": decoding}
     contrastive = decoding == "contrastive"
-    given = [k for k in CD_DEFAULTS if getattr(settings, k) is not None]
+    given = [k for k in CD_FIELDS if getattr(settings, k) is not None]
     if not contrastive and (given or settings.amateur):
         flag = "--amateur" if settings.amateur else "--" + given[0].replace("_", "-")
         raise ValueError(f"{flag} applies to --decoding contrastive only")
     if contrastive:
         if not settings.amateur:
             raise ValueError("--decoding contrastive needs --amateur DIR")
+        from w2s_jax.decoding import Contrastive
+
+        defaults = {f.name: f.default for f in dataclasses.fields(Contrastive)}
         values |= {
-            k: v if getattr(settings, k) is None else getattr(settings, k)
-            for k, v in CD_DEFAULTS.items()
+            k: defaults[field] if getattr(settings, k) is None else getattr(settings, k)
+            for k, field in CD_FIELDS.items()
         }
     if decoding == "greedy" and (temperature or settings.top_p is not None):
         raise ValueError("--temperature and --top-p apply to --decoding sampling or contrastive")
@@ -113,10 +118,7 @@ def mode_for(settings, items: Sequence[tuple[str, int]]):
     keys = row_keys(settings.seed, items) if is_sampled(settings) else None
     if settings.decoding == "contrastive":
         return Contrastive(
-            alpha=settings.cd_alpha,
-            beta=settings.cd_beta,
-            form=settings.cd_form,
-            amateur_temperature=settings.cd_amateur_temperature,
+            **{field: getattr(settings, k) for k, field in CD_FIELDS.items()},
             temperature=settings.temperature,
             top_p=settings.top_p,
             row_keys=keys,

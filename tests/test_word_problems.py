@@ -90,3 +90,24 @@ def test_bad_arguments_are_named():
         word_problem_records("test", 1, phrasing="odd")
     with pytest.raises(ValueError, match="train split is phrased 'seen' only"):
         word_problem_records("train", 1, phrasing="held_out")
+
+
+def test_worked_solutions_are_true_equations_ending_in_the_boxed_answer():
+    import random
+
+    from w2s_jax.data.arithmetic import generate_split
+    from w2s_jax.data.word_problems import worked_solution
+
+    config = TaskConfig(min_steps=1, max_steps=4)
+    slipped_any = False
+    for problem in generate_split("train", 200, config=config):
+        text = worked_solution(problem)
+        *steps, last = text.split("\n")
+        assert last == f"The answer is \\boxed{{{problem.value}}}."
+        assert "####" not in text and not re.search(r"[A-Za-z]", "\n".join(steps))
+        for a, op, b, result in re.findall(r"(\d+)([-+*/])(\d+)=(\d+)", text):
+            assert eval(f"{a}{op}{b}") == int(result), text  # noqa: S307 (digits only)
+        slipped = worked_solution(problem, slip_rate=1.0, rng=random.Random(0))
+        slipped_any |= slipped != text
+        assert slipped.count("\n") == text.count("\n")
+    assert slipped_any

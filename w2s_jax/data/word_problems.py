@@ -19,9 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Sequence
 
-from w2s_jax.data.arithmetic import SPLITS, Problem, Step, TaskConfig, generate_split
+from w2s_jax.data.arithmetic import (
+    SPLITS,
+    Problem,
+    Step,
+    TaskConfig,
+    generate_split,
+    slipped_solution,
+)
 
 PHRASINGS = ("seen", "held_out")
 ANSWER_INSTRUCTION = "Solve it step by step, then end with: The answer is N."
@@ -138,3 +146,24 @@ def template_sentences(phrasing: str) -> Sequence[str]:
     """Every template of a family (openings, steps, questions), for overlap checks."""
     steps = [t for kinds in TEMPLATES.values() for t in kinds[phrasing]]
     return [*OPENINGS[phrasing], *steps, *QUESTIONS[phrasing]]
+
+
+_LABEL = re.compile(r"^[A-Z][a-z]*(?: [a-z]+)*(?: (?P<inner>\d+\*\d+=\d+|\d+))?: (?P<eq>.*)$")
+
+
+def worked_solution(problem: Problem, *, slip_rate: float = 0.0, rng=None) -> str:
+    """The problem's solution as a chat answer: one equation per line, then "The answer
+    is \\boxed{N}." (the toy world's worked solution without its step labels, which
+    name the toy phrasing's verbs, and without "#### N"). With `slip_rate` > 0, the
+    toy world's planted carry/borrow slips (`slipped_solution`, drawn from `rng`)."""
+    text = problem.answer if not slip_rate else slipped_solution(problem, rng, slip_rate)
+    lines = []
+    for line in text.split("\n"):
+        if line.startswith("####"):
+            continue
+        match = _LABEL.match(line)
+        if match and not line.startswith("The answer"):
+            inner = match.group("inner")
+            line = (f"{inner}. " if inner and "=" in inner else "") + match.group("eq")
+        lines.append(line)
+    return "\n".join(lines)

@@ -40,7 +40,7 @@ from w2s_jax.grading import (
     choice_letter,
     extract_answer,
     gold_from_gsm8k,
-    grade,
+    grade_all,
     grade_choice,
     is_equiv,
 )
@@ -327,30 +327,39 @@ def rows_by_question(rows: list[dict]) -> list[list[dict]]:
     return [sorted(g, key=lambda r: r.get("sample", 0)) for g in groups.values()]
 
 
-def _graded_row(q: Question, sample: int | None, generated: list[int], ctx: dict) -> dict:
-    """One predictions.jsonl row: the decoded output, its extracted answer and its grade
-    (by choice letter for a multiple-choice preset); `sample`: its index in a sampled run."""
+def _graded_rows(batch: list[tuple[Question, int]], generated: list[list[int]], ctx: dict):
+    """The predictions.jsonl rows of a batch: decoded outputs, extracted answers and their
+    grades (by choice letter for a multiple-choice preset; symbolic checks side by side,
+    `grading.grade_all`); `sample` only in a sampled run."""
     settings, eos = ctx["settings"], ctx["eos"]
-    output = _truncate(ctx["tokenizer"].decode(generated, skip_special_tokens=True), ctx["stops"])
-    answer = extract_answer(output)
+    decode = ctx["tokenizer"].decode
+    outputs = [_truncate(decode(g, skip_special_tokens=True), ctx["stops"]) for g in generated]
+    answers = [extract_answer(output) for output in outputs]
+    golds = [q.answer for q, _ in batch]
     if is_multiple_choice(settings.preset):
-        answer = choice_letter(answer)
-        verdict = grade_choice(answer, q.answer)
+        answers = [choice_letter(answer) for answer in answers]
+        verdicts = [grade_choice(a, g) for a, g in zip(answers, golds, strict=True)]
     else:
-        verdict = grade(answer, q.answer, timeout=settings.symbolic_timeout)
-    return {
-        "id": q.id,
-        **({} if sample is None else {"sample": sample}),
-        "question": q.question,
-        "output": output,
-        "answer": answer,
-        "gold": q.answer,
-        "correct": verdict.correct,
-        "graded_by": verdict.how,
-        "num_tokens": len(generated),
-        "hit_max_new_tokens": len(generated) == settings.max_new_tokens
-        and generated[-1] not in eos,
-    }
+        pairs = list(zip(answers, golds, strict=True))
+        verdicts = grade_all(pairs, timeout=settings.symbolic_timeout)
+    sampled = eval_decoding.is_sampled(settings)
+    return [
+        {
+            "id": q.id,
+            **({"sample": j} if sampled else {}),
+            "question": q.question,
+            "output": output,
+            "answer": answer,
+            "gold": q.answer,
+            "correct": verdict.correct,
+            "graded_by": verdict.how,
+            "num_tokens": len(tokens),
+            "hit_max_new_tokens": len(tokens) == settings.max_new_tokens and tokens[-1] not in eos,
+        }
+        for (q, j), output, answer, verdict, tokens in zip(
+            batch, outputs, answers, verdicts, generated, strict=True
+        )
+    ]
 
 
 def _decode_batch(batch: list[tuple[Question, int]], ctx: dict) -> list[dict]:
@@ -372,10 +381,11 @@ def _decode_batch(batch: list[tuple[Question, int]], ctx: dict) -> list[dict]:
         rng=jax.random.key(settings.seed) if sampled else None,
     )
     result.check_finite([f"question {q.id!r}" for q, _ in batch], what=settings.model)
-    return [
-        _graded_row(q, j if sampled else None, [int(t) for t in tokens[: int(length)]], ctx)
-        for (q, j), tokens, length in zip(batch, result.tokens, result.lengths, strict=True)
+    generated = [
+        [int(t) for t in tokens[: int(length)]]
+        for tokens, length in zip(result.tokens, result.lengths, strict=True)
     ]
+    return _graded_rows(batch, generated, ctx)
 
 
 def _context(settings: EvalSettings, questions: list[Question]) -> dict:

@@ -12,7 +12,8 @@ Grading (`grade`, `is_equiv`), in order:
    10% == 10 == 0.1, as the Qwen2.5-Math toolkit does) -- and nothing else;
 3. otherwise symbolic equality with math-verify (LaTeX -> sympy), run in a worker
    process with a time limit per comparison: a pathological answer (9^{9^{9}})
-   is killed with its worker and graded wrong, never hangs a run.
+   is killed with its worker and graded wrong, never hangs a run. `grade_all` grades
+   a list of pairs, their symbolic checks on a pool of up to `GRADING_WORKERS` workers.
 
 Gold answers per dataset shape: `gold_from_gsm8k` ("#### N"), `gold_from_math`
 (last \\boxed in the solution), `gold_from_asdiv` ("9 (apples)").
@@ -259,7 +260,33 @@ class _SymbolicWorker:
             return json.loads(line)
 
 
-_WORKER = _SymbolicWorker()
+class _WorkerPool:
+    """Up to `size` symbolic workers, started on demand; each serves one caller at a time."""
+
+    def __init__(self, size: int) -> None:
+        self._size, self._started = size, 0
+        self._idle: list[_SymbolicWorker] = []
+        self._free = threading.Condition()
+
+    def equal(self, prediction: str, gold: str, timeout: float) -> bool | None:
+        """`_SymbolicWorker.equal` on an idle worker (a new one while fewer than `size`)."""
+        with self._free:
+            while not self._idle and self._started >= self._size:
+                self._free.wait()
+            if self._idle:
+                worker = self._idle.pop()
+            else:
+                worker, self._started = _SymbolicWorker(), self._started + 1
+        try:
+            return worker.equal(prediction, gold, timeout)
+        finally:
+            with self._free:
+                self._idle.append(worker)
+                self._free.notify()
+
+
+GRADING_WORKERS = max(1, min(4, os.cpu_count() or 1))
+_WORKERS = _WorkerPool(GRADING_WORKERS)
 
 
 # ------------------------------------------------------------------- grading
@@ -299,7 +326,7 @@ def _compare(prediction: str | None, gold: str, *, timeout: float, percent: bool
         if percent:
             return Verdict(numbers_equal(pred_num, gold_num), "numeric")
         return Verdict(math.isclose(pred_num, gold_num, rel_tol=1e-4), "numeric")
-    verdict = _WORKER.equal(str(prediction), str(gold), timeout)
+    verdict = _WORKERS.equal(str(prediction), str(gold), timeout)
     return Verdict(False, "timeout") if verdict is None else Verdict(verdict, "symbolic")
 
 
@@ -326,6 +353,19 @@ def grade_choice(answer: str | None, gold_letter: str) -> Verdict:
     if letter is None:
         return Verdict(False, "no_answer")
     return Verdict(letter == gold_letter, "choice")
+
+
+def grade_all(
+    pairs: list[tuple[str | None, str]], *, timeout: float = SYMBOLIC_TIMEOUT_S
+) -> list[Verdict]:
+    """`grade` of every (prediction, gold) pair, the symbolic checks of several pairs at
+    once on up to `GRADING_WORKERS` worker processes (each check keeps its time limit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(pairs) < 2:
+        return [grade(p, g, timeout=timeout) for p, g in pairs]
+    with ThreadPoolExecutor(max_workers=GRADING_WORKERS) as pool:
+        return list(pool.map(lambda pair: grade(*pair, timeout=timeout), pairs))
 
 
 def is_equiv(prediction: str | None, gold: str, *, timeout: float = SYMBOLIC_TIMEOUT_S) -> bool:

@@ -203,7 +203,7 @@ def readable_runs(tmp_path_factory):
     import os
     import tempfile
 
-    from w2s_jax.demo import ASSETS
+    from w2s_jax.demo_worlds import ASSETS
 
     root = Path(tempfile.mkdtemp(prefix="w2s_ro_"))
     data = root / "q.jsonl"

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from w2s_jax.demo import ARMS, ASSETS, DemoSettings, run_demo
+from w2s_jax.demo import ARMS, DemoSettings, run_demo
+from w2s_jax.demo_worlds import ASSETS
 from w2s_jax.files import read_jsonl
 from w2s_jax.run_folder import SettingsChanged
 

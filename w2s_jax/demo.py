@@ -41,6 +41,15 @@ from w2s_jax.demo_report import (
     report_markdown,
     save_bar_chart,
 )
+from w2s_jax.demo_worlds import (
+    REAL_LM_AMATEURS,
+    REAL_LM_PRESETS,
+    WORLDS,
+    Models,
+    prepare_models,
+    system_prompt,
+    write_problems,
+)
 from w2s_jax.files import atomic_write_json, atomic_write_text, read_jsonl
 from w2s_jax.run_folder import claim
 from w2s_jax.settings import (
@@ -55,8 +64,26 @@ from w2s_jax.settings import (
 )
 from w2s_jax.stages.sample_settings import SampleSettings
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "toy_world"
 SPLITS = ("test", "validation")
+# Defaults that depend on the world: the toy world's are the tuned ones (10 minutes
+# on 2 cores); the real-LM world's fit a 135M model on a CPU.
+WORLD_PRESETS = {
+    "toy": {
+        "questions": 1024,
+        "eval_questions": 1000,
+        "max_new_tokens": 96,
+        "steps": 100,
+        "batch_positions": 64,
+        "length_bucket": 192,
+    },
+    "real-lm": REAL_LM_PRESETS,
+}
+
+
+def _preset(name: str, help: str):  # noqa: A002 (argparse's name)
+    """A size setting whose default comes from the world (WORLD_PRESETS)."""
+    shown = "; ".join(f"{world}: {presets[name]}" for world, presets in WORLD_PRESETS.items())
+    return setting(None, f"{help} (default: {shown})", check=at_least(1), parse=int)
 
 
 def _known_arms(arms) -> str | None:
@@ -71,8 +98,11 @@ class DemoSettings:
 
     out: str = setting("demo_out", "Output folder (resumable).", metavar="DIR", free=True)
     seeds: int = setting(1, "Repeat with N seeds; reports mean ± sd.", check=at_least(1), free=True)
-    questions: int = setting(1024, "Unlabeled train questions per seed.", check=at_least(1))
-    eval_questions: int = setting(1000, "Held-out problems scored.", check=at_least(1))
+    world: str = setting(
+        "toy", "Where the models and problems come from (see w2s_jax.demo_worlds).", choices=WORLDS
+    )
+    questions: int = _preset("questions", "Unlabeled train questions per seed.")
+    eval_questions: int = _preset("eval_questions", "Held-out problems scored.")
     split: str = setting(
         "test",
         "Held-out split scored: test (reported runs) or validation (tuning).",
@@ -89,14 +119,14 @@ class DemoSettings:
         "Most tokens per contrastive target.",
         check=at_least(1),
     )
-    max_new_tokens: int = setting(96, "Rollout/eval length.", check=at_least(1))
+    max_new_tokens: int = _preset("max_new_tokens", "Rollout/eval length.")
     lora_rank: int = setting(8, "LoRA rank of every trained arm.", check=at_least(1))
     lora_alpha: float = setting(16.0, "LoRA alpha of every trained arm.")
     learning_rate: float = setting(
         5e-4, "Peak learning rate of every trained arm.", flags=("--lr", "--learning-rate")
     )
-    steps: int = setting(100, "Optimizer steps of every trained arm.", check=at_least(1))
-    batch_positions: int = setting(64, "Positions per step.", check=at_least(1))
+    steps: int = _preset("steps", "Optimizer steps of every trained arm.")
+    batch_positions: int = _preset("batch_positions", "Positions per step.")
     batch_size: int = setting(64, "Questions per sampling/eval batch.", check=at_least(1))
     lora_targets: tuple[str, ...] = setting(
         ("q_proj", "v_proj"), "Comma-separated layers LoRA adapts."
@@ -104,48 +134,38 @@ class DemoSettings:
     arms: tuple[str, ...] = setting(
         ARMS, "Comma-separated arms to run (base first).", check=_known_arms
     )
-    length_bucket: int = setting(192, "Training length padding.", check=at_least(1))
+    length_bucket: int = _preset("length_bucket", "Training length padding.")
     expert: str | None = setting(
-        None, "Expert HF folder (default: the shipped toy expert).", metavar="DIR"
+        None, "Expert HF folder (default: the world's, see w2s_jax.demo_worlds).", metavar="DIR"
     )
-    amateur: str | None = setting(
-        None, "Amateur HF folder (default: the shipped toy amateur).", metavar="DIR"
+    amateur: str | None = setting(None, "Amateur HF folder (default: the world's).", metavar="DIR")
+    real_amateur: str = setting(
+        "slips",
+        "real-lm world: the amateur built when --amateur is not given.",
+        choices=REAL_LM_AMATEURS,
+    )
+    format_examples: int = setting(
+        256, "real-lm world: worked solutions of the expert's format SFT.", check=at_least(1)
+    )
+    format_steps: int = setting(
+        30, "real-lm world: LoRA steps of the expert's format SFT.", check=at_least(1)
     )
     progress: bool = setting(
         False, "Progress bars of training and evaluation.", flags=("--progress",), free=True
     )
 
     def __post_init__(self):
+        for name, value in WORLD_PRESETS.get(self.world, {}).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         object.__setattr__(self, "arms", comma_list(self.arms))
         object.__setattr__(self, "lora_targets", comma_list(self.lora_targets))
         check(self)
-
-    @property
-    def expert_dir(self) -> Path:
-        return Path(self.expert) if self.expert else ASSETS / "expert"
-
-    @property
-    def amateur_dir(self) -> Path:
-        return Path(self.amateur) if self.amateur else ASSETS / "amateur"
 
     def settings(self) -> dict:
         """The recorded settings (the free ones left out)."""
         free = free_fields(DemoSettings)
         return {k: v for k, v in record(self).items() if k not in free}
-
-
-def _task_config(expert_dir: Path):
-    """The toy world's TaskConfig recorded next to the shipped models."""
-    from w2s_jax.data.arithmetic import TaskConfig
-
-    manifest = expert_dir.parent / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"{manifest} is missing: the demo needs the toy world's manifest next to the expert "
-            "(see experiments/toy_world/README.md to rebuild the shipped models)"
-        )
-    task = dict(json.loads(manifest.read_text())["task"])
-    return TaskConfig(**{**task, "operations": tuple(task["operations"])})
 
 
 def _check_settings(out: Path, config: DemoSettings) -> None:
@@ -168,18 +188,17 @@ class _Timer:
 # --------------------------------------------------------------------- stages
 
 
-def _sample(config: DemoSettings, questions: Path, out: Path) -> None:
+def _sample(config: DemoSettings, models: Models, questions: Path, out: Path) -> None:
     """The sampling stage with --no-select on `questions` into `out` (every position scored)."""
-    from w2s_jax.data.toy_tokenizer import SYSTEM_PROMPT
     from w2s_jax.stages.sample import sample
 
     sample(
         SampleSettings(
-            expert=str(config.expert_dir),
-            amateur=str(config.amateur_dir),
+            expert=str(models.expert),
+            amateur=str(models.amateur),
             data=str(questions),
             out=str(out),
-            system_prompt=SYSTEM_PROMPT,
+            system_prompt=system_prompt(config.world),
             alpha=config.alpha,
             beta=config.beta,
             top_k=config.top_k,
@@ -238,7 +257,9 @@ def derive_arm_records(records: list[dict], arm: str, beta: float, golds: dict, 
     return out
 
 
-def _train_export(config: DemoSettings, arm: str, data: Path, seed_dir: Path, seed: int, timer):
+def _train_export(
+    config: DemoSettings, expert: Path, arm: str, data: Path, seed_dir: Path, seed: int, timer
+):
     from w2s_jax.export import ExportSettings, export
     from w2s_jax.train import train
     from w2s_jax.train_config import TrainSettings
@@ -251,7 +272,7 @@ def _train_export(config: DemoSettings, arm: str, data: Path, seed_dir: Path, se
             TrainSettings(
                 samples=str(data),
                 out=str(run),
-                expert=str(config.expert_dir),
+                expert=str(expert),
                 # sft: next-token CE on every completion token; the records' one-hot targets
                 # at every position are the same loss, so one objective serves all arms.
                 objective="contrastive",
@@ -275,7 +296,7 @@ def _train_export(config: DemoSettings, arm: str, data: Path, seed_dir: Path, se
         start = time.perf_counter()
         tmp = model.with_name(model.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        export(ExportSettings(lora=str(run), out=str(tmp), expert=str(config.expert_dir)))
+        export(ExportSettings(lora=str(run), out=str(tmp), expert=str(expert)))
         shutil.rmtree(model, ignore_errors=True)
         tmp.rename(model)
         timer.record(f"export/{arm}", time.perf_counter() - start)
@@ -283,7 +304,6 @@ def _train_export(config: DemoSettings, arm: str, data: Path, seed_dir: Path, se
 
 
 def _evaluate(config: DemoSettings, model: Path, data: Path, out: Path) -> dict:
-    from w2s_jax.data.toy_tokenizer import SYSTEM_PROMPT
     from w2s_jax.evaluate import EvalSettings, run_eval
 
     if (out / "summary.json").is_file():
@@ -292,7 +312,7 @@ def _evaluate(config: DemoSettings, model: Path, data: Path, out: Path) -> dict:
         model=str(model),
         data=str(data),
         out=str(out),
-        system_prompt=SYSTEM_PROMPT,
+        system_prompt=system_prompt(config.world),
         max_new_tokens=config.max_new_tokens,
         dtype="float32",
         batch_size=config.batch_size,
@@ -301,9 +321,9 @@ def _evaluate(config: DemoSettings, model: Path, data: Path, out: Path) -> dict:
     return run_eval(settings)
 
 
-def _run_seed(config: DemoSettings, seed: int, out: Path, eval_data: Path, task, log) -> dict:
-    """Every stage of one seed; returns {arm: {"eval": dir, "data": stats}} and times."""
-    from w2s_jax.data.arithmetic import write_split
+def _run_seed(config: DemoSettings, models: Models, seed: int, out: Path, eval_sets, log) -> dict:
+    """Every stage of one seed; returns {arm: {"eval": dir, "data": stats}} and times
+    (with a held-out phrasing set, also "eval_held_out")."""
     from w2s_jax.models import load_tokenizer
     from w2s_jax.sample_store import read_manifest, read_samples
 
@@ -312,19 +332,21 @@ def _run_seed(config: DemoSettings, seed: int, out: Path, eval_data: Path, task,
     timer = _Timer(seed_dir / "times.json")
     questions = seed_dir / "questions.jsonl"
     if not questions.is_file():  # unlabeled for every arm but sft; a new draw per seed
-        write_split(questions, "train", config.questions, seed=1000 + seed, config=task)
+        write_problems(
+            config.world, models.expert, questions, "train", config.questions, seed=1000 + seed
+        )
     golds = {r["id"]: r["answer"].rsplit("####", 1)[1].strip() for _, r in read_jsonl(questions)}
     sampled = seed_dir / "samples"
     if not (sampled / "summary.json").is_file():
         start = time.perf_counter()
-        _sample(config, questions, sampled)
+        _sample(config, models, questions, sampled)
         timer.record("sample", time.perf_counter() - start)
     log(
         f"[seed {seed}] sampled {config.questions} questions ({timer.times.get('sample', 0):.0f} s)"
     )
     records = list(read_samples(sampled))
     manifest = read_manifest(sampled)
-    tokenizer = load_tokenizer(config.expert_dir)
+    tokenizer = load_tokenizer(models.expert)
     arms, trained = {}, config.arms[1:]
     arms_started = time.perf_counter()
     for index, arm in enumerate(trained):
@@ -340,27 +362,35 @@ def _run_seed(config: DemoSettings, seed: int, out: Path, eval_data: Path, task,
             }
             derived = derive_arm_records(records, arm, config.beta, golds, tokenizer)
             _write_arm_data(data, arm_manifest, derived)
-        data_stats = json.loads((data / "data_stats.json").read_text())
-        entry = {"data": data_stats}
-        if data_stats["supervised_tokens"] == 0:
-            entry["note"] = "no supervised position: nothing to train, the base expert is scored"
-            log(f"[seed {seed}] {arm}: {entry['note']}")
-            arms[arm] = entry
-            continue
-        model = _train_export(config, arm, data, seed_dir, seed, timer)
+        arms[arm] = _arm(config, models, arm, data, seed_dir, seed, eval_sets, timer, log)
+    return {"arms": arms, "times": timer.times}
+
+
+def _arm(
+    config, models: Models, arm: str, data: Path, seed_dir: Path, seed: int, eval_sets, timer, log
+) -> dict:
+    """Train, export and score one arm (on every eval set); its report entry."""
+    data_stats = json.loads((data / "data_stats.json").read_text())
+    entry = {"data": data_stats}
+    if data_stats["supervised_tokens"] == 0:
+        entry["note"] = "no supervised position: nothing to train, the base expert is scored"
+        log(f"[seed {seed}] {arm}: {entry['note']}")
+        return entry
+    model = _train_export(config, models.expert, arm, data, seed_dir, seed, timer)
+    scored = []
+    for key, (folder, eval_data) in eval_sets.items():
+        eval_dir = seed_dir / folder / arm
         start = time.perf_counter()
-        eval_dir = seed_dir / "eval" / arm
         if not (eval_dir / "summary.json").is_file():
             _evaluate(config, model, eval_data, eval_dir)
-            timer.record(f"eval/{arm}", time.perf_counter() - start)
-        entry["eval"] = str(eval_dir)
-        summary = json.loads((eval_dir / "summary.json").read_text())
-        log(
-            f"[seed {seed}] {arm}: {data_stats['supervised_tokens']} supervised tokens from "
-            f"{data_stats['problems_used']} problems -> {summary['accuracy_text']}"
-        )
-        arms[arm] = entry
-    return {"arms": arms, "times": timer.times}
+            timer.record(f"{folder}/{arm}", time.perf_counter() - start)
+        entry[key] = str(eval_dir)
+        scored.append(json.loads((eval_dir / "summary.json").read_text())["accuracy_text"])
+    log(
+        f"[seed {seed}] {arm}: {data_stats['supervised_tokens']} supervised tokens from "
+        f"{data_stats['problems_used']} problems -> {' / held-out phrasing '.join(scored)}"
+    )
+    return entry
 
 
 def _elapsed_and_eta(started: float, done: int, total: int) -> str:
@@ -376,45 +406,68 @@ def _elapsed_and_eta(started: float, done: int, total: int) -> str:
 
 def run_demo(config: DemoSettings, *, log=print) -> dict:
     """Run (or resume) the demo into `config.out`; returns the report (also written there)."""
-    from w2s_jax.data.arithmetic import write_split
-
-    for role, folder in (("expert", config.expert_dir), ("amateur", config.amateur_dir)):
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{role} model folder {folder} has no config.json")
-    task = _task_config(config.expert_dir)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, config)
     started = time.perf_counter()
-    eval_data = out / f"{config.split}.jsonl"
-    if not eval_data.is_file():
-        write_split(eval_data, config.split, config.eval_questions, seed=0, config=task)
-    ids = [r["id"] for _, r in read_jsonl(eval_data)]
+    models = prepare_models(config, out, log)
+    eval_sets = {"eval": ("eval", out / f"{config.split}.jsonl")}
+    if config.world != "toy":
+        eval_sets["eval_held_out"] = ("eval-held-out", out / f"{config.split}-held-out.jsonl")
+    for key, (_, path) in eval_sets.items():
+        if not path.is_file():
+            phrasing = "held_out" if key == "eval_held_out" else "seen"
+            write_problems(
+                config.world,
+                models.expert,
+                path,
+                config.split,
+                config.eval_questions,
+                seed=0,
+                phrasing=phrasing,
+            )
     base_timer = _Timer(out / "times.json")
-    start = time.perf_counter()
-    base_summary = _evaluate(config, config.expert_dir, eval_data, out / "eval" / "base")
-    if "eval/base" not in base_timer.times:
-        base_timer.record("eval/base", time.perf_counter() - start)
-    log(f"base expert: {base_summary['accuracy_text']} on {config.split}")
-    base_by_id = correct_by_id(out / "eval" / "base")
-    base_correct = [base_by_id[i] for i in ids]
+    base = {}
+    for key, (folder, path) in eval_sets.items():
+        start = time.perf_counter()
+        summary = _evaluate(config, models.expert, path, out / folder / "base")
+        if f"{folder}/base" not in base_timer.times:
+            base_timer.record(f"{folder}/base", time.perf_counter() - start)
+        log(f"base expert: {summary['accuracy_text']} on {config.split} ({folder})")
+        ids = [r["id"] for _, r in read_jsonl(path)]
+        by_id = correct_by_id(out / folder / "base")
+        base[key] = (ids, [by_id[i] for i in ids])
     seeds = []
     for seed in range(config.seeds):
-        result = _run_seed(config, seed, out, eval_data, task, log)
+        result = _run_seed(config, models, seed, out, eval_sets, log)
         result["times"] = result["times"] | base_timer.times
         seeds.append(result)
     report = {
         "settings": config.settings(),
+        "world": config.world,
         "seeds": config.seeds,
         "split": config.split,
-        "eval_questions": len(ids),
-        "expert": str(config.expert_dir),
-        "amateur": str(config.amateur_dir),
-        "arms": [arm_rows(arm, seeds, base_correct, ids) for arm in config.arms],
+        "eval_questions": len(base["eval"][0]),
+        "expert": str(models.expert),
+        "amateur": str(models.amateur),
+        "arms": _rows(config, seeds, "eval", base),
         "wall_time_s": time.perf_counter() - started,
     }
     report["table"] = format_table(report)
+    if "eval_held_out" in base:
+        report["arms_held_out"] = _rows(config, seeds, "eval_held_out", base)
+        report["table_held_out"] = format_table({**report, "arms": report["arms_held_out"]})
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", report_markdown(report))
     save_bar_chart(report, out / "report.png")
     return report
+
+
+def _rows(config: DemoSettings, seeds: list[dict], key: str, base: dict) -> list[dict]:
+    """The report rows of every arm scored on eval set `key`."""
+    ids, base_correct = base[key]
+    scored = [
+        {**result, "arms": {a: {**e, "eval": e.get(key)} for a, e in result["arms"].items()}}
+        for result in seeds
+    ]
+    return [arm_rows(arm, scored, base_correct, ids) for arm in config.arms]

@@ -20,6 +20,9 @@ LABELS = {
 }
 
 
+WORLD_TITLES = {"toy": "toy world", "real-lm": "real LM (SmolLM2-135M-Instruct)"}
+
+
 def correct_by_id(eval_dir: Path) -> dict[str, bool]:
     return {r["id"]: bool(r["correct"]) for _, r in read_jsonl(eval_dir / "predictions.jsonl")}
 
@@ -164,7 +167,8 @@ def save_bar_chart(report: dict, path: Path) -> None:
     ax_acc.set_yticks(y, [a["label"] for a in arms], fontsize=8)
     ax_acc.set_xlabel(f"{report['split']} accuracy (%), {what}", fontsize=8)
     _difference_panel(ax_diff, arms, y)
-    fig.suptitle(f"toy world: {report['eval_questions']} {report['split']} problems", fontsize=9)
+    world = WORLD_TITLES.get(report.get("world", "toy"), report.get("world"))
+    fig.suptitle(f"{world}: {report['eval_questions']} {report['split']} problems", fontsize=9)
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=110)
 
@@ -191,13 +195,21 @@ def _difference_panel(ax, arms: list[dict], y) -> None:
 
 def report_markdown(report: dict) -> str:
     s = report["settings"]
+    world = WORLD_TITLES.get(report.get("world", "toy"), report.get("world"))
+    held_out = (
+        f"The same test problems in the held-out phrasing (templates no training question "
+        f"uses):\n\n{report['table_held_out']}\n\n"
+        if "table_held_out" in report
+        else ""
+    )
     return (
-        f"# w2s demo: toy reasoning world\n\n"
+        f"# w2s demo: {world}\n\n"
         f"{report['eval_questions']} {report['split']} problems, greedy; {report['seeds']} "
         f"seed(s); {s['questions']} unlabeled train questions per seed; LoRA rank "
         f"{s['lora_rank']}, lr {s['learning_rate']}, {s['steps']} steps x {s['batch_positions']} "
         f"positions; α={s['alpha']}, β={s['beta']}.\n\n"
         f"{report['table']}\n\n"
+        f"{held_out}"
         "Δ: paired difference to the base expert on the same problems (pooled over seeds), "
         "95% paired-bootstrap CI, exact McNemar p. Supervised tokens: positions with a "
         "training target. Sampling is one rollout pass per seed shared by all trained arms. "

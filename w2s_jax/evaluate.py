@@ -1,13 +1,16 @@
 """The evaluation stage: batched, resumable grading of a model on math word problems.
 
-`run_eval` greedily decodes every question with `w2s_jax.generate.generate`,
-grades the outputs with `w2s_jax.grading`, and writes into the output folder:
+`run_eval` decodes every question with `w2s_jax.generate.generate` (greedy by default;
+sampled N times, or contrastive with an amateur: `w2s_jax.eval_decoding`), grades the
+outputs with `w2s_jax.grading` (benchmark shapes: `w2s_jax.data.benchmarks`), and
+writes into the output folder:
 
 - `shards/part-NNNNNN.jsonl`: one file per finished batch, written atomically, so a
-  killed run leaves only whole batches; a re-run skips every id already there;
+  killed run leaves only whole batches; a re-run skips every (id, sample) already there;
 - `predictions.jsonl`: all rows in dataset order (id, question, output, answer,
-  gold, correct, ...), and `summary.json` (accuracy, counts, mean output length,
-  share with no extractable answer, settings), written when the run finishes;
+  gold, correct, ...; `sample` in a sampled run), and `summary.json` (accuracy, counts,
+  mean output length, share with no extractable answer, settings; pass@k and maj@N of a
+  sampled run, `w2s_jax.eval_sampled`), written when the run finishes;
 - `run.json`: the settings and the weights' fingerprint, checked on resume so one
   folder never mixes runs, and `prompt_example`, the prompt for the question
   "{question}" (`model_weights_hashed`, the files hashed, and `prompt_example` are not

@@ -119,3 +119,36 @@ def test_import_refuses_an_out_folder_it_did_not_write(tmp_path):
         import_gguf(packaged_smollm2(), tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
     assert not (tmp_path / "out" / IMPORT_RECORD).exists()
+
+
+@pytest.mark.real_lm
+@needs_real
+def test_reduced_real_lm_demo_runs_end_to_end(smollm2, tmp_path):
+    """The real-LM world at toy sizes: format SFT, amateur, sampling, one trained arm,
+    scored in both phrasings (the import is the module's, to save its 30 s)."""
+    import json
+
+    from w2s_jax.demo import DemoSettings, run_demo
+
+    out = tmp_path / "demo"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "smollm2-135m-instruct").symlink_to(smollm2[1])
+    settings = DemoSettings(
+        out=str(out), world="real-lm", questions=4, eval_questions=4, max_new_tokens=8,
+        steps=1, batch_positions=16, batch_size=4, arms=("base", "lightreasoner"),
+        format_examples=8, format_steps=1, real_amateur="layers:20", beta=0.0,
+    )  # fmt: skip
+    lines = []
+    report = run_demo(settings, log=lines.append)
+    assert [row["arm"] for row in report["arms_held_out"]] == ["base", "lightreasoner"]
+    assert report["arms"][1]["per_seed"][0]["total"] == 4
+    assert (
+        json.loads((out / "models" / "amateur-layers-20" / "config.json").read_text())[
+            "num_hidden_layers"
+        ]
+        == 20
+    )
+    questions = [json.loads(line)["question"] for line in (out / "test-held-out.jsonl").open()]
+    assert all("box" in q for q in questions)  # the held-out phrasing
+    assert "held-out phrasing" in (out / "report.md").read_text()
+    assert any(line.startswith("[models] expert") for line in lines)

@@ -25,6 +25,10 @@ _WHERE = {
     "CompareSettings": "w2s_jax.compare",
     "demo": ("w2s_jax.demo", "run_demo"),
     "DemoSettings": "w2s_jax.demo",
+    "weak_to_strong": "w2s_jax.stages.weak_to_strong",
+    "WeakToStrongSettings": "w2s_jax.stages.w2s_settings",
+    "score": "w2s_jax.stages.score",
+    "ScoreSettings": "w2s_jax.stages.score",
 }
 __all__ = sorted(_WHERE)
 

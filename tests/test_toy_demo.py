@@ -41,7 +41,12 @@ def test_report_is_well_formed(demo):
         (row,) = arm["per_seed"]
         # accuracy is correct/total of the arm's own per-question file (base when untrained)
         eval_dir = out / "seed-0" / "eval" / arm["arm"]
-        if arm["arm"] == "base" or "note" in row:
+        if arm["arm"] == "contrastive_decoding":  # inference only, scored once for all seeds
+            eval_dir = out / "eval" / arm["arm"]
+            settings = json.loads((eval_dir / "run.json").read_text())
+            assert settings["decoding"] == "contrastive" and settings["amateur"]
+            rows = {r["id"]: r for _, r in read_jsonl(eval_dir / "predictions.jsonl")}
+        elif arm["arm"] == "base" or "note" in row:
             rows = base_rows
         else:
             rows = {r["id"]: r for _, r in read_jsonl(eval_dir / "predictions.jsonl")}
@@ -55,7 +60,9 @@ def test_report_is_well_formed(demo):
             assert row["diff"] == pytest.approx(row["accuracy"] - base["accuracy"])
             assert row["diff_ci95"][0] <= row["diff"] <= row["diff_ci95"][1]
             assert 0 <= row["mcnemar_p"] <= 1
-            assert row["times"]["sample"] > 0
+            assert row["times"]["eval"] > 0
+            if arm["arm"] != "contrastive_decoding":
+                assert row["times"]["sample"] > 0
             if "note" not in row:
                 assert row["times"]["train"] > 0 and row["times"]["eval"] > 0
     no_select = report["arms"][ARMS.index("no_select")]["per_seed"][0]

@@ -1,4 +1,4 @@
-"""`w2s demo`: LightReasoner end to end on the toy reasoning world, with baselines and ablations.
+"""`w2s demo`: LightReasoner end to end, with baselines and ablations, in a toy or real-LM world.
 
 For each seed, on unlabeled train questions of the toy world:
 
@@ -15,7 +15,11 @@ For each seed, on unlabeled train questions of the toy world:
      alone reads the ground truth), every completion token supervised;
 3. train: LoRA on the expert with the same steps and positions per step for every arm;
 4. export: merge into a Hugging Face folder;
-5. eval: greedy accuracy on the same held-out test problems (the base expert once).
+5. eval: greedy accuracy on the same held-out test problems (the base expert once), and
+   the base expert with contrastive decoding against the amateur (inference only: the
+   same contrast at decode time instead of in the weights; once for all seeds).
+
+The world (`--world`, see `w2s_jax.demo_worlds`) decides the models and the problems.
 
 Stages run in this process through their Python APIs, so compiled functions are
 reused. Every stage writes into `--out` and is skipped when its output is there,
@@ -31,10 +35,10 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
+from w2s_jax.demo_data import derive_arm_records, write_arm_data
 from w2s_jax.demo_report import (
     ARMS,
+    INFERENCE_ARMS,
     arm_rows,
     correct_by_id,
     format_table,
@@ -210,53 +214,6 @@ def _sample(config: DemoSettings, models: Models, questions: Path, out: Path) ->
     )
 
 
-def _write_arm_data(folder: Path, manifest: dict, records: list[dict]) -> dict:
-    """A samples folder (manifest + one shard) for one arm; returns its data stats."""
-    from w2s_jax.files import atomic_write_jsonl
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_json(tmp / "manifest.json", manifest)
-    atomic_write_jsonl(tmp / "samples" / "p000-00000.jsonl", records)
-    data_stats = {
-        "supervised_tokens": sum(len(r["positions"]) for r in records),
-        "problems_used": sum(bool(r["positions"]) for r in records),
-    }
-    atomic_write_json(tmp / "data_stats.json", data_stats)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return data_stats
-
-
-def derive_arm_records(records: list[dict], arm: str, beta: float, golds: dict, tokenizer):
-    """Training records of `arm` from every-position sample records (see module doc)."""
-    from w2s_jax.grading import extract_answer, is_equiv
-
-    out = []
-    for r in records:
-        kl = np.asarray(r["kl"], np.float64)
-        all_positions = r["positions"]
-        if arm == "no_select":
-            keep = list(range(len(all_positions)))
-        elif arm == "sft":
-            text = tokenizer.decode(r["completion_ids"], skip_special_tokens=True)
-            right = is_equiv(extract_answer(text), golds[r["id"]])
-            keep = list(range(len(all_positions))) if right else []
-        else:
-            keep = [j for j, t in enumerate(all_positions) if kl[t] > beta]
-        positions = [all_positions[j] for j in keep]
-        if arm == "no_contrast" or arm == "sft":
-            target_ids = [[r["completion_ids"][t]] for t in positions]
-            target_weights = [[1.0] for _ in positions]
-        else:
-            target_ids = [r["target_ids"][j] for j in keep]
-            target_weights = [r["target_weights"][j] for j in keep]
-        out.append(
-            r | {"positions": positions, "target_ids": target_ids, "target_weights": target_weights}
-        )
-    return out
-
-
 def _train_export(
     config: DemoSettings, expert: Path, arm: str, data: Path, seed_dir: Path, seed: int, timer
 ):
@@ -303,7 +260,7 @@ def _train_export(
     return model
 
 
-def _evaluate(config: DemoSettings, model: Path, data: Path, out: Path) -> dict:
+def _evaluate(config: DemoSettings, model: Path, data: Path, out: Path, **decoding) -> dict:
     from w2s_jax.evaluate import EvalSettings, run_eval
 
     if (out / "summary.json").is_file():
@@ -317,6 +274,7 @@ def _evaluate(config: DemoSettings, model: Path, data: Path, out: Path) -> dict:
         dtype="float32",
         batch_size=config.batch_size,
         progress=config.progress,
+        **decoding,
     )
     return run_eval(settings)
 
@@ -347,7 +305,7 @@ def _run_seed(config: DemoSettings, models: Models, seed: int, out: Path, eval_s
     records = list(read_samples(sampled))
     manifest = read_manifest(sampled)
     tokenizer = load_tokenizer(models.expert)
-    arms, trained = {}, config.arms[1:]
+    arms, trained = {}, [arm for arm in config.arms[1:] if arm not in INFERENCE_ARMS]
     arms_started = time.perf_counter()
     for index, arm in enumerate(trained):
         log(
@@ -361,7 +319,7 @@ def _run_seed(config: DemoSettings, models: Models, seed: int, out: Path, eval_s
                 "demo_arm": arm,
             }
             derived = derive_arm_records(records, arm, config.beta, golds, tokenizer)
-            _write_arm_data(data, arm_manifest, derived)
+            write_arm_data(data, arm_manifest, derived)
         arms[arm] = _arm(config, models, arm, data, seed_dir, seed, eval_sets, timer, log)
     return {"arms": arms, "times": timer.times}
 
@@ -437,9 +395,11 @@ def run_demo(config: DemoSettings, *, log=print) -> dict:
         ids = [r["id"] for _, r in read_jsonl(path)]
         by_id = correct_by_id(out / folder / "base")
         base[key] = (ids, [by_id[i] for i in ids])
+    inference = _inference_arms(config, models, out, eval_sets, base_timer, log)
     seeds = []
     for seed in range(config.seeds):
         result = _run_seed(config, models, seed, out, eval_sets, log)
+        result["arms"] |= inference
         result["times"] = result["times"] | base_timer.times
         seeds.append(result)
     report = {
@@ -461,6 +421,32 @@ def run_demo(config: DemoSettings, *, log=print) -> dict:
     atomic_write_text(out / "report.md", report_markdown(report))
     save_bar_chart(report, out / "report.png")
     return report
+
+
+def _inference_arms(config: DemoSettings, models: Models, out: Path, eval_sets, timer, log):
+    """The arms that only decode the base expert differently (contrastive decoding against
+    the amateur, the method's defaults), scored once on every eval set: {arm: entry}."""
+    arms = {}
+    for arm in INFERENCE_ARMS:
+        if arm not in config.arms:
+            continue
+        entry = {"note": "inference only: no training", "data": {}}
+        for key, (folder, path) in eval_sets.items():
+            start = time.perf_counter()
+            summary = _evaluate(
+                config,
+                models.expert,
+                path,
+                out / folder / arm,
+                decoding="contrastive",
+                amateur=str(models.amateur),
+            )
+            if f"{folder}/{arm}" not in timer.times:
+                timer.record(f"{folder}/{arm}", time.perf_counter() - start)
+            entry[key] = str(out / folder / arm)
+            log(f"{arm}: {summary['accuracy_text']} on {config.split} ({folder})")
+        arms[arm] = entry
+    return arms
 
 
 def _rows(config: DemoSettings, seeds: list[dict], key: str, base: dict) -> list[dict]:

@@ -10,13 +10,16 @@ import numpy as np
 from w2s_jax import stats
 from w2s_jax.files import atomic_save_figure, read_jsonl
 
-ARMS = ("base", "lightreasoner", "sft", "no_select", "no_contrast")
+ARMS = ("base", "lightreasoner", "sft", "no_select", "no_contrast", "contrastive_decoding")
+# Arms scored without training (the base expert decoded differently), once for all seeds.
+INFERENCE_ARMS = ("contrastive_decoding",)
 LABELS = {
     "base": "base expert",
     "lightreasoner": "+ LightReasoner",
     "sft": "+ rejection-sampled SFT",
     "no_select": "LightReasoner, no step selection",
     "no_contrast": "LightReasoner, no contrast",
+    "contrastive_decoding": "base + contrastive decoding (inference only)",
 }
 
 
@@ -90,8 +93,8 @@ def arm_rows(arm: str, seeds: list[dict], base_correct: list[bool], ids: list[st
 
 def arm_times(arm: str, times: dict) -> dict:
     """Wall seconds per stage of one arm (sampling is one pass shared by the trained arms)."""
-    if arm == "base":
-        return {"eval": times.get("eval/base", 0.0)}
+    if arm == "base" or arm in INFERENCE_ARMS:
+        return {"eval": times.get(f"eval/{arm}", 0.0)}
     return {
         "sample": times.get("sample", 0.0),
         "train": times.get(f"train/{arm}", 0.0),
@@ -154,7 +157,7 @@ def save_bar_chart(report: dict, path: Path) -> None:
     fig = Figure(figsize=(9.0, 1.4 + 0.55 * len(arms)))
     FigureCanvasAgg(fig)
     ax_acc, ax_diff = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": (3, 2)})
-    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:cyan", "tab:cyan"]
+    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:cyan", "tab:cyan", "tab:purple"]
     # Points, not bars: the axis is fitted to the data, so bar lengths would mislead.
     for i, color in enumerate(colors[: len(arms)]):
         ax_acc.errorbar(

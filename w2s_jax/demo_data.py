@@ -1,0 +1,56 @@
+"""The demo arms' training data, all derived from one every-position sampling pass
+(see `w2s_jax.demo`): which positions each arm supervises and towards which targets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from w2s_jax.files import atomic_write_json, atomic_write_jsonl
+
+
+def write_arm_data(folder: Path, manifest: dict, records: list[dict]) -> dict:
+    """A samples folder (manifest + one shard) for one arm; returns its data stats."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_json(tmp / "manifest.json", manifest)
+    atomic_write_jsonl(tmp / "samples" / "p000-00000.jsonl", records)
+    data_stats = {
+        "supervised_tokens": sum(len(r["positions"]) for r in records),
+        "problems_used": sum(bool(r["positions"]) for r in records),
+    }
+    atomic_write_json(tmp / "data_stats.json", data_stats)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return data_stats
+
+
+def derive_arm_records(records: list[dict], arm: str, beta: float, golds: dict, tokenizer):
+    """Training records of `arm` from every-position sample records (see module doc)."""
+    from w2s_jax.grading import extract_answer, is_equiv
+
+    out = []
+    for r in records:
+        kl = np.asarray(r["kl"], np.float64)
+        all_positions = r["positions"]
+        if arm == "no_select":
+            keep = list(range(len(all_positions)))
+        elif arm == "sft":
+            text = tokenizer.decode(r["completion_ids"], skip_special_tokens=True)
+            right = is_equiv(extract_answer(text), golds[r["id"]])
+            keep = list(range(len(all_positions))) if right else []
+        else:
+            keep = [j for j, t in enumerate(all_positions) if kl[t] > beta]
+        positions = [all_positions[j] for j in keep]
+        if arm == "no_contrast" or arm == "sft":
+            target_ids = [[r["completion_ids"][t]] for t in positions]
+            target_weights = [[1.0] for _ in positions]
+        else:
+            target_ids = [r["target_ids"][j] for j in keep]
+            target_weights = [r["target_weights"][j] for j in keep]
+        out.append(
+            r | {"positions": positions, "target_ids": target_ids, "target_weights": target_weights}
+        )
+    return out

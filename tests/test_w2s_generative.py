@@ -39,6 +39,7 @@ def test_weak_targets_majority_and_agreement():
     targets = weak_targets(groups, same=_same)
     assert [t["agreement"] for t in targets] == [0.75, 0.5, 0.0, 0.5]
     assert [t["solution"] for t in targets] == ["sol 0", "sol 1", "sol 0", "sol 0"]
+    assert targets[1]["output"] == "sol 1 #### 6"
     assert [t["correct"] for t in targets] == [True, False, False, False]
     assert targets[2]["answer"] is None
 

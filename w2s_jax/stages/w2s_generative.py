@@ -157,6 +157,7 @@ def weak_targets(groups: list[list[dict]], *, same=None) -> list[dict]:
             {
                 "id": pick["id"],
                 "solution": pick["output"].split("####", 1)[0].rstrip(),
+                "output": pick["output"],
                 "answer": pick["answer"],
                 "correct": bool(pick["correct"]) and chosen is not None,
                 "agreement": votes / len(rows),
@@ -265,13 +266,13 @@ def _sft_model(run: _Run, base: Path, data: Path, seed_dir: Path, name: str, see
 
 
 def _logprobs(run: _Run, weak_model: Path, seed_dir: Path, targets: list[dict]) -> dict:
-    """{id: mean token log-prob} of the chosen solutions (with their end-of-turn token)
-    under the weak model: −mean_loss of a `w2s score` run."""
+    """{id: mean token log-prob} of the chosen solutions as the weak model wrote them (not
+    cut before "####"), with an end-of-turn token: −mean_loss of a `w2s score` run."""
     from w2s_jax.data.kd_selection import score_files
     from w2s_jax.stages.score import ScoreSettings, score
 
     examples = [
-        (t["id"], run.train[t["id"]]["question"], t["solution"])
+        (t["id"], run.train[t["id"]]["question"], t["output"])
         for t in targets
         if t["answer"] is not None
     ]

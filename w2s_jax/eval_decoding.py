@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from w2s_jax import eval_engine
 from w2s_jax.prompts import EVAL_SYSTEM_PROMPT
 
 DECODINGS = ("greedy", "sampling", "contrastive")
@@ -84,6 +85,7 @@ def resolve(settings) -> dict:
         if temperature <= 0:
             raise ValueError("--decoding sampling needs --temperature > 0")
     values["temperature"] = float(temperature or 0.0)
+    eval_engine.check_settings(settings, decoding)
     if settings.samples > 1 and values["temperature"] == 0:
         raise ValueError(
             f"--samples {settings.samples} needs sampled decoding (--temperature > 0): "

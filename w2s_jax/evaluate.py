@@ -1,9 +1,10 @@
 """The evaluation stage: batched, resumable grading of a model on math word problems.
 
 `run_eval` decodes every question with `w2s_jax.generate.generate` (greedy by default;
-sampled N times, or contrastive with an amateur: `w2s_jax.eval_decoding`), grades the
-outputs with `w2s_jax.grading` (benchmark shapes: `w2s_jax.data.benchmarks`), and
-writes into the output folder:
+sampled N times, or contrastive with an amateur: `w2s_jax.eval_decoding`) or with an
+OpenAI-compatible server (`w2s_jax.eval_engine`), grades the outputs with
+`w2s_jax.grading` (benchmark shapes: `w2s_jax.data.benchmarks`), and writes into the
+output folder:
 
 - `shards/part-NNNNNN.jsonl`: one file per finished batch, written atomically, so a
   killed run leaves only whole batches; a re-run skips every (id, sample) already there;
@@ -27,7 +28,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from w2s_jax import eval_decoding, stats
+from w2s_jax import eval_decoding, eval_engine, stats
 from w2s_jax.data.benchmarks import PRESET_HELP, PRESETS, is_multiple_choice, load_eval_questions
 from w2s_jax.data.sources import Question
 from w2s_jax.eval_decoding import DECODINGS
@@ -167,6 +168,18 @@ class EvalSettings:
         None, "Nucleus sampling mass.", parse=float, check=number_in(0, 1, open_low=True)
     )
     seed: int = setting(0, "Seed of sampled decoding (and of --compare's bootstrap).")
+    engine: str | None = setting(
+        None,
+        "Decode with an OpenAI-compatible server serving --model (e.g. `vllm serve DIR`) "
+        "instead of in process; --batch-size requests in flight (w2s_jax.eval_engine).",
+        choices=eval_engine.ENGINES,
+    )
+    endpoint: str | None = setting(
+        None, "--engine's URL, e.g. http://localhost:8000/v1.", metavar="URL", free=True
+    )
+    engine_model: str | None = setting(
+        None, "Model name to request (default: --model, or the only one served).", free=True
+    )
     dtype: str = compute_dtype_setting()
     eos_ids: tuple[int, ...] = stop_ids_setting("an answer")
     batch_size: int = setting(16, "Questions per batch.", check=at_least(1), free=True)
@@ -203,6 +216,8 @@ def _fingerprint(settings: EvalSettings, tokenizer) -> dict:
 
     free = free_fields(EvalSettings)
     record = {k: v for k, v in settings_record(settings).items() if k not in free}
+    if settings.engine:  # recorded, not compared: a resumed run may use another server
+        record |= {"endpoint": settings.endpoint, "engine_model": settings.engine_model}
     record["prompt_example"] = prompt_example(
         tokenizer, style=settings.prompt_style, system_prompt=settings.system_prompt
     )
@@ -226,7 +241,7 @@ _BEFORE_DECODING_SETTINGS = {"decoding": "greedy", "samples": 1, "temperature": 
 def _check_same_run(out: Path, fingerprint: dict) -> None:
     # prompt_example is for readers (it follows from the settings and the tokenizer), and
     # a folder made before it was recorded must still resume.
-    ignore = ["model_weights_hashed", "prompt_example"]
+    ignore = ["model_weights_hashed", "prompt_example", "endpoint", "engine_model"]
     if (out / "run.json").is_file():
         recorded = json.loads((out / "run.json").read_text())
         ignore += [
@@ -262,20 +277,23 @@ def _truncate(text: str, stops: tuple[str, ...]) -> str:
 
 
 def _load_model(settings: EvalSettings, mesh):
-    """(model, tokenizer), padded vocabulary rows masked. A LoRA checkpoint is merged into
-    float32 weights; in a half-precision dtype its adapters stay separate layers, since
-    rounding the merged weights would lose most of a small update."""
+    """(model, tokenizer, config), padded vocabulary rows masked; no model with --engine.
+    A LoRA checkpoint is merged into float32 weights; in a half-precision dtype its
+    adapters stay separate layers, since rounding the merged weights would lose most of
+    a small update."""
     from w2s_jax.models import ModelConfig, load_pretrained, load_tokenizer
     from w2s_jax.models.dtypes import warn_if_slow
 
     folder = Path(settings.model)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
-    ModelConfig.from_hf_json(folder)  # a bad config.json is reported before anything loads
+    config = ModelConfig.from_hf_json(folder)  # a bad config.json is reported first
     try:
         tokenizer = load_tokenizer(folder)
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"{folder}: cannot load its tokenizer ({exc})") from exc
+    if settings.engine:  # the server holds the weights
+        return None, tokenizer, config
     if settings.lora:
         from w2s_jax.lora import check_adapter_base
 
@@ -291,7 +309,7 @@ def _load_model(settings: EvalSettings, mesh):
         load_lora_into(model, settings.lora)
         if model.config.dtype == "float32":
             merge_lora(model)
-    return model, tokenizer
+    return model, tokenizer, config
 
 
 def summarize(rows: list[dict], *, timeout: float = SYMBOLIC_TIMEOUT_S) -> dict:
@@ -330,13 +348,13 @@ def rows_by_question(rows: list[dict]) -> list[list[dict]]:
     return [sorted(g, key=lambda r: r.get("sample", 0)) for g in groups.values()]
 
 
-def _graded_rows(batch: list[tuple[Question, int]], generated: list[list[int]], ctx: dict):
-    """The predictions.jsonl rows of a batch: decoded outputs, extracted answers and their
-    grades (by choice letter for a multiple-choice preset; symbolic checks side by side,
-    `grading.grade_all`); `sample` only in a sampled run."""
-    settings, eos = ctx["settings"], ctx["eos"]
-    decode = ctx["tokenizer"].decode
-    outputs = [_truncate(decode(g, skip_special_tokens=True), ctx["stops"]) for g in generated]
+def _graded_rows(batch: list[tuple[Question, int]], completions: list[tuple], ctx: dict):
+    """The predictions.jsonl rows of a batch from its (text, token count, hit the token
+    limit) completions: outputs, extracted answers and their grades (by choice letter for
+    a multiple-choice preset; symbolic checks side by side, `grading.grade_all`);
+    `sample` only in a sampled run."""
+    settings = ctx["settings"]
+    outputs = [_truncate(text, ctx["stops"]) for text, _, _ in completions]
     answers = [extract_answer(output) for output in outputs]
     golds = [q.answer for q, _ in batch]
     if is_multiple_choice(settings.preset):
@@ -356,17 +374,20 @@ def _graded_rows(batch: list[tuple[Question, int]], generated: list[list[int]], 
             "gold": q.answer,
             "correct": verdict.correct,
             "graded_by": verdict.how,
-            "num_tokens": len(tokens),
-            "hit_max_new_tokens": len(tokens) == settings.max_new_tokens and tokens[-1] not in eos,
+            "num_tokens": count,
+            "hit_max_new_tokens": hit,
         }
-        for (q, j), output, answer, verdict, tokens in zip(
-            batch, outputs, answers, verdicts, generated, strict=True
+        for (q, j), output, answer, verdict, (_, count, hit) in zip(
+            batch, outputs, answers, verdicts, completions, strict=True
         )
     ]
 
 
 def _decode_batch(batch: list[tuple[Question, int]], ctx: dict) -> list[dict]:
-    """Generate and grade one batch of (question, sample index) rows."""
+    """Generate (in process or by `ctx["engine"]`) and grade one batch of (question,
+    sample index) rows."""
+    if ctx["engine"] is not None:
+        return _graded_rows(batch, eval_engine.complete(ctx["engine"], batch, ctx), ctx)
     import jax
 
     from w2s_jax.generate import generate
@@ -384,22 +405,27 @@ def _decode_batch(batch: list[tuple[Question, int]], ctx: dict) -> list[dict]:
         rng=jax.random.key(settings.seed) if sampled else None,
     )
     result.check_finite([f"question {q.id!r}" for q, _ in batch], what=settings.model)
-    generated = [
-        [int(t) for t in tokens[: int(length)]]
-        for tokens, length in zip(result.tokens, result.lengths, strict=True)
-    ]
-    return _graded_rows(batch, generated, ctx)
+    decode, limit = tokenizer.decode, settings.max_new_tokens
+    completions = []
+    for tokens, length in zip(result.tokens, result.lengths, strict=True):
+        ids = [int(t) for t in tokens[: int(length)]]
+        hit = len(ids) == limit and ids[-1] not in eos
+        completions.append((decode(ids, skip_special_tokens=True), len(ids), hit))
+    return _graded_rows(batch, completions, ctx)
 
 
 def _context(settings: EvalSettings, questions: list[Question]) -> dict:
-    """Models, tokenizer, stop ids and strings of a run, after its folder is claimed."""
+    """Models (or engine), tokenizer, stop ids and strings of a run, its folder claimed."""
     from w2s_jax.sharding import make_mesh
 
+    engine = eval_engine.connect(settings) if settings.engine else None  # before any write
+    if engine:  # the model name it serves, recorded in run.json
+        settings = dataclasses.replace(settings, engine_model=engine.model)
     mesh = make_mesh(settings.mesh) if settings.mesh else None
-    model, tokenizer = _load_model(settings, mesh)
+    model, tokenizer, config = _load_model(settings, mesh)
     amateur = eval_decoding.load_amateur(settings, tokenizer, mesh) if settings.amateur else None
     _check_same_run(Path(settings.out), _fingerprint(settings, tokenizer))
-    eos = stop_ids(tokenizer, settings.model, model.config.eos_token_ids, settings.eos_ids)
+    eos = stop_ids(tokenizer, settings.model, config.eos_token_ids, settings.eos_ids)
     prompts = {
         q.id: prompt_ids(
             tokenizer, q.question, style=settings.prompt_style, system_prompt=settings.system_prompt
@@ -410,6 +436,7 @@ def _context(settings: EvalSettings, questions: list[Question]) -> dict:
     return dict(
         settings=settings,
         model=model,
+        engine=engine,
         amateur=amateur,
         tokenizer=tokenizer,
         eos=eos,

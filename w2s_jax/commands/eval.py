@@ -4,6 +4,8 @@ Evaluate:  w2s eval --model DIR [--lora CKPT] --data FILE.jsonl --out DIR
 Sampled:   w2s eval ... --samples N --temperature T [--top-p P] [--seed S]  (pass@k, maj@N)
 Contrastive decoding: w2s eval ... --decoding contrastive --amateur DIR [--cd-alpha A]
            [--cd-beta B] [--cd-amateur-temperature T] [--cd-form weighted|difference]
+Fast engine (optional): w2s eval ... --engine openai --endpoint http://localhost:8000/v1
+           [--engine-model NAME]  (an OpenAI-compatible server serving --model, e.g. vLLM)
 Compare:   w2s eval --compare RUN_A RUN_B [...] --out DIR
 
 An evaluation writes OUT/predictions.jsonl (one row per question: id, question,

@@ -124,20 +124,28 @@ def test_import_refuses_an_out_folder_it_did_not_write(tmp_path):
 @pytest.mark.real_lm
 @needs_real
 def test_reduced_real_lm_demo_runs_end_to_end(smollm2, tmp_path):
-    """The real-LM world at toy sizes: format SFT, amateur, sampling, one trained arm,
-    scored in both phrasings (the import is the module's, to save its 30 s)."""
+    """The real-LM world at toy sizes: amateur, sampling, one trained arm, scored in both
+    phrasings. The import is the module's (to save its 30 s) and serves as the expert (the
+    format SFT's glue is tested on a tiny model in test_demo_worlds.py)."""
     import json
 
     from w2s_jax.demo import DemoSettings, run_demo
 
     out = tmp_path / "demo"
-    (out / "models").mkdir(parents=True)
-    (out / "models" / "smollm2-135m-instruct").symlink_to(smollm2[1])
     settings = DemoSettings(
-        out=str(out), world="real-lm", questions=4, eval_questions=4, max_new_tokens=8,
-        steps=1, batch_positions=16, batch_size=4, arms=("base", "lightreasoner"),
-        format_examples=8, format_steps=1, real_amateur="layers:20", beta=0.0,
-    )  # fmt: skip
+        out=str(out),
+        world="real-lm",
+        expert=str(smollm2[1]),
+        real_amateur="layers:20",
+        questions=4,
+        eval_questions=4,
+        max_new_tokens=8,
+        steps=1,
+        batch_positions=16,
+        batch_size=4,
+        arms=("base", "lightreasoner"),
+        beta=0.0,
+    )
     lines = []
     report = run_demo(settings, log=lines.append)
     assert [row["arm"] for row in report["arms_held_out"]] == ["base", "lightreasoner"]
@@ -151,4 +159,4 @@ def test_reduced_real_lm_demo_runs_end_to_end(smollm2, tmp_path):
     questions = [json.loads(line)["question"] for line in (out / "test-held-out.jsonl").open()]
     assert all("box" in q for q in questions)  # the held-out phrasing
     assert "held-out phrasing" in (out / "report.md").read_text()
-    assert any(line.startswith("[models] expert") for line in lines)
+    assert any(line.startswith("[models] amateur layers:20") for line in lines)

@@ -169,3 +169,12 @@ def test_bad_input_refused_before_anything_is_written(tmp_path):
         GenerativeW2SSettings(filter="agreement")
     with pytest.raises(ValueError, match="--test-data"):
         GenerativeW2SSettings(data=str(data))
+
+
+def test_help_lists_the_filter_flags(capsys):
+    from w2s_jax.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["weak-to-strong-gen", "--help"])
+    text = capsys.readouterr().out
+    assert "--min-agreement" in text and "--min-logprob" in text

@@ -27,6 +27,8 @@ _WHERE = {
     "DemoSettings": "w2s_jax.demo",
     "weak_to_strong": "w2s_jax.stages.weak_to_strong",
     "WeakToStrongSettings": "w2s_jax.stages.w2s_settings",
+    "weak_to_strong_gen": "w2s_jax.stages.w2s_generative",
+    "GenerativeW2SSettings": "w2s_jax.stages.w2s_gen_settings",
     "score": "w2s_jax.stages.score",
     "ScoreSettings": "w2s_jax.stages.score",
 }

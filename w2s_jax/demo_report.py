@@ -187,7 +187,7 @@ def _difference_panel(ax, arms: list[dict], y) -> None:
         low, high = (100 * v for v in arm["diff_ci95"])
         ax.errorbar(diff, y[i], xerr=[[diff - low], [high - diff]], fmt="o", color="k", capsize=3)
         ax.text(high + 0.3, y[i], f"{diff:+.1f}", va="center", fontsize=8)
-    ax.set_xlabel("Δ vs base expert (points), 95% paired bootstrap CI", fontsize=8)
+    ax.set_xlabel("Δ vs base (points), 95% paired bootstrap CI", fontsize=8)
     lows = [100 * a["diff_ci95"][0] for a in arms if "diff_ci95" in a] + [0.0]
     highs = [100 * a["diff_ci95"][1] for a in arms if "diff_ci95" in a] + [0.0]
     ax.set_xlim(min(lows) - 1.0, max(highs) + 2.5)

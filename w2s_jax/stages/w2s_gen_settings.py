@@ -75,8 +75,9 @@ class GenerativeW2SSettings:
     )
     min_logprob: float = setting(
         -0.015,
-        "--filter logprob: keep a solution at this mean token log-prob or more (the default, "
-        "chosen on the toy weak model's half-2 solutions of seed 0, keeps about 60 percent of them).",
+        "--filter logprob: keep a solution at this mean token log-prob or more (the "
+        "default, chosen on the toy weak model's half-2 solutions of seed 0, keeps about "
+        "60 percent of them).",
     )
     steps: int = setting(100, "LoRA SFT steps of every trained model.", check=at_least(1))
     batch_positions: int = setting(256, "Supervised tokens per step.", check=at_least(1))

@@ -163,3 +163,14 @@ def test_shipped_expert_matches_its_recorded_validation_accuracy(tmp_path):
         manifest["models"][n]["validation"]["accuracy"] for n in ("expert", "amateur")
     )
     assert amateur < expert
+
+
+def test_one_result_repeated_over_seeds_is_pooled_once():
+    from w2s_jax.demo_report import arm_rows
+
+    ids = [f"q{i}" for i in range(40)]
+    base = [i % 2 == 0 for i in range(40)]
+    seeds = [{"arms": {}, "times": {}} for _ in range(3)]
+    one = arm_rows("base", seeds[:1], base, ids)
+    three = arm_rows("base", seeds, base, ids)
+    assert three["accuracy_ci95"] == one["accuracy_ci95"]  # not narrowed by repetition

@@ -31,7 +31,9 @@ def correct_by_id(eval_dir: Path) -> dict[str, bool]:
 
 
 def arm_rows(arm: str, seeds: list[dict], base_correct: list[bool], ids: list[str]) -> dict:
-    """Per-seed and pooled statistics of one arm against the base expert."""
+    """Per-seed and pooled statistics of one arm against the base expert. The base and
+    the inference-only arms give one result whatever the seed: their pooled statistics
+    count it once (repeating it would narrow the intervals by sqrt(seeds))."""
     per_seed, pooled_arm, pooled_base = [], [], []
     for seed, result in enumerate(seeds):
         entry = result["arms"].get(arm, {}) if arm != "base" else {"eval": None}
@@ -63,6 +65,8 @@ def arm_rows(arm: str, seeds: list[dict], base_correct: list[bool], ids: list[st
         per_seed.append(row)
         pooled_arm += correct
         pooled_base += base_correct
+    if arm == "base" or arm in INFERENCE_ARMS:  # one result repeated per seed: count it once
+        pooled_arm, pooled_base = pooled_arm[: len(ids)], pooled_base[: len(ids)]
     acc = np.array([r["accuracy"] for r in per_seed])
     summary = {
         "arm": arm,

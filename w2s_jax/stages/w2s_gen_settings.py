@@ -20,7 +20,7 @@ from w2s_jax.settings import (
     record,
     setting,
 )
-from w2s_jax.stages.w2s_settings import TOY_WORLD
+from w2s_jax.stages.w2s_settings import TOY_WORLD, strong_model_setting, weak_model_setting
 
 FILTERS = ("none", "agreement", "logprob")
 
@@ -31,12 +31,8 @@ class GenerativeW2SSettings:
     shipped amateur as weak, the shipped expert as strong)."""
 
     out: str = setting("w2s_gen_out", "Output folder (resumable).", metavar="DIR", free=True)
-    weak: str | None = setting(
-        None, "Weak model HF folder (default: the shipped toy amateur).", metavar="DIR"
-    )
-    strong: str | None = setting(
-        None, "Strong model HF folder (default: the shipped toy expert).", metavar="DIR"
-    )
+    weak: str | None = weak_model_setting()
+    strong: str | None = strong_model_setting()
     data: str | None = setting(
         None,
         'Training JSONL {id, question, answer}, answer a worked solution ending "#### N" '

@@ -45,18 +45,24 @@ def _positive(value):
     return None if 0 < value < math.inf else "must be a finite number > 0"
 
 
+def weak_model_setting():
+    """`--weak DIR`, shared by the classifier and the generative weak-to-strong runs."""
+    return setting(None, "Weak model HF folder (default: the shipped toy amateur).", metavar="DIR")
+
+
+def strong_model_setting():
+    """`--strong DIR`, shared by the classifier and the generative weak-to-strong runs."""
+    return setting(None, "Strong model HF folder (default: the shipped toy expert).", metavar="DIR")
+
+
 @dataclasses.dataclass(frozen=True)
 class WeakToStrongSettings:
     """Every setting of a weak-to-strong run; defaults: the toy world within 10 minutes on
     2 CPU cores (the shipped amateur as weak, the shipped expert as strong)."""
 
     out: str = setting("w2s_out", "Output folder (resumable).", metavar="DIR", free=True)
-    weak: str | None = setting(
-        None, "Weak model HF folder (default: the shipped toy amateur).", metavar="DIR"
-    )
-    strong: str | None = setting(
-        None, "Strong model HF folder (default: the shipped toy expert).", metavar="DIR"
-    )
+    weak: str | None = weak_model_setting()
+    strong: str | None = strong_model_setting()
     data: str | None = setting(
         None,
         "Labelled training JSONL: {id, label, text} or {id, label, prompt, completion} "

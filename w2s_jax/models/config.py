@@ -16,6 +16,9 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
+# How attention is computed (a run-time choice, never read from or written to config.json):
+# see w2s_jax.models.attention.
+ATTENTION_IMPLS = ("auto", "reference")
 
 # HF keys interpreted by `from_hf_json`; every other key is kept in `extra` and written back.
 _CONSUMED_KEYS = {
@@ -92,6 +95,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     extra: tuple[tuple[str, str], ...] = ()
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -103,6 +107,11 @@ class ModelConfig:
             raise ConfigError(
                 f"rope type {self.rope_type!r} is not supported "
                 f"(supported: {', '.join(ROPE_TYPES)})"
+            )
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"attention {self.attention!r} is not supported "
+                f"(supported: {', '.join(ATTENTION_IMPLS)})"
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported (supported: {DTYPES})")

@@ -30,8 +30,8 @@ class Attention(nnx.Module):
         self.v_proj = _linear(c, rngs, c.hidden_size, kv_dim, c.qkv_bias)
         self.o_proj = _linear(c, rngs, q_dim, c.hidden_size, c.o_bias)
         if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=jnp.dtype(c.dtype))
-            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=jnp.dtype(c.dtype))
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=jnp.dtype(c.weights_dtype))
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=jnp.dtype(c.weights_dtype))
         self.num_heads = c.num_attention_heads
         self.num_kv_heads = c.num_key_value_heads
         self.head_dim = c.head_dim

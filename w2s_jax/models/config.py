@@ -19,6 +19,11 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # How attention is computed (a run-time choice, never read from or written to config.json):
 # see w2s_jax.models.attention.
 ATTENTION_IMPLS = ("auto", "reference")
+# How the decoder layers run (run-time choices too): a Python loop over per-layer modules
+# or one scan over stacked layer parameters; and which activations each layer recomputes
+# in the backward pass (jax.checkpoint policies; "none": keep them all).
+LAYER_STACKS = ("auto", "loop", "scan")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 # HF keys interpreted by `from_hf_json`; every other key is kept in `extra` and written back.
 _CONSUMED_KEYS = {
@@ -64,7 +69,9 @@ class ModelConfig:
     """Decoder-only LM hyper-parameters shared by Qwen2/Qwen2.5, Llama 3 and Qwen3.
 
     Frozen and hashable (it is static metadata of the NNX module). `dtype` is the
-    parameter and compute dtype. `extra` keeps the HF keys this project does not
+    compute dtype, `param_dtype` the storage dtype of the parameters (default: `dtype`).
+    `attention`, `layer_stack`, `remat` and `param_dtype` are run-time choices: they are
+    never read from or written to config.json. `extra` keeps the HF keys this project does not
     interpret (JSON-encoded) so that an export writes them back unchanged.
     """
 
@@ -96,6 +103,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     extra: tuple[tuple[str, str], ...] = ()
     attention: str = "auto"
+    layer_stack: str = "loop"
+    remat: str = "none"
+    param_dtype: str | None = None
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -113,13 +123,26 @@ class ModelConfig:
                 f"attention {self.attention!r} is not supported "
                 f"(supported: {', '.join(ATTENTION_IMPLS)})"
             )
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not supported (supported: {DTYPES})")
+        for name, allowed in (("layer_stack", LAYER_STACKS), ("remat", REMAT_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name} {getattr(self, name)!r} is not supported "
+                    f"(supported: {', '.join(allowed)})"
+                )
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPES:
+                raise ConfigError(f"{name} {value!r} is not supported (supported: {DTYPES})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype parameters are stored in (`param_dtype`, by default the compute dtype)."""
+        return self.param_dtype or self.dtype
 
     @property
     def num_params(self) -> int:

@@ -38,9 +38,9 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         norm = partial(RMSNorm, config.hidden_size, eps=config.rms_norm_eps)
-        self.input_layernorm = norm(dtype=jnp.dtype(config.dtype))
+        self.input_layernorm = norm(dtype=jnp.dtype(config.weights_dtype))
         self.self_attn = Attention(config, rngs=rngs)
-        self.post_attention_layernorm = norm(dtype=jnp.dtype(config.dtype))
+        self.post_attention_layernorm = norm(dtype=jnp.dtype(config.weights_dtype))
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, cache=None, cache_index=None):
@@ -56,11 +56,11 @@ class DecoderModel(nnx.Module):
     """The HF `model` sub-module: embeddings, layers, final norm."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        dtype = jnp.dtype(config.dtype)
+        dtype = jnp.dtype(config.weights_dtype)
         self.embed_tokens = nnx.Embed(
             config.vocab_size,
             config.hidden_size,
-            dtype=dtype,
+            dtype=jnp.dtype(config.dtype),
             param_dtype=dtype,
             embedding_init=nnx.initializers.normal(config.initializer_range),
             rngs=rngs,
@@ -139,9 +139,7 @@ class CausalLM(nnx.Module):
 
     def lm_head_kernel(self):
         """The output projection [D, V] (the transposed embedding when tied)."""
-        if self.lm_head is None:
-            return self.model.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
+        return self.lm_head_matrix()[0].T if self.lm_head is None else self.lm_head_matrix()[0]
 
     def lm_head_matrix(self):
         """(matrix, layout): the output projection as stored, for the fused kernels.
@@ -151,9 +149,10 @@ class CausalLM(nnx.Module):
         transposed view such as `lm_head_kernel()` of a tied model is copied whole.
         (Not named `lm_head`: that attribute is the untied `nnx.Linear`, as in HF.)
         """
+        dtype = self.config.dtype  # parameters stored in another dtype compute in this one
         if self.lm_head is None:
-            return self.model.embed_tokens.embedding[...], "vd"
-        return self.lm_head.kernel[...], "dv"
+            return self.model.embed_tokens.embedding[...].astype(dtype), "vd"
+        return self.lm_head.kernel[...].astype(dtype), "dv"
 
     def restrict_vocab(self, token_count: int) -> None:
         """Treat ids >= `token_count` (padded rows of the checkpoint) as no token at all."""

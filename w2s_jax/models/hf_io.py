@@ -30,9 +30,13 @@ def _with_dtype(config: ModelConfig, dtype) -> ModelConfig:
     return dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
 
 
-def _compute_config(config: ModelConfig, dtype) -> ModelConfig:
-    """`config` in the compute dtype (`auto` resolved per backend)."""
-    return _with_dtype(config, resolve_dtype(dtype))
+def _compute_config(config: ModelConfig, dtype, **runtime) -> ModelConfig:
+    """`config` in the compute dtype (`auto` resolved per backend), with the run-time
+    choices (`param_dtype`, `attention`, `layer_stack`, `remat`) that are not None."""
+    config = _with_dtype(config, resolve_dtype(dtype))
+    if runtime.get("param_dtype") is not None:
+        runtime["param_dtype"] = jnp.dtype(runtime["param_dtype"]).name
+    return dataclasses.replace(config, **{k: v for k, v in runtime.items() if v is not None})
 
 
 def _path_name(path: tuple) -> str:
@@ -61,11 +65,17 @@ def load_pretrained(
     mesh=None,
     rules=sharding.PARTITION_RULES,
     allow_unused: bool = False,
+    param_dtype=None,
+    attention: str | None = None,
+    layer_stack: str | None = None,
+    remat: str | None = None,
 ):
     """Load a local HF model folder (config.json + safetensors) as a `CausalLM`.
 
-    dtype: parameter/compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU;
-    "float32", "bfloat16", ...; default the checkpoint's). mesh: place each parameter
+    dtype: compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU; "float32",
+    "bfloat16", ...; default the checkpoint's); param_dtype: the parameters' storage
+    dtype (default: `dtype`). attention, layer_stack, remat: run-time choices of
+    `ModelConfig` (default: its defaults). mesh: place each parameter
     with its NamedSharding from `rules` (default: one local device). Tensors are
     memory-mapped and placed one at a time, only the slices each local device needs.
     A missing tensor or a wrong shape raises `CheckpointError` naming the key. So do
@@ -74,7 +84,14 @@ def load_pretrained(
     logged).
     """
     folder = _require_folder(path)
-    config = _compute_config(ModelConfig.from_hf_json(folder / "config.json"), dtype)
+    config = _compute_config(
+        ModelConfig.from_hf_json(folder / "config.json"),
+        dtype,
+        param_dtype=param_dtype,
+        attention=attention,
+        layer_stack=layer_stack,
+        remat=remat,
+    )
     tensors = SafetensorsFolder(folder)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=_ShapeOnlyKeys())))
     variables = [(_path_name(p), v) for p, v in nnx.to_flat_state(state)]

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 
-from w2s_jax import __version__, commands
+from w2s_jax import __version__, commands, compile_cache
 from w2s_jax.config import apply_config_file
 
 # Pipeline order for `w2s --help`; commands not listed here come after, sorted.
@@ -36,6 +36,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         prog="w2s", description="Weak-to-strong training in JAX (LightReasoner and friends)."
     )
     parser.add_argument("--version", action="version", version=f"w2s_jax {__version__}")
+    parser.add_argument(
+        "--no-compilation-cache",
+        dest="compilation_cache",
+        action="store_false",
+        help="Compile everything afresh: no persistent compilation cache (on by default in "
+        f"{compile_cache.default_cache_dir()}; {compile_cache.OFF_VARIABLE}=0 also turns it off).",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     by_name = {}
     for name in _command_names():
@@ -75,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run `w2s ARGV`. A user's error (a bad path, value or file) ends it with one
     `error: ...` line and exit status 1; W2S_TRACEBACK=1 shows the traceback instead.
     SIGTERM ends it with status 143 and says how to resume (outputs are written
-    atomically, so finished work is kept)."""
+    atomically, so finished work is kept). JAX's persistent compilation cache is turned
+    on (or, with --no-compilation-cache, off) before the command compiles anything."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, subparsers = build_parser()
     args = parser.parse_args(argv)
@@ -86,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         command_argv = argv[argv.index(args.command) + 1 :]
+        if args.compilation_cache:  # before a config file's re-parse drops the global flag
+            compile_cache.enable_compilation_cache()
+        else:
+            compile_cache.disable_compilation_cache()
         args = apply_config_file(subparsers[args.command], command_argv, args)
         return int(args._run(args) or 0)
     except _Terminated:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -217,7 +216,7 @@ def _sample(config: DemoSettings, models: Models, questions: Path, out: Path) ->
 def _train_export(
     config: DemoSettings, expert: Path, arm: str, data: Path, seed_dir: Path, seed: int, timer
 ):
-    from w2s_jax.export import ExportSettings, export
+    from w2s_jax.stages.finetune import export_once
     from w2s_jax.train import train
     from w2s_jax.train_config import TrainSettings
 
@@ -251,11 +250,7 @@ def _train_export(
         timer.record(f"train/{arm}", time.perf_counter() - start)
     if not (model / "config.json").is_file():
         start = time.perf_counter()
-        tmp = model.with_name(model.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        export(ExportSettings(lora=str(run), out=str(tmp), expert=str(expert)))
-        shutil.rmtree(model, ignore_errors=True)
-        tmp.rename(model)
+        export_once(run, model, expert)
         timer.record(f"export/{arm}", time.perf_counter() - start)
     return model
 

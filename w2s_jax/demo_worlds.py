@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import shutil
 from pathlib import Path
 
 from w2s_jax.data.arithmetic import TaskConfig
@@ -133,7 +132,7 @@ def _sft_model(settings, base: Path, target: Path, slip_rate: float, log) -> Pat
     """`base` after `settings.format_steps` LoRA SFT steps on worked solutions of
     `settings.format_examples` train problems (seed 500, never the demo's questions),
     with every carry/borrow slipped when `slip_rate` is 1; merged into `target`."""
-    from w2s_jax.export import ExportSettings, export
+    from w2s_jax.stages.finetune import export_once
     from w2s_jax.train import train
     from w2s_jax.train_config import TrainSettings
 
@@ -165,11 +164,7 @@ def _sft_model(settings, base: Path, target: Path, slip_rate: float, log) -> Pat
             progress=settings.progress,
         )
     )
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    export(ExportSettings(lora=str(run), out=str(tmp), expert=str(base)))
-    tmp.rename(target)
-    return target
+    return export_once(run, target, base)
 
 
 def _write_sft_records(base: Path, folder: Path, n: int, slip_rate: float) -> None:

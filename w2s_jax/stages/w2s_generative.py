@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -232,7 +231,7 @@ def _evaluate(run: _Run, model: Path, data: Path, out: Path, *, samples=1, seed=
 def _sft_model(run: _Run, base: Path, data: Path, seed_dir: Path, name: str, seed: int) -> Path:
     """`base` after LoRA SFT on `data`, merged into seed_dir/model/<name> (each skipped
     when done); the training time goes to train/<name>/timing.json."""
-    from w2s_jax.export import ExportSettings, export
+    from w2s_jax.stages.finetune import export_once
     from w2s_jax.train import train
     from w2s_jax.train_config import TrainSettings
 
@@ -257,12 +256,7 @@ def _sft_model(run: _Run, base: Path, data: Path, seed_dir: Path, name: str, see
         )
         elapsed = time.perf_counter() - started
         atomic_write_json(folder / "timing.json", {"seconds": elapsed, "steps": s.steps})
-    if not (model / "config.json").is_file():
-        tmp = model.with_name(model.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        export(ExportSettings(lora=str(folder), out=str(tmp), expert=str(base)))
-        tmp.rename(model)
-    return model
+    return export_once(folder, model, base)
 
 
 def _logprobs(run: _Run, weak_model: Path, seed_dir: Path, targets: list[dict]) -> dict:

@@ -1,0 +1,23 @@
+"""Once-only model building shared by the multi-stage runs (the demo, the real-LM world's
+models, weak-to-strong-gen): a `w2s train` run merged into a model folder, atomically."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from w2s_jax.files import atomic_folder
+
+
+def export_once(run: str | Path, model: str | Path, expert: str | Path) -> Path:
+    """`run`'s last checkpoint merged into `expert` as the HF folder `model` (`w2s export`),
+    which appears whole or not at all; skipped when `model` already holds a config.json."""
+    from w2s_jax.export import ExportSettings, export
+
+    model = Path(model)
+    if (model / "config.json").is_file():
+        return model
+    shutil.rmtree(model, ignore_errors=True)  # no config.json: an unfinished folder
+    with atomic_folder(model) as tmp:
+        export(ExportSettings(lora=str(run), out=str(tmp), expert=str(expert)))
+    return model

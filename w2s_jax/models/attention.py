@@ -1,4 +1,11 @@
-"""Grouped-query attention with RoPE and a KV cache (the reference path for every backend)."""
+"""Grouped-query attention with RoPE and a KV cache; the math in `attention_kernels`.
+
+`ModelConfig.attention` picks the implementation of calls with several queries per row
+(prefill, scoring, training): "reference" (hand-written, tuned for XLA:CPU; the reference of
+the tests), "xla" and "cudnn" (`jax.nn.dot_product_attention`), "splash" (the Pallas TPU
+kernel), or "auto" (per backend: `attention_kernels.AUTO_ATTENTION`). Decoding steps take the
+reference path whatever the choice (`attention_kernels.DECODE` says why).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from w2s_jax.models import attention_kernels as kernels
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.primitives import RMSNorm
 from w2s_jax.models.primitives import linear as _linear
@@ -16,7 +24,6 @@ from w2s_jax.models.rope import apply_rope
 # [rows, d] x [d, s] and [rows, s] x [s, d] matmuls over the cache as stored (XLA:CPU decode
 # ~6x faster than [B, S, K, D]; the key transpose alone ~14% of attention).
 LayerCache = tuple[jax.Array, jax.Array]
-_MASKED = -1e30  # finite, so fully masked (padding) rows stay NaN-free
 
 
 class Attention(nnx.Module):
@@ -36,6 +43,7 @@ class Attention(nnx.Module):
         self.num_kv_heads = c.num_key_value_heads
         self.head_dim = c.head_dim
         self.qk_norm = c.qk_norm
+        self.attention = c.attention
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, cache=None, cache_index=None):
         """Attend; with `cache`, write this step's keys/values at slot `cache_index` first.
@@ -44,47 +52,48 @@ class Attention(nnx.Module):
         (output_btd, updated cache or None).
         """
         b, t, _ = x_btd.shape
+        q_bthd, k_btkd, v_btkd = self._project(x_btd, cos_btd, sin_btd)
+        impl = kernels.choose(
+            self.attention,
+            backend=jax.default_backend(),
+            dtype=q_bthd.dtype,
+            t=t,
+            s=mask_bts.shape[2],
+            head_dim=self.head_dim,
+        )
+        if cache is not None:
+            cache = _write_cache(cache, k_btkd, v_btkd, cache_index)
+        if impl == "reference":
+            k_bkds, v_bksd = _cache_layout(k_btkd, v_btkd) if cache is None else cache
+            out_bthd = kernels.reference_attention(q_bthd, k_bkds, v_bksd, mask_bts)
+        else:
+            k_bskd, v_bskd = (k_btkd, v_btkd)  # the fused kernels read [B, S, K, D]
+            if cache is not None:
+                k_bskd, v_bskd = cache[0].transpose(0, 3, 1, 2), cache[1].transpose(0, 2, 1, 3)
+            out_bthd = kernels.fused_attention(impl, q_bthd, k_bskd, v_bskd, mask_bts)
+        return self.o_proj(out_bthd.reshape(b, t, -1)), cache
+
+    def _project(self, x_btd, cos_btd, sin_btd):
+        """Queries [B, T, N, D], keys and values [B, T, K, D], RoPE (and q/k norms) applied."""
+        b, t, _ = x_btd.shape
         q_bthd = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
         k_btkd = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
         v_btkd = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q_bthd, k_btkd = self.q_norm(q_bthd), self.k_norm(k_btkd)
-        q_bthd = apply_rope(q_bthd, cos_btd, sin_btd)
-        k_btkd = apply_rope(k_btkd, cos_btd, sin_btd)
-        k_bkdt = k_btkd.transpose(0, 2, 3, 1)
-        v_bktd = v_btkd.transpose(0, 2, 1, 3)
-        if cache is not None:
-            cache_k, cache_v = cache
-            k_bkdt = jax.lax.dynamic_update_slice(
-                cache_k, k_bkdt.astype(cache_k.dtype), (0, 0, 0, cache_index)
-            )
-            v_bktd = jax.lax.dynamic_update_slice(
-                cache_v, v_bktd.astype(cache_v.dtype), (0, 0, cache_index, 0)
-            )
-            cache = (k_bkdt, v_bktd)
-        # Queries grouped per KV head as rows r = (group, t): both products read the cache as
-        # stored, with no transpose: batched [r, d] x [d, s] matmuls over many queries.
-        kv, groups, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        q_bkrd = q_bthd.reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, -1, d)
-        # One query per row (decoding): multiply-and-reduce fusions that stream the cache
-        # once; on XLA:CPU they beat batched [groups, d] x [d, s] matmuls (~10% of a step).
-        f32 = jnp.float32
-        if t == 1:
-            products_bkrds = q_bkrd[..., None].astype(f32) * k_bkdt[:, :, None].astype(f32)
-            scores_bkrs = products_bkrds.sum(axis=3) * (d**-0.5)
-        else:
-            scores_bkrs = jnp.einsum(
-                "bkrd,bkds->bkrs", q_bkrd, k_bkdt, preferred_element_type=f32
-            ) * (d**-0.5)
-        scores_bkgts = scores_bkrs.reshape(b, kv, groups, t, -1)
-        scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
-        probs_bkrs = (
-            jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bktd.dtype).reshape(scores_bkrs.shape)
-        )
-        if t == 1:
-            products_bkrsd = probs_bkrs[..., None].astype(f32) * v_bktd[:, :, None].astype(f32)
-            out_bkrd = products_bkrsd.sum(axis=3).astype(v_bktd.dtype)
-        else:
-            out_bkrd = jnp.einsum("bkrs,bksd->bkrd", probs_bkrs, v_bktd)
-        out_btkgd = out_bkrd.reshape(b, kv, groups, t, d).transpose(0, 3, 1, 2, 4)
-        return self.o_proj(out_btkgd.reshape(b, t, -1)), cache
+        return apply_rope(q_bthd, cos_btd, sin_btd), apply_rope(k_btkd, cos_btd, sin_btd), v_btkd
+
+
+def _cache_layout(k_btkd, v_btkd) -> LayerCache:
+    """Keys [B, K, D, T] and values [B, K, T, D], as the KV cache stores them."""
+    return k_btkd.transpose(0, 2, 3, 1), v_btkd.transpose(0, 2, 1, 3)
+
+
+def _write_cache(cache: LayerCache, k_btkd, v_btkd, cache_index) -> LayerCache:
+    """`cache` with these keys/values written at slots cache_index .. cache_index + T - 1."""
+    cache_k, cache_v = cache
+    k_bkdt, v_bktd = _cache_layout(k_btkd, v_btkd)
+    return (
+        jax.lax.dynamic_update_slice(cache_k, k_bkdt.astype(cache_k.dtype), (0, 0, 0, cache_index)),
+        jax.lax.dynamic_update_slice(cache_v, v_bktd.astype(cache_v.dtype), (0, 0, cache_index, 0)),
+    )

@@ -18,7 +18,7 @@ ARCHITECTURES = {
 ROPE_TYPES = ("default", "linear", "llama3")
 # How attention is computed (a run-time choice, never read from or written to config.json):
 # see w2s_jax.models.attention.
-ATTENTION_IMPLS = ("auto", "reference")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "splash")
 # How the decoder layers run (run-time choices too): a Python loop over per-layer modules
 # or one scan over stacked layer parameters; and which activations each layer recomputes
 # in the backward pass (jax.checkpoint policies; "none": keep them all).

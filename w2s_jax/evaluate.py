@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections import Counter
 from pathlib import Path
 
 from w2s_jax import eval_decoding, eval_engine, stats
-from w2s_jax.data.benchmarks import PRESET_HELP, PRESETS, is_multiple_choice, load_eval_questions
+from w2s_jax.data.benchmarks import PRESETS, is_multiple_choice, load_eval_questions
 from w2s_jax.data.sources import Question
-from w2s_jax.eval_decoding import DECODINGS
 from w2s_jax.eval_sampled import summarize_samples
+from w2s_jax.eval_settings import EvalSettings
 from w2s_jax.files import (
     DataError,
     atomic_write_json,
@@ -48,26 +47,9 @@ from w2s_jax.grading import (
     grade_choice,
     is_equiv,
 )
-from w2s_jax.prompts import (
-    EVAL_SYSTEM_PROMPT,
-    PLAIN_STOP_STRINGS,
-    PROMPT_STYLES,
-    prompt_example,
-    prompt_ids,
-    stop_ids,
-)
+from w2s_jax.prompts import PLAIN_STOP_STRINGS, prompt_example, prompt_ids, stop_ids
 from w2s_jax.run_folder import claim
-from w2s_jax.settings import (
-    allow_unused_weights_setting,
-    at_least,
-    check,
-    comma_list,
-    compute_dtype_setting,
-    free_fields,
-    number_in,
-    setting,
-    stop_ids_setting,
-)
+from w2s_jax.settings import free_fields
 from w2s_jax.settings import record as settings_record
 
 __all__ = [
@@ -79,135 +61,6 @@ __all__ = [
     "load_eval_questions",
     "run_eval",
 ]
-
-
-# ------------------------------------------------------------------ running
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    """Every setting of an evaluation; `free` ones (batch size, question count, mesh,
-    progress) may change when a run resumes, the others shape its outputs."""
-
-    model: str | None = setting(
-        None, "Hugging Face model folder to evaluate.", metavar="DIR", required=True
-    )
-    data: str | None = setting(
-        None, "JSONL file of questions with gold answers.", metavar="FILE", required=True
-    )
-    out: str | None = setting(None, "Output folder (resumable).", metavar="DIR", free=True)
-    lora: str | None = setting(
-        None, "`w2s train` checkpoint (run folder or step folder) applied to --model."
-    )
-    preset: str = setting("gsm8k", PRESET_HELP, choices=tuple(sorted(PRESETS)))
-    protocol: str | None = setting(
-        None,
-        "An evaluation protocol that sets other settings: qwen25-math (the Qwen2.5-Math "
-        "toolkit as in the LightReasoner paper: its boxed system prompt, chat template, "
-        "greedy, --max-new-tokens 2048).",
-        choices=tuple(eval_decoding.PROTOCOLS),
-    )
-    question_fields: tuple[str, ...] | None = setting(
-        None,
-        "Field(s) holding the question; several comma-separated fields are joined.",
-        flags=("--question-field",),
-        parse=comma_list,
-    )
-    answer_field: str | None = setting(None, "Field holding the gold answer.")
-    id_field: str | None = setting(None, "Field holding the question id (default: line number).")
-    prompt_style: str = setting("chat", "chat template or plain text.", choices=PROMPT_STYLES)
-    system_prompt: str = setting(
-        EVAL_SYSTEM_PROMPT, "System turn of the chat prompt ('' for none)."
-    )
-    max_new_tokens: int = setting(
-        512,
-        "Most new tokens per answer (the Qwen2.5-Math toolkit and the LightReasoner paper: 2048).",
-        check=at_least(1),
-    )
-    decoding: str | None = setting(
-        None,
-        "greedy, sampling (--temperature, default 1.0) or contrastive (needs --amateur; greedy "
-        "over the contrastive scores unless --temperature > 0). Default: sampling when "
-        "--temperature > 0 is given, else greedy.",
-        choices=DECODINGS,
-    )
-    amateur: str | None = setting(
-        None, "Amateur model of --decoding contrastive (the same tokenizer).", metavar="DIR"
-    )
-    cd_alpha: float | None = setting(
-        None,
-        "Contrastive plausibility: tokens with p_E >= alpha * max p_E (default 0.1).",
-        parse=float,
-        check=number_in(0, 1, open_low=True),
-    )
-    cd_beta: float | None = setting(
-        None,
-        "Contrastive weight: argmax (1+beta)*log p_E - beta*log p_A (default 0.5).",
-        parse=float,
-        check=number_in(0, math.inf),
-    )
-    cd_amateur_temperature: float | None = setting(
-        None,
-        "Temperature of the amateur's log-probabilities (default 1.0).",
-        parse=float,
-        check=number_in(0, math.inf, open_low=True),
-    )
-    cd_form: str | None = setting(
-        None,
-        "weighted: (1+beta)*s_E - beta*s_A (O'Brien & Lewis; default); difference: s_E - s_A "
-        "(Li et al.).",
-        choices=("weighted", "difference"),
-    )
-    samples: int = setting(
-        1, "Answers sampled per question; reports pass@k for k <= N and maj@N.", check=at_least(1)
-    )
-    temperature: float | None = setting(
-        None, "Sampling temperature (> 0 samples).", parse=float, check=number_in(0, math.inf)
-    )
-    top_p: float | None = setting(
-        None, "Nucleus sampling mass.", parse=float, check=number_in(0, 1, open_low=True)
-    )
-    seed: int = setting(0, "Seed of sampled decoding (and of --compare's bootstrap).")
-    engine: str | None = setting(
-        None,
-        "Decode with an OpenAI-compatible server serving --model (e.g. `vllm serve DIR`) "
-        "instead of in process; --batch-size requests in flight (w2s_jax.eval_engine).",
-        choices=eval_engine.ENGINES,
-    )
-    endpoint: str | None = setting(
-        None, "--engine's URL, e.g. http://localhost:8000/v1.", metavar="URL", free=True
-    )
-    engine_model: str | None = setting(
-        None, "Model name to request (default: --model, or the only one served).", free=True
-    )
-    dtype: str = compute_dtype_setting()
-    eos_ids: tuple[int, ...] = stop_ids_setting("an answer")
-    batch_size: int = setting(16, "Questions per batch.", check=at_least(1), free=True)
-    max_questions: int | None = setting(
-        None, "Evaluate only the first N questions.", parse=int, check=at_least(1), free=True
-    )
-    mesh: str | None = setting(None, "Device mesh, e.g. 'data=8' or 'data=2,tensor=4'.", free=True)
-    symbolic_timeout: float = setting(
-        SYMBOLIC_TIMEOUT_S,
-        "Seconds allowed per symbolic (math-verify) comparison; past it, graded wrong.",
-        free=True,
-    )
-    progress: bool = setting(True, "Hide the progress bar.", flags=("--no-progress",), free=True)
-    force: bool = setting(
-        False, "Apply --lora even to a base other than the one it was trained on.", free=True
-    )
-    allow_unused_weights: bool = allow_unused_weights_setting()
-
-    def __post_init__(self):
-        object.__setattr__(self, "eos_ids", tuple(sorted(int(i) for i in self.eos_ids)))
-        if self.question_fields is not None:
-            object.__setattr__(self, "question_fields", comma_list(self.question_fields))
-        check(self)
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, value in eval_decoding.apply_protocol(self, defaults).items():
-            object.__setattr__(self, name, value)
-        for name, value in eval_decoding.resolve(self).items():
-            object.__setattr__(self, name, value)
 
 
 def _fingerprint(settings: EvalSettings, tokenizer) -> dict:
@@ -278,11 +131,12 @@ def _truncate(text: str, stops: tuple[str, ...]) -> str:
 
 def _load_model(settings: EvalSettings, mesh):
     """(model, tokenizer, config), padded vocabulary rows masked; no model with --engine.
-    A LoRA checkpoint is merged into float32 weights; in a half-precision dtype its
+    A LoRA checkpoint is merged into weights stored and computed in float32; otherwise its
     adapters stay separate layers, since rounding the merged weights would lose most of
     a small update."""
     from w2s_jax.models import ModelConfig, load_pretrained, load_tokenizer
     from w2s_jax.models.dtypes import warn_if_slow
+    from w2s_jax.settings import model_options
 
     folder = Path(settings.model)
     if not (folder / "config.json").is_file():
@@ -298,8 +152,9 @@ def _load_model(settings: EvalSettings, mesh):
         from w2s_jax.lora import check_adapter_base
 
         check_adapter_base(settings.lora, folder, force=settings.force)
+    options = model_options(settings)
     model = load_pretrained(
-        folder, dtype=settings.dtype, mesh=mesh, allow_unused=settings.allow_unused_weights
+        folder, mesh=mesh, allow_unused=settings.allow_unused_weights, **options
     )
     warn_if_slow(model.config.dtype)
     model.restrict_vocab(len(tokenizer))
@@ -307,7 +162,7 @@ def _load_model(settings: EvalSettings, mesh):
         from w2s_jax.lora import load_lora_into, merge_lora
 
         load_lora_into(model, settings.lora)
-        if model.config.dtype == "float32":
+        if model.config.dtype == model.config.weights_dtype == "float32":
             merge_lora(model)
     return model, tokenizer, config
 
@@ -455,11 +310,11 @@ def run_eval(settings: EvalSettings) -> dict:
     """
     from tqdm import tqdm
 
-    from w2s_jax.models.dtypes import resolve_dtype
+    from w2s_jax.models.dtypes import resolve_dtypes
 
     if not settings.out:
         raise ValueError("--out is required")
-    settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype))
+    settings = resolve_dtypes(settings)
     out = Path(settings.out)
     questions = load_eval_questions(
         settings.data,

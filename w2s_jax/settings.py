@@ -28,7 +28,7 @@ def setting(
     *,
     flags: Sequence[str] = (),
     check: Check | None = None,
-    choices: Sequence[Any] | None = None,
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
     free: bool = False,
     parse: Callable[[str], Any] | None = None,
     repeat: bool = False,
@@ -40,18 +40,19 @@ def setting(
 
     flags: the flag names (default `--field-name`); a bool field whose default is True
     is switched off by its flag (e.g. `--no-select`). check: returns an error text for a
-    bad value. choices: allowed values (checked too). free: may change when a run
-    resumes (batch size, progress bars, ...). parse: str -> value for flags (default:
-    from the default's type; tuples are comma-separated). repeat: the flag may be given
-    several times, each value appended. many: the flag takes one or more values
-    (nargs="+"). required: must be given (as a flag or in
+    bad value. choices: allowed values (checked too), or a function returning them, called
+    when a value is checked (lists that live beside the model, whose package imports JAX).
+    free: may change when a run resumes (batch size, progress bars, ...). parse: str ->
+    value for flags (default: from the default's type; tuples are comma-separated).
+    repeat: the flag may be given several times, each value appended. many: the flag
+    takes one or more values (nargs="+"). required: must be given (as a flag or in
     --config; checked by `check`, not by argparse, so a config file can supply it).
     """
     metadata = {
         "help": help,
         "flags": tuple(flags),
         "check": check,
-        "choices": tuple(choices) if choices is not None else None,
+        "choices": choices if choices is None or callable(choices) else tuple(choices),
         "free": free,
         "parse": parse,
         "repeat": repeat,
@@ -73,6 +74,82 @@ def compute_dtype_setting(note: str = "") -> Any:
         f"{', '.join(DTYPES[:-1])} or {DTYPES[-1]}.{note}",
         choices=(AUTO_DTYPE, *DTYPES),
     )
+
+
+def param_dtype_setting(default_note: str = "the compute dtype") -> Any:
+    """`--param-dtype`: the parameters' storage dtype (models.dtypes.resolve_param_dtype)."""
+    return setting(
+        None,
+        "Dtype the parameters are stored in (they compute in --dtype): "
+        f"{', '.join(DTYPES)} (default: {default_note}).",
+        choices=DTYPES,
+        parse=str,
+    )
+
+
+def _model_choices(name: str) -> Callable[[], tuple]:
+    """The allowed values `w2s_jax.models.config.<name>`, read when a value is checked."""
+
+    def choices() -> tuple:
+        from w2s_jax.models import config
+
+        return tuple(getattr(config, name))
+
+    return choices
+
+
+def attention_setting() -> Any:
+    """`--attention`: how attention is computed (ModelConfig.ATTENTION_IMPLS); free on resume."""
+    return setting(
+        "auto",
+        "Attention implementation, one of w2s_jax.models.config.ATTENTION_IMPLS: auto (the "
+        "platform's fused kernel where it applies) or another listed there. Equal results "
+        "within rounding, so a resumed run may change it.",
+        choices=_model_choices("ATTENTION_IMPLS"),
+        free=True,
+    )
+
+
+def layer_stack_setting() -> Any:
+    """`--layer-stack`: a loop over the decoder layers or one scan (ModelConfig.LAYER_STACKS)."""
+    return setting(
+        "auto",
+        "How the decoder layers run, one of w2s_jax.models.config.LAYER_STACKS: loop (a Python "
+        "loop, one compiled copy per layer), scan (one scan over stacked layers, faster "
+        "compiles) or auto (the backend's default). Same results; a resumed run may change it.",
+        choices=_model_choices("LAYER_STACKS"),
+        free=True,
+    )
+
+
+def remat_setting() -> Any:
+    """`--remat`: what each decoder layer recomputes in the backward pass (REMAT_POLICIES)."""
+    return setting(
+        "none",
+        "Activations each decoder layer recomputes in the backward pass (jax.checkpoint "
+        "policy), one of w2s_jax.models.config.REMAT_POLICIES: none keeps them all, full "
+        "recomputes everything. Less memory, same results; a resumed run may change it.",
+        choices=_model_choices("REMAT_POLICIES"),
+        free=True,
+    )
+
+
+# The run-time model choices a stage's settings may carry (fields named as ModelConfig's).
+MODEL_CHOICES = ("attention", "layer_stack", "remat")
+
+
+def model_options(settings, *, master_weights: bool = False) -> dict:
+    """`load_pretrained` keyword arguments from a stage's settings: the compute dtype and the
+    parameters' storage dtype, resolved (`master_weights`: every parameter trains, see
+    w2s_jax.models.dtypes), and the `MODEL_CHOICES` it declares."""
+    from w2s_jax.models.dtypes import default_param_dtype, resolve_dtype
+
+    dtype = resolve_dtype(settings.dtype)
+    param_dtype = getattr(settings, "param_dtype", None)
+    if param_dtype is None:
+        param_dtype = default_param_dtype(dtype, master_weights=master_weights)
+    options = {"dtype": dtype, "param_dtype": param_dtype}
+    return options | {k: getattr(settings, k) for k in MODEL_CHOICES if hasattr(settings, k)}
 
 
 def stop_ids_setting(what: str) -> Any:
@@ -175,8 +252,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: Sequence[str] =
             if meta.get("many"):
                 kwargs["nargs"] = "+"
                 kwargs["type"] = meta.get("parse") or str
-            if meta.get("choices") is not None and not isinstance(default, tuple):
-                kwargs["choices"] = meta["choices"]
+            choices = meta.get("choices")
+            if choices is not None and not callable(choices) and not isinstance(default, tuple):
+                kwargs["choices"] = choices
             if meta.get("metavar"):
                 kwargs["metavar"] = meta["metavar"]
         kwargs["default"] = [] if meta.get("repeat") else default
@@ -205,6 +283,8 @@ def check(settings) -> None:
             continue
         problem = None
         choices = meta.get("choices")
+        if callable(choices):
+            choices = choices()
         if choices is not None:
             values = value if isinstance(value, tuple) else (value,)
             if any(v not in choices for v in values):

@@ -39,6 +39,7 @@ def load_teacher(config, mesh, token_count: int):
     """
     from w2s_jax.models import load_pretrained
     from w2s_jax.objectives import get_objective
+    from w2s_jax.settings import model_options
 
     needs = get_objective(config.objective).needs_teacher
     if needs != bool(config.teacher):
@@ -50,8 +51,9 @@ def load_teacher(config, mesh, token_count: int):
     student = student_tokenizer_folder(config)
     if student != config.teacher:
         check_teacher_tokenizer(config.teacher, student)
+    options = model_options(config) | {"param_dtype": None}  # frozen: stored as computed
     teacher = load_pretrained(
-        config.teacher, dtype=config.dtype, mesh=mesh, allow_unused=config.allow_unused_weights
+        config.teacher, mesh=mesh, allow_unused=config.allow_unused_weights, **options
     )
     try:
         teacher.restrict_vocab(token_count)

@@ -202,13 +202,17 @@ def configured_objective(config: TrainSettings) -> Objective:
 
 
 def _load_model(config: TrainSettings, mesh):
+    """The model to train, its dtypes and run-time choices from `config` (`model_options`)."""
     from w2s_jax.models import ModelConfig, init_random, load_pretrained
+    from w2s_jax.settings import model_options
 
+    options = model_options(config, master_weights=config.full_finetuning)
     if config.init == "random":
-        model_config = ModelConfig.from_hf_json(config.model_config)
-        return init_random(model_config, seed=config.seed, dtype=config.dtype, mesh=mesh)
+        dtype = options.pop("dtype")
+        model_config = dataclasses.replace(ModelConfig.from_hf_json(config.model_config), **options)
+        return init_random(model_config, seed=config.seed, dtype=dtype, mesh=mesh)
     return load_pretrained(
-        config.expert, dtype=config.dtype, mesh=mesh, allow_unused=config.allow_unused_weights
+        config.expert, mesh=mesh, allow_unused=config.allow_unused_weights, **options
     )
 
 
@@ -399,10 +403,10 @@ def train(
 
     from w2s_jax.checkpointing import StopSignal, TrainCheckpoints
     from w2s_jax.metrics import MetricsLog
-    from w2s_jax.models.dtypes import resolve_dtype, warn_if_slow
+    from w2s_jax.models.dtypes import resolve_dtypes, warn_if_slow
     from w2s_jax.sharding import BATCH_AXES, make_mesh
 
-    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype))
+    config = resolve_dtypes(config, master_weights=config.full_finetuning)
     warn_if_slow(config.dtype)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,16 @@ from pathlib import Path
 from w2s_jax.settings import (
     allow_unused_weights_setting,
     at_least,
+    attention_setting,
     check,
     comma_list,
     compute_dtype_setting,
     free_fields,
+    layer_stack_setting,
     number_in,
+    param_dtype_setting,
     record,
+    remat_setting,
     setting,
 )
 
@@ -164,6 +168,13 @@ class TrainSettings:
     )
     grad_accum: int = setting(2, "Micro-batches per step (gradient accumulation).")
     dtype: str = compute_dtype_setting(" LoRA adapters and their optimizer state stay float32.")
+    param_dtype: str | None = param_dtype_setting(
+        "float32 master weights and AdamW state for full fine-tuning (--lora-rank 0) in "
+        "half precision, else the compute dtype"
+    )
+    layer_stack: str = layer_stack_setting()
+    remat: str = remat_setting()
+    attention: str = attention_setting()
     loss_chunk_size: int = setting(
         0,
         "Project positions onto the vocabulary this many at a time (0: all at once).",
@@ -214,6 +225,11 @@ class TrainSettings:
     @property
     def lora(self) -> LoRAConfig:
         return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_targets, self.lora_dropout)
+
+    @property
+    def full_finetuning(self) -> bool:
+        """Whether every parameter trains (--lora-rank 0): float32 master weights by default."""
+        return self.lora_rank == 0
 
     @property
     def kd_selection_share(self) -> float | None:

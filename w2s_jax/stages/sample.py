@@ -100,14 +100,16 @@ def _questions(settings: SampleSettings) -> list:
 
 
 def plan(settings: SampleSettings) -> SamplePlan:
-    """Validate every input (ValueError/DataError naming it) and build the manifest."""
+    """Validate every input (ValueError/DataError naming it) and build the manifest; the
+    plan holds the settings with their dtypes resolved."""
     from w2s_jax import __version__, fingerprint
     from w2s_jax.data.tfds_source import TFDS_PREFIX
     from w2s_jax.models import ModelConfig
-    from w2s_jax.models.dtypes import resolve_dtype
+    from w2s_jax.models.dtypes import resolve_dtypes
     from w2s_jax.prompts import prompt_example, prompt_ids, stop_ids
     from w2s_jax.sample_store import FORMAT
 
+    settings = resolve_dtypes(settings)
     if Path(settings.out).exists() and not Path(settings.out).is_dir():
         raise ValueError(f"--out {settings.out} exists and is not a folder")
     expert = _check_model_folder("expert", settings.expert)
@@ -137,7 +139,6 @@ def plan(settings: SampleSettings) -> SamplePlan:
     recorded = {k: v for k, v in record(settings).items() if k not in skip}
     recorded.update(
         fingerprints,
-        dtype=resolve_dtype(settings.dtype),
         eos_ids=eos_ids,
         data=source,
         tfds_split=settings.tfds_split if source.startswith(TFDS_PREFIX) else None,
@@ -238,6 +239,7 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
     from w2s_jax.models import load_pretrained
     from w2s_jax.models.dtypes import warn_if_slow
     from w2s_jax.sampling import Scorer, build_records, gather_rows, rollout_and_score
+    from w2s_jax.settings import model_options
 
     settings = the_plan.settings
     process, processes = jax.process_index(), jax.process_count()
@@ -252,11 +254,10 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
         steps = int(np.max(multihost_utils.process_allgather(np.int32(steps))))
     if not steps:
         return
-    dtype = the_plan.manifest["settings"]["dtype"]
-    warn_if_slow(dtype)
-    allow = settings.allow_unused_weights
-    expert = load_pretrained(settings.expert, dtype=dtype, mesh=mesh, allow_unused=allow)
-    amateur = load_pretrained(settings.amateur, dtype=dtype, mesh=mesh, allow_unused=allow)
+    warn_if_slow(settings.dtype)
+    options = model_options(settings) | {"allow_unused": settings.allow_unused_weights}
+    expert = load_pretrained(settings.expert, mesh=mesh, **options)
+    amateur = load_pretrained(settings.amateur, mesh=mesh, **options)
     expert.restrict_vocab(the_plan.vocab_size)
     amateur.restrict_vocab(the_plan.vocab_size)
     scorer = Scorer(expert, amateur, config=settings, mesh=mesh)

@@ -9,9 +9,12 @@ from w2s_jax.prompts import PROMPT_STYLES, SAMPLE_SYSTEM_PROMPT
 from w2s_jax.settings import (
     allow_unused_weights_setting,
     at_least,
+    attention_setting,
     check,
     compute_dtype_setting,
+    layer_stack_setting,
     number_in,
+    param_dtype_setting,
     setting,
     stop_ids_setting,
 )
@@ -47,6 +50,9 @@ class SampleSettings:
     eos_ids: tuple[int, ...] = stop_ids_setting("a rollout")
     mesh: str | None = setting(None, 'e.g. "data=4,tensor=2"; default all data.', free=True)
     dtype: str = compute_dtype_setting()
+    param_dtype: str | None = param_dtype_setting()
+    layer_stack: str = layer_stack_setting()
+    attention: str = attention_setting()
     chunk_size: int = setting(
         32, "Rollout positions per block of the KL kernel.", check=at_least(1), free=True
     )

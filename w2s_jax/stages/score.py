@@ -28,9 +28,13 @@ from w2s_jax.data.kd_selection import SCORE_SHARDS
 from w2s_jax.settings import (
     allow_unused_weights_setting,
     at_least,
+    attention_setting,
     check,
     compute_dtype_setting,
     free_fields,
+    layer_stack_setting,
+    model_options,
+    param_dtype_setting,
     record,
     setting,
 )
@@ -63,6 +67,9 @@ class ScoreSettings:
         64, "Pad lengths to a multiple of this (fewer compilations).", check=at_least(1), free=True
     )
     dtype: str = compute_dtype_setting()
+    param_dtype: str | None = param_dtype_setting()
+    layer_stack: str = layer_stack_setting()
+    attention: str = attention_setting()
     progress: bool = setting(True, "No progress bar.", flags=("--no-progress",), free=True)
     allow_unused_weights: bool = allow_unused_weights_setting()
 
@@ -145,9 +152,8 @@ def score(settings: ScoreSettings) -> dict:
     trajectories, _ = load_trajectories(files, objective="sft", vocab_size=tokens)
     out = Path(settings.out)
     _claim(out, settings, files)
-    model = load_pretrained(
-        settings.model, dtype=settings.dtype, allow_unused=settings.allow_unused_weights
-    )
+    allow = settings.allow_unused_weights
+    model = load_pretrained(settings.model, allow_unused=allow, **model_options(settings))
     model.restrict_vocab(tokens)
     options = {
         k: getattr(settings, k) for k in ("top_k", "batch_size", "chunk_size", "length_bucket")

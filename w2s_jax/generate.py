@@ -31,6 +31,7 @@ from w2s_jax.decoding import (  # noqa: F401 (first_argmax, sample_logits: re-ex
     sample_logits,
 )
 from w2s_jax.models.decoder import default_positions
+from w2s_jax.shape_buckets import bucket_width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,14 +227,14 @@ def _decode(
 def left_pad(
     prompt_ids: Sequence[Sequence[int]], pad_id: int, multiple: int = 1, *, prefix_len: int = 0
 ):
-    """(ids [B, P], mask [B, P]) int32, left-padded; P rounded up to `multiple`.
+    """(ids [B, P], mask [B, P]) int32, left-padded; P: the longest prompt's length rounded
+    up to its bucket (`shape_buckets.bucket_width`: a multiple of `multiple`, few widths).
 
     prefix_len > 0 keeps every row's first `prefix_len` tokens (the same in all rows, see
     `shared_prefix_length`) at the left edge and right-aligns the rest, so the shared
     prefix sits in the same columns in every row; the mask's gap is the padding.
     """
-    longest = max(len(p) for p in prompt_ids)
-    width = -(-longest // multiple) * multiple
+    width = bucket_width(max(len(p) for p in prompt_ids), multiple)
     ids = np.full((len(prompt_ids), width), pad_id, np.int32)
     mask = np.zeros((len(prompt_ids), width), np.int32)
     for row, prompt in enumerate(prompt_ids):
@@ -261,14 +262,16 @@ def length_groups(
     prompt_ids: Sequence[Sequence[int]], *, count: int, prefix_len: int, width: int, multiple: int
 ) -> list[tuple[np.ndarray, int]]:
     """Rows sorted by length in `count` groups of (nearly) equal size, each with its width:
-    its longest own part (after the shared prefix) rounded up to `multiple`, at most
-    `width - prefix_len`. One group of all rows in order when groups would skip less than
-    a tenth of the padded tokens (already length-sorted batches): fewer compiled shapes."""
+    its longest own part (after the shared prefix) rounded up to a power of two times
+    `multiple`, at most `width - prefix_len`: coarse, as the groups' widths combine into
+    the shapes of one program. One group of all rows in order when groups would skip less
+    than a tenth of the padded tokens (already length-sorted batches): fewer shapes."""
     own = np.array([len(p) - prefix_len for p in prompt_ids])
-    rounded = lambda n: min(-(-int(n) // multiple) * multiple, width - prefix_len)  # noqa: E731
+    coarse = partial(bucket_width, multiple=multiple, steps=1)
+    rounded = lambda n: min(coarse(int(n)), width - prefix_len)  # noqa: E731
     groups = np.array_split(np.argsort(own, kind="stable"), min(count, len(own)))
     widths = [rounded(own[g].max()) for g in groups]
-    one_width = rounded(own.max())
+    one_width = width - prefix_len  # the bucket of the longest prompt
     if sum(len(g) * w for g, w in zip(groups, widths, strict=True)) > 0.9 * len(own) * one_width:
         return [(np.arange(len(own)), one_width)]
     return list(zip(groups, widths, strict=True))
@@ -299,8 +302,9 @@ def generate(
     optionally top_k / top_p). Modes that draw need `rng` (a JAX PRNG key). `amateur`: the
     lockstep model of a mode with `needs_amateur` (same tokenizer). A row stops after
     emitting any id in `eos_ids`.
-    Prompt length is padded up to a multiple of `pad_to_multiple` so that nearby
-    lengths share one compiled program. On a model sharded over a mesh, the batch
+    Prompt length is padded up to a bucket (`w2s_jax.shape_buckets`: multiples of
+    `pad_to_multiple`, at most 4 widths per doubling) so that nearby lengths share one
+    compiled program. On a model sharded over a mesh, the batch
     is split over ("data", "fsdp") when it divides. return_hidden_states also returns
     the hidden state behind every generated token (see `GenerationResult`), e.g. to
     score the rollout without a second pass of the same model. share_prefix: the

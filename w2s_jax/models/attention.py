@@ -64,12 +64,12 @@ class Attention(nnx.Module):
         if cache is not None:
             cache = _write_cache(cache, k_btkd, v_btkd, cache_index)
         if impl == "reference":
-            k_bkds, v_bksd = _cache_layout(k_btkd, v_btkd) if cache is None else cache
+            k_bkds, v_bksd = cache_layout(k_btkd, v_btkd) if cache is None else cache
             out_bthd = kernels.reference_attention(q_bthd, k_bkds, v_bksd, mask_bts)
         else:
             k_bskd, v_bskd = (k_btkd, v_btkd)  # the fused kernels read [B, S, K, D]
             if cache is not None:
-                k_bskd, v_bskd = cache[0].transpose(0, 3, 1, 2), cache[1].transpose(0, 2, 1, 3)
+                k_bskd, v_bskd = kernel_layout(cache)
             out_bthd = kernels.fused_attention(impl, q_bthd, k_bskd, v_bskd, mask_bts)
         return self.o_proj(out_bthd.reshape(b, t, -1)), cache
 
@@ -84,15 +84,20 @@ class Attention(nnx.Module):
         return apply_rope(q_bthd, cos_btd, sin_btd), apply_rope(k_btkd, cos_btd, sin_btd), v_btkd
 
 
-def _cache_layout(k_btkd, v_btkd) -> LayerCache:
+def cache_layout(k_btkd, v_btkd) -> LayerCache:
     """Keys [B, K, D, T] and values [B, K, T, D], as the KV cache stores them."""
     return k_btkd.transpose(0, 2, 3, 1), v_btkd.transpose(0, 2, 1, 3)
+
+
+def kernel_layout(cache: LayerCache):
+    """The cache's keys and values as [B, S, K, D], the layout the fused kernels read."""
+    return cache[0].transpose(0, 3, 1, 2), cache[1].transpose(0, 2, 1, 3)
 
 
 def _write_cache(cache: LayerCache, k_btkd, v_btkd, cache_index) -> LayerCache:
     """`cache` with these keys/values written at slots cache_index .. cache_index + T - 1."""
     cache_k, cache_v = cache
-    k_bkdt, v_bktd = _cache_layout(k_btkd, v_btkd)
+    k_bkdt, v_bktd = cache_layout(k_btkd, v_btkd)
     return (
         jax.lax.dynamic_update_slice(cache_k, k_bkdt.astype(cache_k.dtype), (0, 0, 0, cache_index)),
         jax.lax.dynamic_update_slice(cache_v, v_bktd.astype(cache_v.dtype), (0, 0, cache_index, 0)),

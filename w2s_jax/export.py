@@ -131,7 +131,9 @@ def export(settings: ExportSettings) -> ExportResult:
         model = nnx.eval_shape(lambda: init_random(config(), seed=0, dtype=dtype))
     elif expert is not None:
         check_adapter_base(f"{directory}/{step}", expert, force=settings.force)
-        model = load_pretrained(expert, dtype=dtype, allow_unused=settings.allow_unused_weights)
+        model = load_pretrained(  # per-layer modules: the report and PEFT files are per layer
+            expert, dtype=dtype, allow_unused=settings.allow_unused_weights, layer_stack="loop"
+        )
     elif meta.get("init") == "random":  # LoRA on a scratch model: rebuild its seeded base
         model = init_random(config(), seed=meta.get("seed", 0), dtype=dtype)
     else:

@@ -88,8 +88,7 @@ def prefill(model, ids_bp, mask_bp, *, prefix_len: int = 0, prefix_cache=None):
         return model.forward(ids_bp, positions_bp, mask_bps, model.init_cache(b, p), 0)
     if prefix_cache is None:
         prefix_cache = shared_prefix_cache(model, ids_bp[0, :n])
-    every_row = [tuple(jnp.broadcast_to(x, (b, *x.shape[1:])) for x in kv) for kv in prefix_cache]
-    cache = model.extend_cache(every_row, p)
+    cache = model.extend_cache(model.broadcast_cache(prefix_cache, b), p)
     return model.forward(ids_bp[:, n:], positions_bp[:, n:], mask_bps[:, n:], cache, n)
 
 
@@ -121,15 +120,12 @@ def _start_decoding(
     ):
         model = nnx.merge(graphdef, state)
         model_caches = [model.extend_cache(cache, width, at=prefix_len) for cache in model_caches]
-        cache = [
-            tuple(map(jnp.concatenate, zip(*layer, strict=True)))
-            for layer in zip(*model_caches, strict=True)
-        ]
+        cache = model.concat_caches(model_caches)
         last_bd = jnp.concatenate(model_lasts)
         if row_order is not None:
             order_b = jnp.argsort(row_order)
             last_bd = last_bd[order_b]
-            cache = [tuple(x[order_b] for x in layer) for layer in cache]
+            cache = model.take_cache_rows(cache, order_b)
         out_caches.append(model.extend_cache(cache, cache_len))
         last_hidden.append(last_bd)
         logits.append(model.logits(last_bd))

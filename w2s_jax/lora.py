@@ -4,15 +4,17 @@
 v_proj) in `ScaledLoRA`: y = base(x) + (alpha / rank) * dropout(x) @ A @ B, as
 PEFT computes it (A: uniform(±1/sqrt(in)), B: zeros, so training starts at the
 base model). Adapter weights are `nnx.LoRAParam` in float32 whatever the model's
-dtype; the product runs in the base layer's compute dtype. `merge_lora` folds
-them back into the base kernels; `load_lora_into` restores a `w2s train`
-checkpoint onto a loaded model.
+dtype; the product runs in the base layer's compute dtype. On a stacked layer
+(`ModelConfig.layer_stack` "scan", kernels [L, in, out]) one adapter per projection holds
+A [L, in, r] and B [L, r, out]. `merge_lora` folds them back into the base kernels;
+`load_lora_into` restores a `w2s train` checkpoint onto a loaded model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import jax
@@ -101,14 +103,38 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, seed: int = 0) -> list[
             f"(available: {', '.join(available)})"
         )
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-    paths = []
-    for parent, name, path, module in linears:
-        if name in config.targets:
-            adapter = ScaledLoRA(module, config, rngs=rngs)
-            _replicate_like_base(adapter)
-            setattr(parent, name, adapter)
-            paths.append(path)
-    return paths
+    targets = [item for item in linears if item[1] in config.targets]
+    stacked = [_layer_count(item[3]) for item in targets]
+    # Adapters of a stacked layer's projections are drawn layer by layer, in the order
+    # per-layer modules draw theirs, then stacked: both layouts start from equal adapters.
+    drawn = [
+        [
+            ScaledLoRA(item[3], config, rngs=rngs)
+            for item, n in zip(targets, stacked, strict=True)
+            if n
+        ]
+        for _ in range(max(stacked, default=0))
+    ]
+    stacked_adapters = iter([_stack_adapters(column) for column in zip(*drawn, strict=True)])
+    for (parent, name, _, module), n in zip(targets, stacked, strict=True):
+        adapter = next(stacked_adapters) if n else ScaledLoRA(module, config, rngs=rngs)
+        _replicate_like_base(adapter)
+        setattr(parent, name, adapter)
+    return [path for _, _, path, _ in targets]
+
+
+def _layer_count(linear: nnx.Linear) -> int:
+    """L for the projection of a stacked layer (kernel [L, in, out]), else 0."""
+    kernel = linear.kernel.get_value()
+    return kernel.shape[0] if kernel.ndim == 3 else 0
+
+
+def _stack_adapters(adapters: tuple[ScaledLoRA, ...]) -> ScaledLoRA:
+    """The first adapter holding every adapter's A and B, stacked on a leading layer axis."""
+    first = adapters[0]
+    first.lora_a.set_value(jnp.stack([a.lora_a.get_value() for a in adapters]))
+    first.lora_b.set_value(jnp.stack([a.lora_b.get_value() for a in adapters]))
+    return first
 
 
 def _replicate_like_base(adapter: ScaledLoRA) -> None:
@@ -175,17 +201,31 @@ def load_lora_into(model: nnx.Module, checkpoint: str | Path, *, step: int | Non
 
     `checkpoint` is a `w2s train --out` folder, its `checkpoints/` folder or one
     step's folder; `step` picks a step (default: the one named, else the latest).
+    A checkpoint written in the other layer layout (`ModelConfig.layer_stack`) is
+    stacked or unstacked to the model's as it is restored.
     LoRA checkpoints add their adapters (dropout off) with the trained weights;
     full fine-tuning checkpoints (rank 0) replace every parameter. Raises
     ValueError when the checkpoint's shapes do not fit the model.
     """
     from w2s_jax.checkpointing import read_meta, restore_params
     from w2s_jax.models.hf_io import check_finite
+    from w2s_jax.models.stacking import stack_layers, unstack_layers
 
-    config = LoRAConfig.from_dict(read_meta(checkpoint, step=step)["lora"])
+    meta = read_meta(checkpoint, step=step)
+    config = LoRAConfig.from_dict(meta["lora"])
     apply_lora(model, dataclasses.replace(config, dropout=0.0))
     template = nnx.state(model, trainable_filter(config))
-    restored = restore_params(checkpoint, template, step=step)
+    # Checkpoints keep the layout of the run that wrote them; convert at restore.
+    saved_stacked = any(
+        re.search(sharding.STACKED_LAYER_PATH, name) for name in meta["param_shapes"]
+    )
+    if saved_stacked == getattr(model, "stacked", False):
+        restored = restore_params(checkpoint, template, step=step)
+    else:
+        to_saved, back = (
+            (stack_layers, unstack_layers) if saved_stacked else (unstack_layers, stack_layers)
+        )
+        restored = back(restore_params(checkpoint, to_saved(template), step=step))
     check_finite(
         checkpoint,
         {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(restored)},

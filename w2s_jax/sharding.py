@@ -26,6 +26,10 @@ PARTITION_RULES: tuple[tuple[str, PartitionSpec], ...] = (
     (r"lm_head/kernel$", P("fsdp", "tensor")),
     (r".*", P()),
 )
+# Parameters of the scanned layer stack (`model/layers/mlp/up_proj/kernel`, no layer index
+# in the path) carry a leading layer axis: it stays unsharded and the rule's spec applies
+# to the axes after it.
+STACKED_LAYER_PATH = r"(^|/)layers/(?!\d)"
 
 
 def make_mesh(spec: str | None = None, *, devices=None) -> Mesh:
@@ -67,8 +71,11 @@ def make_mesh(spec: str | None = None, *, devices=None) -> Mesh:
 
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=PARTITION_RULES) -> PartitionSpec:
-    """The first matching rule's spec, without axes of size 1 or that do not divide the dim."""
+    """The first matching rule's spec, without axes of size 1 or that do not divide the dim
+    (after an unsharded layer axis for parameters of a stacked layer)."""
     spec = next((spec for pattern, spec in rules if re.search(pattern, path)), P())
+    if re.search(STACKED_LAYER_PATH, path):
+        spec = P(None, *spec)
     dims = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())

@@ -18,6 +18,7 @@ from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.primitives import RMSNorm
 from w2s_jax.models.primitives import linear as _linear
 from w2s_jax.models.rope import rope_cos_sin
+from w2s_jax.models.stacking import resolve_layer_stack, run_loop, run_scan, stacked_module
 
 
 class MLP(nnx.Module):
@@ -53,9 +54,13 @@ class DecoderLayer(nnx.Module):
 
 
 class DecoderModel(nnx.Module):
-    """The HF `model` sub-module: embeddings, layers, final norm."""
+    """The HF `model` sub-module: embeddings, layers, final norm.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    `layers` is an `nnx.List` of `DecoderLayer`s (`stacked` False), or one `DecoderLayer`
+    whose parameters have a leading layer axis [L, ...] (`stacked` True, run by a scan).
+    """
+
+    def __init__(self, config: ModelConfig, *, stacked: bool, rngs: nnx.Rngs):
         dtype = jnp.dtype(config.weights_dtype)
         self.embed_tokens = nnx.Embed(
             config.vocab_size,
@@ -65,9 +70,11 @@ class DecoderModel(nnx.Module):
             embedding_init=nnx.initializers.normal(config.initializer_range),
             rngs=rngs,
         )
-        self.layers = nnx.List(
-            [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
-        )
+        layer = partial(DecoderLayer, config)
+        if stacked:
+            self.layers = stacked_module(lambda r: layer(rngs=r), config.num_hidden_layers, rngs)
+        else:
+            self.layers = nnx.List([layer(rngs=rngs) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
 
 
@@ -89,7 +96,9 @@ class CausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.token_count = config.vocab_size
-        self.model = DecoderModel(config, rngs=rngs)
+        # config.layer_stack ("auto" resolved for the backend), config.remat: see stacking.py
+        self.stacked = resolve_layer_stack(config.layer_stack) == "scan"
+        self.model = DecoderModel(config, stacked=self.stacked, rngs=rngs)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -122,20 +131,25 @@ class CausalLM(nnx.Module):
     def forward(self, input_ids_bt, positions_bt, mask_bts, cache=None, cache_index=None):
         """Low-level pass: explicit positions and [B, T, S] mask, optional KV cache.
 
-        cache: list of per-layer (keys [B, K, D, S], values [B, K, S, D]); this step's keys and
-        values are written at slots cache_index .. cache_index + T - 1 before attending.
+        cache: from `init_cache` (see there); this step's keys and values are written at
+        slots cache_index .. cache_index + T - 1 before attending.
         Returns (final-norm hidden [B, T, D], updated cache or None).
         """
         dtype = jnp.dtype(self.config.dtype)
         x_btd = self.model.embed_tokens(input_ids_bt)
         cos_btd, sin_btd = rope_cos_sin(positions_bt, self.config, dtype)
-        new_cache = None if cache is None else []
-        for i, layer in enumerate(self.model.layers):
-            layer_cache = None if cache is None else cache[i]
-            x_btd, layer_cache = layer(x_btd, cos_btd, sin_btd, mask_bts, layer_cache, cache_index)
-            if cache is not None:
-                new_cache.append(layer_cache)
-        return self.model.norm(x_btd), new_cache
+        run = run_scan if self.stacked else run_loop
+        x_btd, cache = run(
+            self.model.layers,
+            self.config.remat,
+            x_btd,
+            cache,
+            cos_btd,
+            sin_btd,
+            mask_bts,
+            cache_index,
+        )
+        return self.model.norm(x_btd), cache
 
     def lm_head_kernel(self):
         """The output projection [D, V] (the transposed embedding when tied)."""
@@ -174,10 +188,18 @@ class CausalLM(nnx.Module):
         return jnp.where(real_v, logits, -jnp.inf)
 
     def init_cache(self, batch_size: int, max_length: int) -> list[LayerCache]:
-        """Zero KV cache for `max_length` slots, in the compute dtype."""
+        """Zero KV cache for `max_length` slots, in the compute dtype.
+
+        A list of (keys [..., B, K, D, S], values [..., B, K, S, D]) pairs: one per layer,
+        or for a stacked model one pair with a leading layer axis [L, ...]. Use the
+        methods below to reshape it whatever the layout.
+        """
         c = self.config
         keys = (batch_size, c.num_key_value_heads, c.head_dim, max_length)
         values = (batch_size, c.num_key_value_heads, max_length, c.head_dim)
+        if self.stacked:
+            layers = (c.num_hidden_layers,)
+            return [(jnp.zeros(layers + keys, c.dtype), jnp.zeros(layers + values, c.dtype))]
         return [
             (jnp.zeros(keys, c.dtype), jnp.zeros(values, c.dtype))
             for _ in range(c.num_hidden_layers)
@@ -190,7 +212,29 @@ class CausalLM(nnx.Module):
         """`cache` widened to `max_length` slots by zero slots inserted before slot `at`
         (default: appended after the last slot)."""
         widen = partial(_insert_zero_slots, length=max_length, at=at)
-        return [(widen(keys, axis=3), widen(values, axis=2)) for keys, values in cache]
+        return [(widen(keys, axis=-1), widen(values, axis=-2)) for keys, values in cache]
+
+    @staticmethod
+    def broadcast_cache(cache: list[LayerCache], batch_size: int) -> list[LayerCache]:
+        """A batch-1 cache repeated for `batch_size` rows."""
+        return jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (*x.shape[:_BATCH], batch_size, *x.shape[_BATCH + 1 :])),
+            cache,
+        )
+
+    @staticmethod
+    def concat_caches(caches: list[list[LayerCache]]) -> list[LayerCache]:
+        """One cache holding the rows of `caches` (same slots), one after the other."""
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=_BATCH), *caches)
+
+    @staticmethod
+    def take_cache_rows(cache: list[LayerCache], rows_b: jax.Array) -> list[LayerCache]:
+        """The cache's rows `rows_b` (int [B']), in that order."""
+        return jax.tree.map(lambda x: jnp.take(x, rows_b, axis=_BATCH), cache)
+
+
+# The batch axis of cached keys [..., B, K, D, S] and values [..., B, K, S, D], both layouts.
+_BATCH = -4
 
 
 def _insert_zero_slots(x, *, axis: int, length: int, at: int | None):

@@ -19,7 +19,7 @@ from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.decoder import CausalLM
 from w2s_jax.models.dtypes import resolve_dtype
 from w2s_jax.models.safetensors_io import CheckpointError, SafetensorsFolder, write_safetensors
-from w2s_jax.models.weight_map import IGNORED_HF_KEYS, path_to_hf
+from w2s_jax.models.weight_map import IGNORED_HF_KEYS, hf_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -94,23 +94,18 @@ def load_pretrained(
     )
     tensors = SafetensorsFolder(folder)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=_ShapeOnlyKeys())))
-    variables = [(_path_name(p), v) for p, v in nnx.to_flat_state(state)]
+    layers = config.num_hidden_layers
+    variables = [
+        (name, v, hf_tensors(name, layers))
+        for name, v in ((_path_name(p), v) for p, v in nnx.to_flat_state(state))
+    ]
     _check_unused(
-        folder, tensors, {path_to_hf(name)[0] for name, _ in variables}, config, allow_unused
+        folder, tensors, {key for _, _, hf in variables for key in hf.names}, config, allow_unused
     )
-    for name, variable in variables:
-        key, transpose = path_to_hf(name)
-        if key not in tensors.entries:
-            raise CheckpointError(f"{folder}: tensor {key!r} (parameter {name}) is missing")
+    for name, variable, hf in variables:
         abstract = variable.get_value()
-        array = tensors.get(key)
-        array = array.T if transpose else array
-        if array.shape != abstract.shape:
-            expected = abstract.shape[::-1] if transpose else abstract.shape
-            raise CheckpointError(
-                f"{tensors.entries[key][0]}: tensor {key!r} has shape {list(tensors.shape(key))}, "
-                f"config.json implies {list(expected)}"
-            )
+        shape = abstract.shape[1:] if hf.stacked else abstract.shape
+        arrays = [_host_tensor(folder, tensors, key, name, hf.transpose, shape) for key in hf.names]
         if mesh is None:
             target = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         else:
@@ -119,28 +114,65 @@ def load_pretrained(
             jax.make_array_from_callback(
                 abstract.shape,
                 target,
-                lambda index, a=array, d=abstract.dtype: np.array(a[index], dtype=d),
+                functools.partial(_slice, arrays, hf.stacked, abstract.dtype),
             )
         )
-    check_finite(folder, {path_to_hf(name)[0]: v.get_value() for name, v in variables})
+    check_finite(
+        folder, {hf.names if hf.stacked else hf.names[0]: v.get_value() for _, v, hf in variables}
+    )
     return nnx.merge(graphdef, state)
 
 
+def _host_tensor(folder, tensors, key: str, name: str, transpose: bool, shape: tuple):
+    """The checkpoint's tensor `key` (memory-mapped) laid out as parameter `name` (of
+    per-layer shape `shape`); CheckpointError when it is missing or its shape differs."""
+    if key not in tensors.entries:
+        raise CheckpointError(f"{folder}: tensor {key!r} (parameter {name}) is missing")
+    array = tensors.get(key)
+    array = array.T if transpose else array
+    if array.shape != shape:
+        expected = shape[::-1] if transpose else shape
+        raise CheckpointError(
+            f"{tensors.entries[key][0]}: tensor {key!r} has shape {list(tensors.shape(key))}, "
+            f"config.json implies {list(expected)}"
+        )
+    return array
+
+
+def _slice(arrays: list, stacked: bool, dtype, index: tuple) -> np.ndarray:
+    """The block `index` of a parameter from its host tensors: one, or one per layer
+    stacked on the leading axis (only the layers and slices asked for are read)."""
+    if not stacked:
+        return np.array(arrays[0][index], dtype=dtype)
+    return np.stack([arrays[i][index[1:]] for i in range(len(arrays))[index[0]]]).astype(dtype)
+
+
 def check_finite(where, arrays: dict) -> None:
-    """NonFiniteError naming the first of `arrays` (name -> array) holding a NaN or an
-    infinity; one reduction per tensor."""
+    """NonFiniteError naming the first of `arrays` holding a NaN or an infinity; one
+    reduction per tensor. Keys are names, or for a stacked array [L, ...] a tuple of L
+    names, one per layer (the layer is named)."""
     from w2s_jax.files import NonFiniteError
 
-    finite = _all_finite(arrays)
-    bad = [name for name, ok in finite.items() if not bool(ok)]
+    names = list(arrays)
+    finite = _all_finite(
+        [arrays[name] for name in names], tuple(isinstance(n, tuple) for n in names)
+    )
+    per_name = [
+        zip(name if isinstance(name, tuple) else (name,), np.atleast_1d(ok), strict=True)
+        for name, ok in zip(names, finite, strict=True)
+    ]
+    bad = [layer for layers in per_name for layer, layer_ok in layers if not bool(layer_ok)]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise NonFiniteError(f"{where}: non-finite values (NaN or inf) in {shown}")
 
 
-@jax.jit
-def _all_finite(arrays: dict) -> dict:
-    return {name: jnp.isfinite(x).all() for name, x in arrays.items()}
+@functools.partial(jax.jit, static_argnums=1)
+def _all_finite(arrays: list, per_layer: tuple[bool, ...]) -> list:
+    return [
+        jnp.isfinite(x).reshape(x.shape[0], -1).all(-1) if stacked else jnp.isfinite(x).all()
+        for x, stacked in zip(arrays, per_layer, strict=True)
+    ]
 
 
 def _check_unused(folder: Path, tensors, expected: set, config, allow: bool) -> None:
@@ -206,13 +238,16 @@ def save_pretrained(
     params = nnx.to_flat_state(nnx.state(model, nnx.Param))
     specs, values = [], {}
     for param_path, variable in params:
-        key, transpose = path_to_hf(_path_name(param_path))
+        hf = hf_tensors(_path_name(param_path), model.config.num_hidden_layers)
         value = variable.get_value()
-        specs.append((key, value.shape[::-1] if transpose else value.shape, np.dtype(value.dtype)))
-        values[key] = (value, transpose)
+        shape = value.shape[1:] if hf.stacked else value.shape
+        for layer, key in enumerate(hf.names):
+            specs.append((key, shape[::-1] if hf.transpose else shape, np.dtype(value.dtype)))
+            values[key] = (value, hf.transpose, layer if hf.stacked else None)
 
     def fetch(key: str) -> np.ndarray:
-        value, transpose = values[key]
+        value, transpose, layer = values[key]
+        value = value if layer is None else value[layer]
         if not value.is_fully_addressable:
             value = multihost_utils.process_allgather(value, tiled=True)
         array = np.asarray(jax.device_get(value))

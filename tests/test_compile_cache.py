@@ -106,7 +106,7 @@ def test_default_folder_follows_the_cache_variables(tmp_path, monkeypatch):
     assert compile_cache.default_cache_dir() == expected
 
 
-def test_enable_in_process_sets_jax_config_and_off_wins(tmp_path, monkeypatch):
+def test_enable_in_process_sets_jax_config_unless_off_or_unwritable(tmp_path, monkeypatch):
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -121,6 +121,11 @@ def test_enable_in_process_sets_jax_config_and_off_wins(tmp_path, monkeypatch):
         assert jax.config.jax_enable_compilation_cache
         minimum = compile_cache.MIN_COMPILE_SECONDS
         assert jax.config.jax_persistent_cache_min_compile_time_secs == minimum
+        blocker = tmp_path / "a_file"
+        blocker.write_text("")  # an unwritable cache only means no caching
+        assert compile_cache.enable_compilation_cache(blocker / "jit") is None
+        assert not jax.config.jax_enable_compilation_cache
+        assert compile_cache.enable_compilation_cache(tmp_path / "jit") == str(tmp_path / "jit")
         monkeypatch.setenv(compile_cache.OFF_VARIABLE, "off")
         assert compile_cache.enable_compilation_cache(tmp_path / "jit") is None
         assert not jax.config.jax_enable_compilation_cache

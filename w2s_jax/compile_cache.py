@@ -38,14 +38,15 @@ def default_cache_dir() -> Path:
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
     """Turn the persistent compilation cache on (see the module docstring for the folder);
-    returns the folder, or None when W2S_JAX_COMPILATION_CACHE=0 turns it off. Thresholds
+    returns the folder, or None when it stays off: W2S_JAX_COMPILATION_CACHE=0, or a local
+    folder that cannot be created or written (that only means no caching). Thresholds
     that JAX's own variables set (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, ...) win."""
-    if turned_off_by_environment():
-        disable_compilation_cache()
-        return None
     import jax
 
     folder = str(path or os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_cache_dir())
+    if turned_off_by_environment() or not _writable(folder):
+        disable_compilation_cache()
+        return None
     _set_unless_in_environment("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     _set_unless_in_environment("jax_compilation_cache_max_size", MAX_BYTES)
     jax.config.update("jax_compilation_cache_dir", folder)
@@ -60,6 +61,18 @@ def disable_compilation_cache() -> None:
 
     jax.config.update("jax_enable_compilation_cache", False)
     _forget_cache_state()
+
+
+def _writable(folder: str) -> bool:
+    """Whether a local folder exists or can be created, and can be written; True for a
+    URL (gs://...), which JAX opens itself."""
+    if "://" in folder:
+        return True
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 def _set_unless_in_environment(name: str, value) -> None:

@@ -139,6 +139,11 @@ def fused_attention(impl: str, q_bthd, k_bskd, v_bskd, mask_bts):
     "splash", on keys and values [B, S, K, D]."""
     if impl == "splash":
         return splash_attention(q_bthd, k_bskd, v_bskd, mask_bts)
+    return _dot_product_attention(impl, q_bthd, k_bskd, v_bskd, mask_bts)
+
+
+def _dot_product_attention(impl: str, q_bthd, k_bskd, v_bskd, mask_bts):
+    """`jax.nn.dot_product_attention` ("xla" or "cudnn"), the mask broadcast over heads."""
     return jax.nn.dot_product_attention(
         q_bthd, k_bskd, v_bskd, mask=mask_bts[:, None], implementation=impl
     )
@@ -158,7 +163,7 @@ def splash_attention(q_bthd, k_bskd, v_bskd, mask_bts):
     return jax.lax.cond(
         _splash_mask_matches(mask_bts, q_seg_bt, kv_seg_bs),
         functools.partial(_splash, interpret=jax.default_backend() != "tpu"),
-        lambda q, k, v, *_: fused_attention(FALLBACK, q, k, v, mask_bts),
+        lambda q, k, v, *_: _dot_product_attention(FALLBACK, q, k, v, mask_bts),
         *args,
     )
 

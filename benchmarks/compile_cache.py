@@ -10,7 +10,7 @@ The three alternate, so all see the same machine; medians over --reps. The finge
 cache (W2S_JAX_CACHE_DIR) is warm for all of them; the compilation cache folder is
 JAX_COMPILATION_CACHE_DIR.
 
-    nice -n 10 .venv/bin/python benchmarks/compile_cache.py   # ~3 minutes on 4 CPU cores
+    nice -n 10 .venv/bin/python benchmarks/compile_cache.py   # 10 runs: ~18 min on 2 busy cores
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ def _replicate_like_base(adapter: ScaledLoRA) -> None:
     Without this a model sharded over a mesh would mix them (on one device) with its
     weights (on the mesh) in one jitted call, which JAX refuses.
     """
-    placed = adapter.base_module.kernel[...].sharding
+    placed = getattr(adapter.base_module.kernel[...], "sharding", None)  # None when traced
     if not isinstance(placed, NamedSharding):
         return
     for path, variable in nnx.iter_graph(adapter):

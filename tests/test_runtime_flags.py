@@ -4,16 +4,23 @@ end in one `error:` line; only --param-dtype blocks resuming a run with another 
 
 import json
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 from test_train import write_samples
 
 import w2s_jax.models
+from w2s_jax.checkpointing import restore_params
 from w2s_jax.cli import main
 from w2s_jax.eval_settings import EvalSettings
+from w2s_jax.lora import LoRAConfig, apply_lora
 from w2s_jax.models.config import ATTENTION_IMPLS, LAYER_STACKS, REMAT_POLICIES
 from w2s_jax.settings import free_fields
+from w2s_jax.sharding import make_mesh
 from w2s_jax.stages.sample_settings import SampleSettings
 from w2s_jax.stages.score import ScoreSettings
+from w2s_jax.train import train
 from w2s_jax.train_config import TrainSettings
 
 # Values other than the defaults, taken from ModelConfig's lists.
@@ -165,3 +172,24 @@ def test_a_training_run_resumes_with_other_layers_but_not_another_param_dtype(
     _check(resumed, remat=REMAT, param_dtype="float32")  # float32 is the default here
     with pytest.raises(SystemExit, match="param_dtype: None -> 'bfloat16'"):
         main([str(a) for a in [*argv, "--param-dtype", "bfloat16"]])
+
+
+def test_a_run_resumes_in_the_other_layer_layout(tmp_path, tiny_qwen2_dir, samples):
+    """Checkpoints keep their layout; restoring converts (stacked <-> per-layer)."""
+    mesh = make_mesh("data=1", devices=jax.devices()[:1])
+    common = dict(samples=str(samples), expert=str(tiny_qwen2_dir), steps=4, batch_positions=8)
+    common |= dict(grad_accum=2, length_bucket=32, save_every=1, lora_dropout=0.0, progress=False)
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    train(TrainSettings(out=str(whole), layer_stack="loop", **common), mesh=mesh)
+    stop = lambda step: step == 2  # noqa: E731
+    train(TrainSettings(out=str(parted), layer_stack="scan", **common), should_stop=stop, mesh=mesh)
+    resumed = train(TrainSettings(out=str(parted), layer_stack="loop", **common), mesh=mesh)
+    assert resumed["steps"] == 4
+    for layout in ("loop", "scan"):
+        model = w2s_jax.models.load_pretrained(tiny_qwen2_dir, layer_stack=layout)
+        apply_lora(model, LoRAConfig(dropout=0.0))
+        template = nnx.state(model, nnx.LoRAParam)
+        a, b = restore_params(whole, template), restore_params(parted, template)
+        assert jax.tree.structure(a) == jax.tree.structure(template)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)

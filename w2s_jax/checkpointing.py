@@ -5,10 +5,15 @@ three items: `params` (the adapters, or every parameter for full fine-tuning),
 `opt_state`, and `meta` (step, data position, LoRA settings, parameter shapes,
 run settings). `TrainCheckpoints` saves every N steps and keeps the last K;
 `StopSignal` turns SIGTERM (a TPU preemption notice) into a save-and-exit.
+
+A checkpoint keeps the layer layout of the run that wrote it (`ModelConfig.layer_stack`:
+per-layer `layers/{i}/...` or stacked `layers/...` [L, ...]); restoring into the other
+layout converts it, so a run resumes and exports whatever layout it is loaded in.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -38,6 +43,42 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _stacked(names) -> bool:
+    """Whether parameter names (`param_shapes` keys) are in the stacked (scan) layout."""
+    from w2s_jax.sharding import STACKED_LAYER_PATH
+
+    return any(re.search(STACKED_LAYER_PATH, name) for name in names)
+
+
+def _to_layout(tree, stacked: bool):
+    """`tree` (parameters, or optimizer state holding them) in the stacked or loop layout."""
+    from flax import nnx
+
+    from w2s_jax.models.stacking import stack_layers, unstack_layers
+
+    convert = stack_layers if stacked else unstack_layers
+    is_state = lambda x: isinstance(x, nnx.State)  # noqa: E731
+    return jax.tree.map(lambda x: convert(x) if is_state(x) else x, tree, is_leaf=is_state)
+
+
+def _restore_in_saved_layout(restore, saved_names, *templates) -> tuple:
+    """`restore(*templates)`, the templates (arrays or shapes) in the layout of the
+    checkpoint's parameters (`saved_names`); results in the templates' layout, placed like
+    them."""
+    own, saved = _stacked(param_shapes(templates[0])), _stacked(saved_names)
+    if own == saved:
+        return restore(*templates)
+    restored = restore(*(jax.eval_shape(lambda t: _to_layout(t, saved), t) for t in templates))
+    return tuple(
+        jax.tree.map(
+            lambda x, like: jax.device_put(x, getattr(like, "sharding", None)),
+            _to_layout(result, own),
+            template,
+        )
+        for result, template in zip(restored, templates, strict=True)
+    )
+
+
 class TrainCheckpoints:
     """Orbax CheckpointManager over OUT/checkpoints (save every `save_every`, keep `keep`)."""
 
@@ -64,16 +105,22 @@ class TrainCheckpoints:
         )
 
     def restore(self, step: int, params, opt_state):
-        """(params, opt_state, meta) of `step`, placed like the given templates."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
+        """(params, opt_state, meta) of `step`, laid out and placed like the given templates."""
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = meta.meta
+
+        def restore(params, opt_state):
+            args = ocp.args.Composite(
                 params=ocp.args.StandardRestore(_abstract(params)),
                 opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-                meta=ocp.args.JsonRestore(),
-            ),
+            )
+            restored = self._manager.restore(step, args=args)
+            return restored.params, restored.opt_state
+
+        params, opt_state = _restore_in_saved_layout(
+            restore, meta["param_shapes"], params, opt_state
         )
-        return restored.params, restored.opt_state, restored.meta
+        return params, opt_state, meta
 
     def reached_preemption(self, step: int) -> bool:
         """Orbax's multi-host preemption check (all processes agree on the step)."""
@@ -117,14 +164,14 @@ def read_meta(checkpoint: str | Path, *, step: int | None = None) -> dict:
 
 
 def restore_params(checkpoint: str | Path, template, *, step: int | None = None):
-    """The trained parameters of a checkpoint, shaped and placed like `template`.
+    """The trained parameters of a checkpoint, laid out, shaped and placed like `template`.
 
     Raises ValueError naming the first parameter whose path or shape differs.
     """
     directory, step = locate_checkpoint(checkpoint, step)
     manager = _manager(directory)
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore(template):
         want, have = param_shapes(template), meta["param_shapes"]
         for name in sorted(set(want) | set(have)):
             if want.get(name) != have.get(name):
@@ -134,7 +181,11 @@ def restore_params(checkpoint: str | Path, template, *, step: int | None = None)
                     f"{want.get(name, 'missing')} in the model"
                 )
         args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(template)))
-        return manager.restore(step, args=args).params
+        return (manager.restore(step, args=args).params,)
+
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return _restore_in_saved_layout(restore, meta["param_shapes"], template)[0]
     finally:
         manager.close()
 

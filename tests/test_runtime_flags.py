@@ -1,6 +1,7 @@
 """The run-time model choices on the command line: --param-dtype, --layer-stack, --remat
 (training) and --attention reach the config of every model a command loads; bad values
-end in one `error:` line; only --param-dtype blocks resuming a run with another value."""
+end in one `error:` line; only --param-dtype blocks resuming a run with another value, and
+a checkpoint written in one layer layout resumes in the other."""
 
 import json
 

@@ -113,14 +113,13 @@ def reference_attention(q_bthd, k_bkds, v_bksd, mask_bts):
     q_bkrd = q_bthd.reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, -1, d)
     # One query per row (decoding): multiply-and-reduce fusions that stream the cache
     # once; on XLA:CPU they beat batched [groups, d] x [d, s] matmuls (~10% of a step).
-    f32 = jnp.float32
+    f32, scale = jnp.float32, d**-0.5
     if t == 1:
         products_bkrds = q_bkrd[..., None].astype(f32) * k_bkds[:, :, None].astype(f32)
-        scores_bkrs = products_bkrds.sum(axis=3) * (d**-0.5)
+        scores_bkrs = products_bkrds.sum(axis=3) * scale
     else:
-        scores_bkrs = jnp.einsum("bkrd,bkds->bkrs", q_bkrd, k_bkds, preferred_element_type=f32) * (
-            d**-0.5
-        )
+        scores_bkrs = jnp.einsum("bkrd,bkds->bkrs", q_bkrd, k_bkds, preferred_element_type=f32)
+        scores_bkrs = scores_bkrs * scale
     scores_bkgts = scores_bkrs.reshape(b, kv, groups, t, -1)
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
     probs_bkrs = (
@@ -135,8 +134,7 @@ def reference_attention(q_bthd, k_bkds, v_bksd, mask_bts):
 
 
 def fused_attention(impl: str, q_bthd, k_bskd, v_bskd, mask_bts):
-    """ "xla", "cudnn" (`jax.nn.dot_product_attention`, the mask broadcast over heads) or
-    "splash", on keys and values [B, S, K, D]."""
+    """Attention by `impl` ("xla", "cudnn" or "splash") on keys and values [B, S, K, D]."""
     if impl == "splash":
         return splash_attention(q_bthd, k_bskd, v_bskd, mask_bts)
     return _dot_product_attention(impl, q_bthd, k_bskd, v_bskd, mask_bts)

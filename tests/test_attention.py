@@ -257,6 +257,15 @@ def test_model_logits_equal_reference(folders, family, impl, dtype, used):
     assert_logits_close(actual, expected, mask, dtype)
 
 
+@pytest.mark.parametrize("impl", FUSED[:2])
+def test_fused_attention_in_the_scanned_layer_stack(folders, impl, used):
+    ids, mask = padded_ids()
+    expected = load_pretrained(folders["qwen3"], attention="reference")(ids, mask)
+    actual = load_pretrained(folders["qwen3"], attention=impl, layer_stack="scan")(ids, mask)
+    assert used == [impl]  # traced once for all layers
+    assert_logits_close(actual, expected, mask, "float32")
+
+
 def assert_logits_close(actual, expected, mask, dtype):
     """float32: equal to float rounding; bf16: max error < 0.25, mean < 0.02 on real tokens
     (logits span about +-7)."""

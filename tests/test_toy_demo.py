@@ -15,7 +15,13 @@ from w2s_jax.files import read_jsonl
 from w2s_jax.run_folder import SettingsChanged
 
 SMALL = dict(
-    questions=8, eval_questions=8, steps=2, batch_positions=16, max_new_tokens=64, batch_size=8
+    questions=8,
+    eval_questions=8,
+    steps=2,
+    batch_positions=16,
+    max_new_tokens=64,
+    batch_size=8,
+    arms=ARMS,  # the toy world's default leaves weak_sft out
 )
 
 
@@ -123,6 +129,36 @@ def test_sft_arm_keeps_exactly_the_right_rollouts(demo):
         right = is_equiv(extract_answer(text), golds[r["id"]])
         assert r["positions"] == (list(range(len(r["completion_ids"]))) if right else [])
         assert r["target_ids"] == [[r["completion_ids"][t]] for t in r["positions"]]
+
+
+def test_weak_sft_arm_trains_on_the_amateurs_finished_solutions(demo):
+    from w2s_jax.models import load_tokenizer
+    from w2s_jax.prompts import end_of_turn_id
+
+    out, _, _ = demo
+    tokenizer = load_tokenizer(ASSETS / "expert")
+    end = end_of_turn_id(tokenizer)
+    solved = {
+        r["id"]: r
+        for _, r in read_jsonl(out / "seed-0" / "amateur-solutions" / "predictions.jsonl")
+    }
+    samples = {
+        r["id"]: r
+        for _, r in read_jsonl(next((out / "seed-0" / "samples" / "samples").glob("*.jsonl")))
+    }
+    rows = list(read_jsonl(out / "seed-0" / "data" / "weak_sft" / "samples" / "p000-00000.jsonl"))
+    assert len(rows) == len(solved) == 8 and any(r["positions"] for _, r in rows)
+    for _, r in rows:
+        solution = solved[r["id"]]
+        assert r["prompt_ids"] == samples[r["id"]]["prompt_ids"] and "kl" not in r
+        if solution["hit_max_new_tokens"]:
+            assert r["positions"] == []
+            continue
+        ids = tokenizer(solution["output"], add_special_tokens=False)["input_ids"]
+        assert r["completion_ids"] == [*ids, end]
+        assert r["positions"] == list(range(len(ids) + 1))
+        assert r["target_ids"] == [[t] for t in r["completion_ids"]]
+        assert tokenizer.decode(ids) == solution["output"]
 
 
 def test_resume_does_no_work_and_refuses_other_settings(demo):

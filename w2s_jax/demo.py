@@ -34,7 +34,7 @@ import math
 import time
 from pathlib import Path
 
-from w2s_jax.demo_data import derive_arm_records, write_arm_data
+from w2s_jax.demo_data import derive_arm_records, weak_sft_records, write_arm_data
 from w2s_jax.demo_report import (
     ARMS,
     INFERENCE_ARMS,
@@ -68,6 +68,7 @@ from w2s_jax.settings import (
 from w2s_jax.stages.sample_settings import SampleSettings
 
 SPLITS = ("test", "validation")
+TOY_ARMS = tuple(arm for arm in ARMS if arm != "weak_sft")  # the README's measured table
 # Defaults that depend on the world: the toy world's are the tuned ones (10 minutes
 # on 2 cores); the real-LM world's fit a 135M model on a CPU.
 WORLD_PRESETS = {
@@ -78,8 +79,9 @@ WORLD_PRESETS = {
         "steps": 100,
         "batch_positions": 64,
         "length_bucket": 192,
+        "arms": TOY_ARMS,
     },
-    "real-lm": REAL_LM_PRESETS,
+    "real-lm": {**REAL_LM_PRESETS, "arms": ARMS},
 }
 
 
@@ -135,7 +137,10 @@ class DemoSettings:
         ("q_proj", "v_proj"), "Comma-separated layers LoRA adapts."
     )
     arms: tuple[str, ...] = setting(
-        ARMS, "Comma-separated arms to run (base first).", check=_known_arms
+        None,
+        "Comma-separated arms to run (base first; default: toy: "
+        f"{','.join(TOY_ARMS)}; real-lm: {','.join(ARMS)}).",
+        check=_known_arms,
     )
     length_bucket: int = _preset("length_bucket", "Training length padding.")
     expert: str | None = setting(
@@ -146,12 +151,6 @@ class DemoSettings:
         "slips",
         "real-lm world: the amateur built when --amateur is not given.",
         choices=REAL_LM_AMATEURS,
-    )
-    format_examples: int = setting(
-        256, "real-lm world: worked solutions of the expert's format SFT.", check=at_least(1)
-    )
-    format_steps: int = setting(
-        30, "real-lm world: LoRA steps of the expert's format SFT.", check=at_least(1)
     )
     progress: bool = setting(
         False, "Progress bars of training and evaluation.", flags=("--progress",), free=True
@@ -313,10 +312,25 @@ def _run_seed(config: DemoSettings, models: Models, seed: int, out: Path, eval_s
                 "settings": manifest["settings"] | {"select": arm != "no_select"},
                 "demo_arm": arm,
             }
-            derived = derive_arm_records(records, arm, config.beta, golds, tokenizer)
+            if arm == "weak_sft":
+                solutions = _amateur_solutions(config, models, questions, seed_dir, timer)
+                derived = weak_sft_records(records, solutions, tokenizer)
+            else:
+                derived = derive_arm_records(records, arm, config.beta, golds, tokenizer)
             write_arm_data(data, arm_manifest, derived)
         arms[arm] = _arm(config, models, arm, data, seed_dir, seed, eval_sets, timer, log)
     return {"arms": arms, "times": timer.times}
+
+
+def _amateur_solutions(config, models: Models, questions: Path, seed_dir: Path, timer):
+    """The amateur's greedy solutions to the seed's questions (a `w2s eval` run, whose
+    grades are kept for the record only): the weak_sft arm's data."""
+    out = seed_dir / "amateur-solutions"
+    if not (out / "summary.json").is_file():
+        start = time.perf_counter()
+        _evaluate(config, models.amateur, questions, out)
+        timer.record("amateur_solutions", time.perf_counter() - start)
+    return [row for _, row in read_jsonl(out / "predictions.jsonl")]
 
 
 def _arm(

@@ -54,3 +54,34 @@ def derive_arm_records(records: list[dict], arm: str, beta: float, golds: dict, 
             r | {"positions": positions, "target_ids": target_ids, "target_weights": target_weights}
         )
     return out
+
+
+def weak_sft_records(records: list[dict], predictions: list[dict], tokenizer) -> list[dict]:
+    """Training records of the weak_sft arm (weak-to-strong generative SFT): per question,
+    the amateur's greedy solution (a `w2s eval` prediction row, no ground truth read) as
+    a one-hot target at every token, after the expert's prompt from `records` (the
+    sampling records); solutions cut at the token limit supervise nothing."""
+    from w2s_jax.prompts import end_of_turn_id
+
+    end = end_of_turn_id(tokenizer)
+    solutions = {p["id"]: p for p in predictions}
+    out = []
+    for r in records:
+        solution = solutions[r["id"]]
+        ids = (
+            []
+            if solution["hit_max_new_tokens"]
+            else tokenizer(solution["output"], add_special_tokens=False)["input_ids"]
+        )
+        completion = [*ids, end] if ids else r["completion_ids"]
+        positions = list(range(len(completion))) if ids else []
+        out.append(
+            {k: v for k, v in r.items() if k != "kl"}  # the expert's KL: not this completion's
+            | {
+                "completion_ids": completion,
+                "positions": positions,
+                "target_ids": [[completion[t]] for t in positions],
+                "target_weights": [[1.0] for _ in positions],
+            }
+        )
+    return out

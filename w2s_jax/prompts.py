@@ -136,3 +136,12 @@ def stop_ids(
     if not ids:
         raise ValueError(f"{model_dir}: found no end-of-sequence token to stop generation at")
     return sorted(ids)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The id that ends an assistant turn: the chat template's end of turn, else eos."""
+    token = chat_end_of_turn(tokenizer)
+    end = tokenizer.convert_tokens_to_ids(token) if token else tokenizer.eos_token_id
+    if end is None:
+        raise ValueError("the tokenizer has no end-of-turn or eos token to end a solution with")
+    return int(end)

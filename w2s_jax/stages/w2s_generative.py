@@ -97,23 +97,12 @@ def load_questions(settings: GenerativeW2SSettings) -> tuple[list[dict], list[di
     )
 
 
-def _end_id(tokenizer) -> int:
-    """The id that ends an assistant turn: the chat template's end of turn, else eos."""
-    from w2s_jax.prompts import chat_end_of_turn
-
-    token = chat_end_of_turn(tokenizer)
-    end = tokenizer.convert_tokens_to_ids(token) if token else tokenizer.eos_token_id
-    if end is None:
-        raise ValueError("the tokenizer has no end-of-turn or eos token to end a solution with")
-    return int(end)
-
-
 def sft_rows(tokenizer, examples, settings: GenerativeW2SSettings) -> list[dict]:
     """`w2s train --objective sft` records of (id, question, solution) examples: the
     prompt `w2s eval` uses, then the solution's ids and the end-of-turn id."""
-    from w2s_jax.prompts import prompt_ids
+    from w2s_jax.prompts import end_of_turn_id, prompt_ids
 
-    end = _end_id(tokenizer)
+    end = end_of_turn_id(tokenizer)
     style, system = settings.prompt_style, settings.prompt
     return [
         {

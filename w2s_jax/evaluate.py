@@ -17,6 +17,7 @@ output folder:
   "{question}" (`model_weights_hashed`, the files hashed, and `prompt_example` are not
   compared).
 
+The settings are `EvalSettings` (`w2s_jax.eval_settings`, importable from here too);
 `w2s_jax.compare` lines finished runs up against each other.
 """
 

@@ -21,7 +21,6 @@ import functools
 import math
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from w2s_jax.data.kd_selection import SCORE_SHARDS
@@ -88,7 +87,14 @@ def sequence_scores(losses: np.ndarray, ranks: np.ndarray, top_k: int) -> dict:
     }
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+@functools.cache
+def _jitted_loss_and_rank():
+    """`_loss_and_rank` jitted, made on first use (`w2s --help` imports no JAX)."""
+    import jax
+
+    return jax.jit(_loss_and_rank, static_argnames=("graphdef", "chunk_size"))
+
+
 def _loss_and_rank(graphdef, state, input_ids, attention_mask, *, chunk_size):
     """Per-position (loss, rank) of the next token of every row, [B, T - 1]."""
     from flax import nnx
@@ -117,6 +123,7 @@ def score_trajectories(
     from flax import nnx
 
     graphdef, state = nnx.split(model)
+    loss_and_rank = _jitted_loss_and_rank()
     rows = []
     for b in range(0, len(trajectories), batch_size):
         batch = trajectories[b : b + batch_size]
@@ -127,7 +134,7 @@ def score_trajectories(
             full = np.append(t.input_ids, t.target_ids[-1, 0])  # + the last supervised token
             ids[row, : len(full)], mask[row, : len(full)] = full, 1
         losses, ranks = map(
-            np.asarray, _loss_and_rank(graphdef, state, ids, mask, chunk_size=chunk_size)
+            np.asarray, loss_and_rank(graphdef, state, ids, mask, chunk_size=chunk_size)
         )
         for r, t in enumerate(batch):
             at = t.logit_index

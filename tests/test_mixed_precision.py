@@ -176,3 +176,11 @@ def test_export_writes_the_base_dtype_from_float32_masters(tmp_path, tiny_qwen2_
     np.testing.assert_array_equal(written["model.layers.0.mlp.up_proj.weight"], expected)
     base_weights = load_file(base / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
     assert np.mean(expected != base_weights) > 0.5  # the update survived the export
+
+
+def test_save_pretrained_records_the_written_dtype(tmp_path, tiny_qwen2_dir):
+    """config.json's dtype is the tensors' (the stored float32), not the compute dtype."""
+    model = load_pretrained(tiny_qwen2_dir, dtype="bfloat16", param_dtype="float32")
+    save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"
+    assert {str(x.dtype) for x in load_file(tmp_path / "model.safetensors").values()} == {"float32"}

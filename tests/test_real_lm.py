@@ -121,12 +121,50 @@ def test_import_refuses_an_out_folder_it_did_not_write(tmp_path):
     assert not (tmp_path / "out" / IMPORT_RECORD).exists()
 
 
+def _build_script():
+    """experiments/real_lm/build.py as a module (its validation_accuracy and sha256)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "real_lm" / "build.py"
+    spec = importlib.util.spec_from_file_location("real_lm_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.real_lm
+@needs_real
+def test_shipped_models_are_the_recorded_ones(smollm2, tmp_path):
+    """The shipped adapters are the manifest's (sha256), built on this GGUF, and the expert
+    the demo merges from them scores on validation exactly what build.py recorded."""
+    import json
+
+    from w2s_jax.demo import DemoSettings
+    from w2s_jax.demo_worlds import REAL_LM_ASSETS, REAL_LM_TASK, prepare_models
+
+    build = _build_script()
+    manifest = json.loads((REAL_LM_ASSETS / "manifest.json").read_text())
+    assert manifest["base"]["gguf_sha256"] == build.sha256(smollm2[0])
+    for entry in manifest["models"].values():
+        weights = REAL_LM_ASSETS / entry["adapter"] / "adapter_model.safetensors"
+        assert build.sha256(weights) == entry["adapter_sha256"]
+    models = prepare_models(DemoSettings(world="real-lm", out=str(tmp_path)), tmp_path, print)
+    assert models.expert == tmp_path / "models" / "expert"
+    assert models.amateur == tmp_path / "models" / "amateur-slips"
+    key = f"validation_demo_task_{build.CHECKED}"
+    got = build.validation_accuracy(
+        models.expert, tmp_path, "demo_task", REAL_LM_TASK, build.CHECKED
+    )
+    assert got == manifest["models"]["expert"][key]
+
+
 @pytest.mark.real_lm
 @needs_real
 def test_reduced_real_lm_demo_runs_end_to_end(smollm2, tmp_path):
     """The real-LM world at toy sizes: amateur, sampling, one trained arm, scored in both
     phrasings. The import is the module's (to save its 30 s) and serves as the expert (the
-    format SFT's glue is tested on a tiny model in test_demo_worlds.py)."""
+    SFT recipe's glue is tested on a tiny model in test_demo_worlds.py)."""
     import json
 
     from w2s_jax.demo import DemoSettings, run_demo
@@ -143,12 +181,12 @@ def test_reduced_real_lm_demo_runs_end_to_end(smollm2, tmp_path):
         steps=1,
         batch_positions=16,
         batch_size=4,
-        arms=("base", "lightreasoner"),
+        arms=("base", "lightreasoner", "weak_sft"),
         beta=0.0,
     )
     lines = []
     report = run_demo(settings, log=lines.append)
-    assert [row["arm"] for row in report["arms_held_out"]] == ["base", "lightreasoner"]
+    assert [row["arm"] for row in report["arms_held_out"]] == ["base", "lightreasoner", "weak_sft"]
     assert report["arms"][1]["per_seed"][0]["total"] == 4
     assert (
         json.loads((out / "models" / "amateur-layers-20" / "config.json").read_text())[

@@ -136,6 +136,7 @@ def load_amateur(settings, tokenizer, mesh):
     from w2s_jax.fingerprint import same_tokenizer_files
     from w2s_jax.models import ModelConfig, load_pretrained, load_tokenizer
     from w2s_jax.sampling import check_shared_tokenizer
+    from w2s_jax.settings import model_options
 
     folder = Path(settings.amateur)
     if not (folder / "config.json").is_file():
@@ -148,7 +149,7 @@ def load_amateur(settings, tokenizer, mesh):
             raise FileNotFoundError(f"{folder}: cannot load its tokenizer ({exc})") from exc
         check_shared_tokenizer(tokenizer, amateur_tokenizer, settings.model, str(folder))
     model = load_pretrained(
-        folder, dtype=settings.dtype, mesh=mesh, allow_unused=settings.allow_unused_weights
+        folder, mesh=mesh, allow_unused=settings.allow_unused_weights, **model_options(settings)
     )
     model.restrict_vocab(len(tokenizer))
     return model

@@ -6,8 +6,9 @@
    side in one process, the two layouts interleaved in each repetition, medians.
 2. XLA's memory analysis (`compiled.memory_analysis()`) of a LoRA step and a full
    fine-tuning step (AdamW) at the 1.5B shape for each remat policy and layout.
-3. Steady seconds per call of the same three programs at a small shape with random
-   weights (equal in both layouts), medians after a warm-up.
+3. Steady seconds per call of the same three programs at a small shape (or the 1.5B
+   shape with 4 of its layers) with random weights (equal in both layouts), the layouts
+   interleaved, medians after a warm-up.
 
 The train step is next-token cross-entropy over every position of a [B, T] batch through
 the full logits, AdamW on the trainable parameters (LoRA rank 8 on q_proj and v_proj, or
@@ -16,6 +17,8 @@ is off and JAX's caches are cleared before every compile.
 
     nice -n 10 .venv/bin/python benchmarks/compile_time.py                 # everything
     nice -n 10 .venv/bin/python benchmarks/compile_time.py --shapes 1.5b --no-memory
+    nice -n 10 .venv/bin/python benchmarks/compile_time.py --shapes "" --no-memory \
+        --steady-shape 1.5b-4l --steady-prompt 256 --steady-reps 5   # step times only
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ SHAPES = {
     "1.5b": (1536, 28, 12, 2, 8960, 151936, True),  # Qwen2.5-Math-1.5B
     "7b": (3584, 28, 28, 4, 18944, 152064, False),  # Qwen2.5-7B
     "small": (256, 8, 4, 2, 768, 4096, True),  # steady-step comparison on the CPU
+    "1.5b-4l": (1536, 4, 12, 2, 8960, 151936, True),  # the 1.5B shape, 4 of its 28 layers
 }
 
 
@@ -60,7 +64,9 @@ def parse_args() -> argparse.Namespace:
     add("--dtype", default="float32")
     add("--no-memory", action="store_true", help="Skip the remat memory analysis.")
     add("--no-steady", action="store_true", help="Skip the small-shape step times.")
-    add("--steady-reps", type=int, default=5)
+    add("--steady-reps", type=int, default=15)
+    add("--steady-shape", default="small", help="Shape of the step times (small, 1.5b-4l).")
+    add("--steady-prompt", type=int, default=64, help="Step times' prompt width (slots / 3).")
     add("--out", default="bench_out/compile_time.json")
     return parser.parse_args()
 
@@ -175,7 +181,7 @@ def _abstract(x):
 
 def measure_compile(args) -> list[dict]:
     rows = []
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         for program in args.programs.split(","):
             times = {layout: [] for layout in LAYOUTS}
             for _ in range(args.reps):
@@ -226,25 +232,35 @@ def measure_memory(args) -> list[dict]:
 
 
 def measure_steady(args) -> list[dict]:
-    """Seconds per call at the small shape, both layouts with equal random weights."""
+    """Seconds per call at `--steady-shape`, both layouts with equal random weights."""
     import jax
     from flax import nnx
 
     from w2s_jax.models.stacking import stack_layers
 
-    small = argparse.Namespace(**{**vars(args), "batch": 8, "prompt": 64, "train_len": 128})
+    small = argparse.Namespace(
+        **{**vars(args), "batch": 8, "prompt": args.steady_prompt, "train_len": 128}
+    )
     models = {}
     for layout in LAYOUTS:
-        models[layout] = build(model_config("small", layer_stack=layout, dtype="float32"), 8, 0)
+        config = model_config(args.steady_shape, layer_stack=layout, dtype="float32")
+        models[layout] = build(config, 8, 0)
     nnx.update(models["scan"], stack_layers(nnx.state(models["loop"], nnx.Param)))
     rows = []
     key = jax.random.key(0)
     for program in PROGRAMS:
-        row = {"program": program}
+        calls = {}
         for layout in LAYOUTS:
             fn, arguments = programs(models[layout], small)[program]
-            call = _call(fn, [_concrete(a, key) for a in arguments], DONATED[program])
-            row[f"{layout}_ms"] = 1e3 * median_seconds(call, args.steady_reps, warmup=2)
+            calls[layout] = _call(fn, [_concrete(a, key) for a in arguments], DONATED[program])
+            for _ in range(2):  # compile and warm up
+                calls[layout]()
+        times = {layout: [] for layout in LAYOUTS}
+        for _ in range(args.steady_reps):  # interleaved: machine load hits both alike
+            for layout in LAYOUTS:
+                times[layout].append(median_seconds(calls[layout], 1, warmup=0))
+        row = {"program": program}
+        row.update({f"{layout}_ms": 1e3 * statistics.median(times[layout]) for layout in LAYOUTS})
         row["scan_over_loop"] = row["scan_ms"] / row["loop_ms"]
         log(f"steady {row}")
         rows.append(row)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from pathlib import Path
 
 import jax
@@ -202,30 +201,18 @@ def load_lora_into(model: nnx.Module, checkpoint: str | Path, *, step: int | Non
     `checkpoint` is a `w2s train --out` folder, its `checkpoints/` folder or one
     step's folder; `step` picks a step (default: the one named, else the latest).
     A checkpoint written in the other layer layout (`ModelConfig.layer_stack`) is
-    stacked or unstacked to the model's as it is restored.
+    stacked or unstacked to the model's as it is restored (`restore_params`).
     LoRA checkpoints add their adapters (dropout off) with the trained weights;
     full fine-tuning checkpoints (rank 0) replace every parameter. Raises
     ValueError when the checkpoint's shapes do not fit the model.
     """
     from w2s_jax.checkpointing import read_meta, restore_params
     from w2s_jax.models.hf_io import check_finite
-    from w2s_jax.models.stacking import stack_layers, unstack_layers
 
-    meta = read_meta(checkpoint, step=step)
-    config = LoRAConfig.from_dict(meta["lora"])
+    config = LoRAConfig.from_dict(read_meta(checkpoint, step=step)["lora"])
     apply_lora(model, dataclasses.replace(config, dropout=0.0))
     template = nnx.state(model, trainable_filter(config))
-    # Checkpoints keep the layout of the run that wrote them; convert at restore.
-    saved_stacked = any(
-        re.search(sharding.STACKED_LAYER_PATH, name) for name in meta["param_shapes"]
-    )
-    if saved_stacked == getattr(model, "stacked", False):
-        restored = restore_params(checkpoint, template, step=step)
-    else:
-        to_saved, back = (
-            (stack_layers, unstack_layers) if saved_stacked else (unstack_layers, stack_layers)
-        )
-        restored = back(restore_params(checkpoint, to_saved(template), step=step))
+    restored = restore_params(checkpoint, template, step=step)  # converts the layer layout
     check_finite(
         checkpoint,
         {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(restored)},

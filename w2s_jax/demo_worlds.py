@@ -126,9 +126,10 @@ def _shipped(name: str, folder: Path, log) -> Path:
 
     target = folder / name
     if not (target / "config.json").is_file():
+        base = import_base(folder, log)
         adapter = REAL_LM_ASSETS / REAL_LM_ADAPTERS[name][0]
         log(f"[models] {name}: the import with {adapter.relative_to(ASSETS.parents[1])} merged")
-        merge_peft_adapter(import_base(folder, log), adapter, target)
+        merge_peft_adapter(base, adapter, target)
     return target
 
 

@@ -20,25 +20,21 @@ from flax import nnx
 
 from w2s_jax.sharding import STACKED_LAYER_PATH
 
-# "auto" per backend, as data: (layout, the measured reason). benchmarks/compile_time.py,
-# 2-core XLA:CPU, 2026-11-30 (BENCHMARKS.md "Layer stacking").
+# "auto" per backend, as data: (layout, the measured reason). benchmarks/compile_time.py on
+# 2-core XLA:CPU, 2026-11-30 (BENCHMARKS.md, "Layer stacking"); no GPU or TPU was measured.
+_COMPILE = (
+    "compiling from shapes, the 1.5B shape's prefill, decode step and LoRA step take 5.6, "
+    "5.5 and 16.8 s scanned instead of 33.5, 14.5 and 54.3 s (7B: 4.3-5.0x faster), and "
+    "remat cuts a 1.5B LoRA step's peak from 37.7 to 11.1 GiB only when scanned"
+)
 AUTO_LAYER_STACK: dict[str, tuple[str, str]] = {
     "cpu": (
         "scan",
-        "compile time of the 1.5B shape's programs falls 9-22x (prefill 15.9 -> 1.8 s, "
-        "LoRA train step 31.2 -> 1.4 s) while a small model's steady step is unchanged "
-        "within noise (prefill, decode and train step within 5%)",
+        f"{_COMPILE}; at a small shape the steady prefill and decode step are equal "
+        "(0.94x) and a LoRA step 15% slower",
     ),
-    "gpu": (
-        "scan",
-        "compile time falls with the layer count on every backend (one layer is traced and "
-        "optimised once); the steady step is not measured on a GPU here",
-    ),
-    "tpu": (
-        "scan",
-        "compile time falls with the layer count on every backend (one layer is traced and "
-        "optimised once); the steady step is not measured on a TPU here",
-    ),
+    "gpu": ("scan", f"{_COMPILE} on XLA:CPU; a layer compiles once on every backend"),
+    "tpu": ("scan", f"{_COMPILE} on XLA:CPU; a layer compiles once on every backend"),
 }
 # ModelConfig.remat -> jax.checkpoint policy of each decoder layer ("none": no checkpoint).
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -107,7 +103,7 @@ def run_scan(layers, remat: str, x_btd, cache, *inputs):
     """One `jax.lax.scan` over the stacked layer. cache: [(keys [L, ...], values [L, ...])].
 
     The cache rides in the carry and each layer's slice is written back in place: as scan
-    outputs the whole cache was copied every step (decoding 1.5x slower on XLA:CPU)."""
+    outputs the whole cache was copied every step (decoding up to 1.45x slower on XLA:CPU)."""
     graphdef, params, rest = nnx.split(layers, nnx.Param, ...)
     mutated = []
     apply = _layer_fn(graphdef, remat, scanned=True, mutated=mutated)

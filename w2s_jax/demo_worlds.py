@@ -38,13 +38,16 @@ REAL_LM_ADAPTERS = {
     "amateur-slips": ("amateur-slips-adapter", 1.0),
 }
 REAL_LM_AMATEURS = ("slips", "layers:20", "bits:3")
-# Demo settings whose default differs in the real-LM world (the toy's are DemoSettings').
+# Demo settings whose default differs in the real-LM world (the toy's are DemoSettings'),
+# sized for 15 minutes on 2 CPU cores. A step costs the rows that hold its positions:
+# LightReasoner selects ~6% of a rollout's positions (β = 0.2, measured on validation),
+# so its 16 x 32 positions (~2.7 passes over ~190) cost far more than the dense arms'.
 REAL_LM_PRESETS = {
     "questions": 128,
-    "eval_questions": 200,
+    "eval_questions": 100,
     "max_new_tokens": 64,
-    "steps": 30,
-    "batch_positions": 64,
+    "steps": 16,
+    "batch_positions": 32,
     "length_bucket": 128,
 }
 

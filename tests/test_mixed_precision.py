@@ -184,3 +184,17 @@ def test_save_pretrained_records_the_written_dtype(tmp_path, tiny_qwen2_dir):
     save_pretrained(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"
     assert {str(x.dtype) for x in load_file(tmp_path / "model.safetensors").values()} == {"float32"}
+
+
+def test_random_init_stores_weights_in_the_parameter_dtype(tiny_qwen2_dir):
+    """`--init random` with float32 masters under bf16 compute: float32 weights (not bf16)."""
+    import dataclasses
+
+    from w2s_jax.models import ModelConfig, init_random
+
+    config = ModelConfig.from_hf_json(tiny_qwen2_dir / "config.json")
+    config = dataclasses.replace(config, dtype="bfloat16", param_dtype="float32")
+    model = init_random(config, seed=0)
+    stored = {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))}
+    assert stored == {jnp.dtype("float32")}
+    assert model(jnp.ones((1, 4), jnp.int32)).dtype == jnp.float32  # float32 logits

@@ -103,7 +103,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     extra: tuple[tuple[str, str], ...] = ()
     attention: str = "auto"
-    layer_stack: str = "loop"
+    layer_stack: str = "auto"
     remat: str = "none"
     param_dtype: str | None = None
 

@@ -213,7 +213,7 @@ def _random_init_fn(config: ModelConfig, mesh):
     """(graphdef, jitted key -> state) for `init_random`, compiled once per config and mesh."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0))))
     config32 = dataclasses.replace(config, dtype="float32")
-    cast = lambda x: x.astype(config.dtype)  # noqa: E731
+    cast = lambda x: x.astype(config.weights_dtype)  # noqa: E731
 
     @functools.partial(
         jax.jit, out_shardings=None if mesh is None else sharding.state_shardings(abstract, mesh)

@@ -210,3 +210,9 @@ def test_one_result_repeated_over_seeds_is_pooled_once():
     one = arm_rows("base", seeds[:1], base, ids)
     three = arm_rows("base", seeds, base, ids)
     assert three["accuracy_ci95"] == one["accuracy_ci95"]  # not narrowed by repetition
+
+
+def test_every_arm_has_its_own_colour_in_the_chart():
+    from w2s_jax.demo_report import COLORS
+
+    assert set(COLORS) == set(ARMS)

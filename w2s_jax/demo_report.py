@@ -32,6 +32,15 @@ LABELS = {
 }
 
 
+COLORS = {  # the ablations share their method's colour family
+    "base": "tab:gray",
+    "lightreasoner": "tab:blue",
+    "sft": "tab:orange",
+    "no_select": "tab:cyan",
+    "no_contrast": "tab:cyan",
+    "contrastive_decoding": "tab:purple",
+    "weak_sft": "tab:green",
+}
 WORLD_TITLES = {"toy": "toy world", "real-lm": "real LM (SmolLM2-135M-Instruct)"}
 
 
@@ -172,11 +181,16 @@ def save_bar_chart(report: dict, path: Path) -> None:
     fig = Figure(figsize=(9.0, 1.4 + 0.55 * len(arms)))
     FigureCanvasAgg(fig)
     ax_acc, ax_diff = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": (3, 2)})
-    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:cyan", "tab:cyan", "tab:purple"]
     # Points, not bars: the axis is fitted to the data, so bar lengths would mislead.
-    for i, color in enumerate(colors[: len(arms)]):
+    for i, arm in enumerate(arms):
         ax_acc.errorbar(
-            mean[i], y[i], xerr=[[low[i]], [high[i]]], fmt="o", color=color, capsize=3, ms=7
+            mean[i],
+            y[i],
+            xerr=[[low[i]], [high[i]]],
+            fmt="o",
+            color=COLORS[arm["arm"]],
+            capsize=3,
+            ms=7,
         )
     ax_acc.set_xlim(max(0.0, (mean - low).min() - 2.0), min(100.0, (mean + high).max() + 3.0))
     ax_acc.grid(axis="x", color="0.9")

@@ -1,4 +1,4 @@
-"""Device mesh, parameter partition rules (as data) and multi-host start-up.
+"""Device mesh, parameter partition rules and activation rules (as data), multi-host start-up.
 
 Mesh axes are ("data", "fsdp", "tensor"): batch over data x fsdp, parameters over
 fsdp (their input/embedding dimension) and tensor (heads / MLP width / vocab).
@@ -30,6 +30,21 @@ PARTITION_RULES: tuple[tuple[str, PartitionSpec], ...] = (
 # in the path) carry a leading layer axis: it stays unsharded and the rule's spec applies
 # to the axes after it.
 STACKED_LAYER_PATH = r"(^|/)layers/(?!\d)"
+
+# Logical activation axis -> mesh axes (None: unsharded), for `constrain`. FSDP is data
+# parallelism with sharded weights, so rows split over data x fsdp; tensor parallelism splits
+# what the column-parallel kernels ([fsdp, tensor]) put on their output axis (heads, MLP
+# width) and the row-parallel ones (o_proj, down_proj: [tensor, fsdp]) sum back into a
+# residual stream whose embedding axis stays whole (no sequence parallelism).
+ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "length": None,
+    "embed": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+}
 
 
 def make_mesh(spec: str | None = None, *, devices=None) -> Mesh:
@@ -76,10 +91,41 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=PARTITION_RULE
     spec = next((spec for pattern, spec in rules if re.search(pattern, path)), P())
     if re.search(STACKED_LAYER_PATH, path):
         spec = P(None, *spec)
+    return _fit(spec, shape, dict(mesh.shape))
+
+
+def activation_spec(names, shape, mesh, rules=ACTIVATION_RULES) -> PartitionSpec:
+    """The spec of an activation whose axes have the logical `names` (keys of `rules`),
+    without mesh axes that are not Auto, of size 1 or that do not divide their dim."""
+    auto = jax.sharding.AxisType.Auto
+    sizes = {
+        name: size
+        for (name, size), kind in zip(mesh.shape.items(), mesh.axis_types, strict=True)
+        if kind == auto
+    }
+    return _fit(P(*(rules[name] for name in names)), shape, sizes)
+
+
+def constrain(x, names, rules=ACTIVATION_RULES):
+    """`x` under `with_sharding_constraint` to `activation_spec(names)` on the mesh it is
+    traced on (its inputs' mesh, else `jax.set_mesh`'s). A no-op without a mesh or when no
+    axis would be sharded (one device, dims that do not divide)."""
+    mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = activation_spec(names, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)) if spec else x
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], sizes: dict[str, int]) -> PartitionSpec:
+    """`spec` with None for each dim whose axes are not all in `sizes` (axis -> size), are
+    of size 1 or do not divide it; trailing Nones dropped."""
     dims = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        size = int(np.prod([sizes.get(a, 0) for a in names])) if names else 1
         dims.append(axes if size > 1 and dim % size == 0 else None)
     while dims and dims[-1] is None:
         dims.pop()

@@ -18,6 +18,11 @@ from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.primitives import RMSNorm
 from w2s_jax.models.primitives import linear as _linear
 from w2s_jax.models.rope import apply_rope
+from w2s_jax.sharding import constrain
+
+# Logical axes of queries [B, T, N, D] and of keys and values [B, T, K, D].
+QUERY_HEADS = ("batch", "length", "heads", "head_dim")
+KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
 
 # One layer's KV cache: keys [B, num_kv_heads, head_dim, S] and values [B, num_kv_heads, S,
 # head_dim]. Heads first and keys transposed, so both attention products are plain
@@ -71,6 +76,7 @@ class Attention(nnx.Module):
             if cache is not None:
                 k_bskd, v_bskd = kernel_layout(cache)
             out_bthd = kernels.fused_attention(impl, q_bthd, k_bskd, v_bskd, mask_bts)
+        out_bthd = constrain(out_bthd, QUERY_HEADS)
         return self.o_proj(out_bthd.reshape(b, t, -1)), cache
 
     def _project(self, x_btd, cos_btd, sin_btd):
@@ -81,7 +87,12 @@ class Attention(nnx.Module):
         v_btkd = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q_bthd, k_btkd = self.q_norm(q_bthd), self.k_norm(k_btkd)
-        return apply_rope(q_bthd, cos_btd, sin_btd), apply_rope(k_btkd, cos_btd, sin_btd), v_btkd
+        q_bthd, k_btkd = apply_rope(q_bthd, cos_btd, sin_btd), apply_rope(k_btkd, cos_btd, sin_btd)
+        return (
+            constrain(q_bthd, QUERY_HEADS),
+            constrain(k_btkd, KV_HEADS),
+            constrain(v_btkd, KV_HEADS),
+        )
 
 
 def cache_layout(k_btkd, v_btkd) -> LayerCache:

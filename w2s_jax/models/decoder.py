@@ -19,6 +19,10 @@ from w2s_jax.models.primitives import RMSNorm
 from w2s_jax.models.primitives import linear as _linear
 from w2s_jax.models.rope import rope_cos_sin
 from w2s_jax.models.stacking import resolve_layer_stack, run_loop, run_scan, stacked_module
+from w2s_jax.sharding import constrain
+
+# Logical axes of the residual stream (`sharding.ACTIVATION_RULES`).
+RESIDUAL = ("batch", "length", "embed")
 
 
 class MLP(nnx.Module):
@@ -31,7 +35,10 @@ class MLP(nnx.Module):
         self.down_proj = _linear(c, rngs, c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = constrain(
+            jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("batch", "length", "mlp")
+        )
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nnx.Module):
@@ -50,7 +57,7 @@ class DecoderLayer(nnx.Module):
         )
         x_btd = x_btd + attn_btd
         x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
-        return x_btd, cache
+        return constrain(x_btd, RESIDUAL), cache
 
 
 class DecoderModel(nnx.Module):
@@ -136,7 +143,7 @@ class CausalLM(nnx.Module):
         Returns (final-norm hidden [B, T, D], updated cache or None).
         """
         dtype = jnp.dtype(self.config.dtype)
-        x_btd = self.model.embed_tokens(input_ids_bt)
+        x_btd = constrain(self.model.embed_tokens(input_ids_bt), RESIDUAL)
         cos_btd, sin_btd = rope_cos_sin(positions_bt, self.config, dtype)
         run = run_scan if self.stacked else run_loop
         x_btd, cache = run(

@@ -257,14 +257,12 @@ def _train_export(
 
 
 def _evaluate(config: DemoSettings, model: Path, data: Path, out: Path, **decoding) -> dict:
-    from w2s_jax.evaluate import EvalSettings, run_eval
+    from w2s_jax.stages.finetune import evaluate_once
 
-    if (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
-    settings = EvalSettings(
+    return evaluate_once(
+        out,
         model=str(model),
         data=str(data),
-        out=str(out),
         system_prompt=system_prompt(config.world),
         max_new_tokens=config.max_new_tokens,
         dtype="float32",
@@ -272,7 +270,6 @@ def _evaluate(config: DemoSettings, model: Path, data: Path, out: Path, **decodi
         progress=config.progress,
         **decoding,
     )
-    return run_eval(settings)
 
 
 def _run_seed(config: DemoSettings, models: Models, seed: int, out: Path, eval_sets, log) -> dict:

@@ -49,23 +49,19 @@ def sha256(path: Path) -> str:
 
 def validation_accuracy(model: Path, work: Path, name: str, task, n: int) -> dict:
     """Greedy accuracy of `model` on the first `n` validation problems of `task`."""
-    from w2s_jax.evaluate import EvalSettings, run_eval
+    from w2s_jax.stages.finetune import evaluate_once
 
     data = work / f"validation-{name}-{n}.jsonl"
     atomic_write_jsonl(data, word_problem_records("validation", n, config=task, instruction=""))
-    out = work / "eval" / f"{model.name}-{name}-{n}"
-    if not (out / "summary.json").is_file():
-        settings = EvalSettings(
-            model=str(model),
-            data=str(data),
-            out=str(out),
-            system_prompt="",
-            max_new_tokens=64,
-            dtype="float32",
-            batch_size=VALIDATION,
-        )
-        run_eval(settings)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = evaluate_once(
+        work / "eval" / f"{model.name}-{name}-{n}",
+        model=str(model),
+        data=str(data),
+        system_prompt="",
+        max_new_tokens=64,
+        dtype="float32",
+        batch_size=VALIDATION,
+    )
     return {
         "accuracy_text": summary["accuracy_text"],
         "correct": summary["correct"],

@@ -49,20 +49,17 @@ def amateur_folder(expert: Path, name: str, work: Path) -> Path:
 
 
 def evaluate(model: Path, data: Path, out: Path, max_new_tokens: int) -> dict:
-    from w2s_jax.evaluate import EvalSettings, run_eval
+    from w2s_jax.stages.finetune import evaluate_once
 
-    if (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
-    settings = EvalSettings(
+    return evaluate_once(
+        out,
         model=str(model),
         data=str(data),
-        out=str(out),
         system_prompt="",
         max_new_tokens=max_new_tokens,
         batch_size=96,
         progress=False,
     )
-    return run_eval(settings)
 
 
 def contrast(expert: Path, amateur: Path, data: Path, out: Path, max_new_tokens: int) -> dict:

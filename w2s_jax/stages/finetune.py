@@ -1,8 +1,10 @@
-"""Once-only model building shared by the multi-stage runs (the demo, the real-LM world's
-models, weak-to-strong-gen): a `w2s train` run merged into a model folder, atomically."""
+"""Once-only steps shared by the multi-stage runs (the demo, the real-LM world's models,
+weak-to-strong-gen): a `w2s train` run merged into a model folder, atomically, and a
+`w2s eval` run that a finished summary.json makes a no-op."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,3 +23,14 @@ def export_once(run: str | Path, model: str | Path, expert: str | Path) -> Path:
     with atomic_folder(model) as tmp:
         export(ExportSettings(lora=str(run), out=str(tmp), expert=str(expert)))
     return model
+
+
+def evaluate_once(out: str | Path, **settings) -> dict:
+    """The summary of the `w2s eval` run in `out` with `settings` (EvalSettings fields);
+    run only when `out` holds no summary.json yet."""
+    from w2s_jax.evaluate import EvalSettings, run_eval
+
+    summary = Path(out) / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    return run_eval(EvalSettings(out=str(out), **settings))

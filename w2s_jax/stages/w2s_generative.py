@@ -194,26 +194,22 @@ class _Run:
 
 def _evaluate(run: _Run, model: Path, data: Path, out: Path, *, samples=1, seed=0) -> dict:
     """A `w2s eval` run (greedy, or `samples` draws per question), skipped when done."""
-    from w2s_jax.evaluate import EvalSettings, run_eval
+    from w2s_jax.stages.finetune import evaluate_once
 
-    if (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
     s = run.settings
-    return run_eval(
-        EvalSettings(
-            model=str(model),
-            data=str(data),
-            out=str(out),
-            prompt_style=s.prompt_style,
-            system_prompt=s.prompt,
-            max_new_tokens=s.max_new_tokens,
-            samples=samples,
-            temperature=s.temperature if samples > 1 else None,
-            seed=seed,
-            dtype=s.dtype,
-            batch_size=s.batch_size,
-            progress=s.progress,
-        )
+    return evaluate_once(
+        out,
+        model=str(model),
+        data=str(data),
+        prompt_style=s.prompt_style,
+        system_prompt=s.prompt,
+        max_new_tokens=s.max_new_tokens,
+        samples=samples,
+        temperature=s.temperature if samples > 1 else None,
+        seed=seed,
+        dtype=s.dtype,
+        batch_size=s.batch_size,
+        progress=s.progress,
     )
 
 

@@ -35,6 +35,7 @@ class SamplePlan:
     eos_ids: list
     pad_id: int
     manifest: dict
+    sources: tuple  # the expert's and the amateur's `model_source.ModelSource`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +45,6 @@ class SampleResult:
     out: Path
     summary: dict | None  # None on the non-leader processes of a multi-host run
     resumed: bool
-
-
-def _check_model_folder(role: str, path: str) -> Path:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"{role} model folder {folder} does not exist")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{role} model folder {folder} has no config.json")
-    return folder
 
 
 def _shared_tokenizer(expert: Path, amateur: Path):
@@ -102,7 +94,7 @@ def _questions(settings: SampleSettings) -> list:
 def plan(settings: SampleSettings) -> SamplePlan:
     """Validate every input (ValueError/DataError naming it) and build the manifest; the
     plan holds the settings with their dtypes resolved."""
-    from w2s_jax import __version__, fingerprint
+    from w2s_jax import __version__, fingerprint, model_source
     from w2s_jax.data.tfds_source import TFDS_PREFIX
     from w2s_jax.models import ModelConfig
     from w2s_jax.models.dtypes import resolve_dtypes
@@ -112,8 +104,8 @@ def plan(settings: SampleSettings) -> SamplePlan:
     settings = resolve_dtypes(settings)
     if Path(settings.out).exists() and not Path(settings.out).is_dir():
         raise ValueError(f"--out {settings.out} exists and is not a folder")
-    expert = _check_model_folder("expert", settings.expert)
-    amateur = _check_model_folder("amateur", settings.amateur)
+    sources = model_source.resolve_pair(settings.expert, settings.amateur)
+    expert, amateur = (source.folder for source in sources)  # a run's: its base folder
     tokenizer = _shared_tokenizer(expert, amateur)
     questions = _questions(settings)
     style, system = settings.prompt_style, settings.system_prompt
@@ -126,15 +118,8 @@ def plan(settings: SampleSettings) -> SamplePlan:
     source = settings.data
     if not source.startswith(TFDS_PREFIX):
         source = str(Path(source).resolve())
-    hashed = {
-        role: fingerprint.weights_fingerprint_record(folder)
-        for role, folder in (("expert", expert), ("amateur", amateur))
-    }
-    fingerprints = {
-        "expert_weights_fingerprint": hashed["expert"]["fingerprint"],
-        "amateur_weights_fingerprint": hashed["amateur"]["fingerprint"],
-        "tokenizer_fingerprint": fingerprint.tokenizer_fingerprint(tokenizer),
-    }
+    fingerprints, identified = model_source.manifest_entries(*sources)
+    fingerprints["tokenizer_fingerprint"] = fingerprint.tokenizer_fingerprint(tokenizer)
     skip = set(free_fields(SampleSettings)) | set(_IDENTIFIED_ELSEWHERE)
     recorded = {k: v for k, v in record(settings).items() if k not in skip}
     recorded.update(
@@ -147,10 +132,7 @@ def plan(settings: SampleSettings) -> SamplePlan:
         "format": FORMAT,
         "settings": recorded,
         **fingerprints,
-        "expert_weights_hashed": hashed["expert"],
-        "amateur_weights_hashed": hashed["amateur"],
-        "expert": str(expert.resolve()),
-        "amateur": str(amateur.resolve()),
+        **identified,
         "vocab_size": len(tokenizer),
         "eos_ids": eos_ids,
         "pad_id": pad_id,
@@ -159,7 +141,7 @@ def plan(settings: SampleSettings) -> SamplePlan:
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return SamplePlan(
-        settings, questions, prompts, tokenizer, len(tokenizer), eos_ids, pad_id, manifest
+        settings, questions, prompts, tokenizer, len(tokenizer), eos_ids, pad_id, manifest, sources
     )
 
 
@@ -236,7 +218,7 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
     from tqdm import tqdm
 
     from w2s_jax import sample_store
-    from w2s_jax.models import load_pretrained
+    from w2s_jax.model_source import load_pair
     from w2s_jax.models.dtypes import warn_if_slow
     from w2s_jax.sampling import Scorer, build_records, gather_rows, rollout_and_score
     from w2s_jax.settings import model_options
@@ -256,8 +238,7 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
         return
     warn_if_slow(settings.dtype)
     options = model_options(settings) | {"allow_unused": settings.allow_unused_weights}
-    expert = load_pretrained(settings.expert, mesh=mesh, **options)
-    amateur = load_pretrained(settings.amateur, mesh=mesh, **options)
+    expert, amateur = load_pair(*the_plan.sources, mesh=mesh, **options)
     expert.restrict_vocab(the_plan.vocab_size)
     amateur.restrict_vocab(the_plan.vocab_size)
     scorer = Scorer(expert, amateur, config=settings, mesh=mesh)

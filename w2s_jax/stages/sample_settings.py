@@ -24,8 +24,20 @@ from w2s_jax.settings import (
 class SampleSettings:
     """Every setting of a sampling run; `free` ones may change when it resumes."""
 
-    expert: str | None = setting(None, "Expert HF model folder.", metavar="DIR", required=True)
-    amateur: str | None = setting(None, "Amateur HF model folder.", metavar="DIR", required=True)
+    expert: str | None = setting(
+        None,
+        "Expert: an HF model folder, or a `w2s train` run RUN (its latest checkpoint) or "
+        "RUN@STEP (its base folder plus that step's adapters).",
+        metavar="SOURCE",
+        required=True,
+    )
+    amateur: str | None = setting(
+        None,
+        "Amateur: an HF model folder, RUN, RUN@STEP, or `base` (the model the expert's run, "
+        "or the run a `w2s export` expert came from, started from).",
+        metavar="SOURCE",
+        required=True,
+    )
     data: str | None = setting(
         None,
         "Questions: a JSONL file ({id?, question, answer?} per line) or tfds:NAME.",

@@ -167,31 +167,27 @@ def batch_shardings(mesh, layout=PACKED_LAYOUT) -> dict:
 
 
 def check_samples_match(samples: str | Path, expert: str | Path) -> dict:
-    """The samples folder's manifest, after checking it was made with this expert and tokenizer.
-
-    Raises DataError naming both fingerprints when they differ.
+    """The samples folder's manifest, after checking it was made with this expert (or, for
+    samples of a run checkpoint, its `w2s export`: `model_source.check_sampled_by`) and
+    tokenizer. Raises DataError naming what differs.
     """
-    from w2s_jax.fingerprint import tokenizer_fingerprint, weights_fingerprint
+    from w2s_jax.fingerprint import tokenizer_fingerprint
+    from w2s_jax.model_source import check_sampled_by
     from w2s_jax.models import load_tokenizer
     from w2s_jax.sample_store import read_manifest
 
     manifest = read_manifest(samples)
-    checks = (
-        ("expert_weights_fingerprint", "expert weights", lambda: weights_fingerprint(expert)),
-        (
-            "tokenizer_fingerprint",
-            "tokenizer",
-            lambda: tokenizer_fingerprint(load_tokenizer(expert)),
-        ),
+    check_sampled_by(manifest, samples, expert)
+    recorded, actual = (
+        manifest.get("tokenizer_fingerprint"),
+        tokenizer_fingerprint(load_tokenizer(expert)),
     )
-    for key, what, compute in checks:
-        recorded, actual = manifest.get(key), compute()
-        if recorded != actual:
-            raise DataError(
-                f"{samples}/manifest.json: the samples were made with different {what} "
-                f"({key} {recorded} there, {actual} for --expert {expert}); sample again "
-                "with this expert or train the expert they came from"
-            )
+    if recorded != actual:
+        raise DataError(
+            f"{samples}/manifest.json: the samples were made with a different tokenizer "
+            f"(tokenizer_fingerprint {recorded} there, {actual} for --expert {expert}); sample "
+            "again with this expert or train the expert they came from"
+        )
     return manifest
 
 

@@ -120,3 +120,37 @@ def test_training_is_deterministic(tmp_path, toy_tokenizer_dir):
 def test_too_small_vocab_is_a_clear_error():
     with pytest.raises(ValueError, match="vocab_size must be at least 260"):
         train_tokenizer(["hello"], vocab_size=100)
+
+
+def test_default_build_is_the_shipped_tokenizer(tmp_path):
+    # The shipped models depend on it: the default stays digit by digit, merge for merge.
+    from w2s_jax.demo_worlds import ASSETS, toy_task
+
+    folder = build_toy_tokenizer(tmp_path / "again", config=toy_task(ASSETS / "expert"))
+    built = json.loads((folder / "tokenizer.json").read_text())
+    shipped = json.loads((ASSETS / "expert" / "tokenizer.json").read_text())
+    for key in ("vocab", "merges"):
+        assert built["model"][key] == shipped["model"][key], key
+    assert built["pre_tokenizer"] == shipped["pre_tokenizer"]
+
+
+def test_merged_digits_variant_spells_numbers_as_whole_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    from w2s_jax.data.arithmetic import TaskConfig
+
+    task = TaskConfig(min_steps=1, max_steps=3, digits=2, operand_digits=1)
+    folder = build_toy_tokenizer(
+        tmp_path / "merged", vocab_size=768, n_problems=2000, config=task, split_digits=False
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
+    pieces = [tokenizer.decode([i]) for i in tokenizer("Buys 3*8=24: 75+24=99.")["input_ids"]]
+    assert pieces == ["Buys", " 3", "*", "8", "=", "24", ":", " 75", "+", "24", "=", "99", "."]
+    # every number of the task is one token, with and without its leading space (" 0" never
+    # occurs: no question starts from zero)
+    for n in range(100):
+        assert len(tokenizer(str(n))["input_ids"]) == 1, n
+        assert len(tokenizer(f" {n}")["input_ids"]) == (2 if n == 0 else 1), n
+    for text in corpus_texts(generate_split("validation", 50, seed=5, config=task)):
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text

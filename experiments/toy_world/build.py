@@ -11,9 +11,10 @@ Steps (each skipped when its output exists, so a re-run resumes):
    another run's checkpoint; a run's `slip_rate` plants the misconception in its
    corpus (`arithmetic.slipped_solution`: that share of carries and borrows forgotten);
 4. `w2s eval` (greedy) on the first N validation problems.
-Results go to OUT/results.json. `--ship` copies both models (with the tokenizer)
-into w2s_jax/assets/toy_world/ and writes its manifest.json. The test split is
-never touched here.
+Results go to OUT/results.json. `--ship` copies the config's `models` (with the
+tokenizer) into w2s_jax/assets/toy_world/ and adds their entries to its manifest.json
+(config.json: the expert and amateur; cross_tokenizer.json: the amateur with its own
+tokenizer). The test split is never touched here.
 """
 
 from __future__ import annotations
@@ -146,23 +147,33 @@ def evaluate(model: Path, data: Path, out: Path, max_new_tokens: int, n: int | N
 
 
 def ship(out: Path, results: dict, config_path: Path) -> None:
+    """Copy the config's models into the package and add their entries to manifest.json
+    (other configs' entries are kept; every shipped model must share one task)."""
     from w2s_jax.files import atomic_write_json
 
-    for name in ("expert", "amateur"):
+    path = ASSETS / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    config = str(config_path.relative_to(REPO))
+    shared = {k: results[k] for k in ("task", "data_seed", "eval_max_new_tokens")}
+    for key, value in shared.items():
+        if manifest.get(key, value) != value:
+            raise ValueError(f"{config}: its {key} differs from {path}'s; ship it elsewhere")
+    manifest = {"config": config, **manifest, **shared}
+    models = manifest.setdefault("models", {})
+    for name, entry in results["models"].items():
         target = ASSETS / name
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(out / "models" / name, target)
-    atomic_write_json(
-        ASSETS / "manifest.json",
-        {
-            "config": str(config_path.relative_to(REPO)),
-            "task": results["task"],
-            "data_seed": results["data_seed"],
-            "eval_max_new_tokens": results["eval_max_new_tokens"],
-            "models": results["models"],
-        },
-    )
+        models[name] = entry if config == manifest["config"] else {"config": config, **entry}
+    atomic_write_json(path, manifest)
+
+
+def recipe(config: dict, run: str) -> dict:
+    """The chain of training runs that made `run` (its `init`s), oldest first."""
+    spec = config["runs"][run]
+    earlier = recipe(config, spec["init"]["run"]) if "init" in spec else {}
+    return {**earlier, run: spec}
 
 
 def sweep(config: dict, out: Path, validation: Path, results: dict) -> None:
@@ -234,6 +245,11 @@ def main(argv=None) -> int:
             "params": runs[spec["run"]]["params"],
             "validation": {k: summary[k] for k in ("accuracy", "correct", "total", "no_answer")},
             "validation_check": {k: check[k] for k in ("accuracy", "correct", "total")},
+            "tokenizer": {
+                "vocab_size": len(tokenizer),
+                "split_digits": config["tokenizer"].get("split_digits", True),
+            },
+            "recipe": recipe(config, spec["run"]),
         }
         print(f"{name}: {models[name]['params']:,} params, validation {summary['accuracy_text']}")
         atomic_write_json(results_path, results)

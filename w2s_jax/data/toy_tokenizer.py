@@ -157,12 +157,15 @@ def build_toy_tokenizer(
     n_problems: int = 2000,
     seed: int = 0,
     config: TaskConfig | None = None,
+    split_digits: bool = True,
 ) -> Path:
     """Train the toy-world tokenizer on `n_problems` train problems; save it to `folder`.
 
-    `config` is the task's TaskConfig (default: TaskConfig()).
+    `config` is the task's TaskConfig (default: TaskConfig()). split_digits=False gives
+    the cross-tokenizer amateur's variant: GPT-2's pre-tokenizer, so BPE merges numbers
+    into multi-digit tokens (the default, digit by digit, is the shipped models').
     """
     problems = generate_split("train", n_problems, seed=seed, config=config or TaskConfig())
     texts = corpus_texts(problems)
-    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size, split_digits=split_digits)
     return save_tokenizer(tokenizer, folder)

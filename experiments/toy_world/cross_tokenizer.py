@@ -1,0 +1,127 @@
+"""The toy demo with two amateurs, same seeds and test set: the shipped amateur (the
+expert's tokenizer) and the merged-digits amateur (its own tokenizer, numbers as whole
+tokens; experiments/toy_world/cross_tokenizer.json).
+
+    .venv/bin/python experiments/toy_world/cross_tokenizer.py --out runs/toy_cross_demo \
+        [--seeds 1] [--split test] [--arms base,lightreasoner,no_contrast] [-- DEMO ARGS]
+
+Each demo is one `w2s demo --world toy` under /usr/bin/time -v (wall time, peak RSS),
+resumable. Contrastive decoding needs one tokenizer, so it is not among the arms. Writes
+OUT/comparison.json and OUT/comparison.md: per amateur and arm the accuracy with its 95%
+CI, the difference to the base expert with its paired bootstrap CI, the supervised tokens;
+per amateur, from each seed's samples/summary.json, the positions, the aligned share and
+the mapped amateur mass (cross-tokenizer only), and the share of positions selected at β.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / "w2s_jax" / "assets" / "toy_world"
+AMATEURS = {  # folder name under OUT: (label, amateur folder)
+    "same": ("same tokenizer (shipped amateur)", ASSETS / "amateur"),
+    "merged": ("merged digits (own tokenizer)", ASSETS / "amateur-merged-digits"),
+}
+TIME_FIELDS = {
+    "wall_s": r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)",
+    "peak_rss_kb": r"Maximum resident set size \(kbytes\): (\d+)",
+}
+
+
+def run_demo(amateur: Path, out: Path, args, extra: list[str]) -> dict:
+    """`w2s demo` with `amateur` into `out` under /usr/bin/time -v; its wall time and RSS."""
+    command = [
+        "/usr/bin/time", "-v", sys.executable, "-m", "w2s_jax.cli", "demo", "--world", "toy",
+        "--amateur", str(amateur), "--out", str(out), "--seeds", str(args.seeds),
+        "--split", args.split, "--arms", args.arms, *extra,
+    ]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    if not ((out / "report.json").is_file() and (out / "time.txt").is_file()):
+        with open(out / "time.txt", "w") as stderr:  # a finished run keeps its first timing
+            subprocess.run(command, check=True, cwd=REPO, stderr=stderr)
+    text = (out / "time.txt").read_text()
+    found = {k: re.search(p, text) for k, p in TIME_FIELDS.items()}
+    clock = [float(x) for x in found["wall_s"].group(1).split(":")]
+    wall = sum(v * 60**i for i, v in enumerate(reversed(clock)))
+    return {"wall_s": wall, "peak_rss_mb": int(found["peak_rss_kb"].group(1)) / 1024}
+
+
+def sample_figures(out: Path, seeds: int, report: dict) -> list[dict]:
+    """Per seed: the samples' summary figures and the share of positions LightReasoner
+    selected (its supervised tokens over the positions, and over the aligned ones)."""
+    rows = {r["arm"]: r for r in report["arms"]}
+    figures = []
+    for seed in range(seeds):
+        summary = json.loads((out / f"seed-{seed}" / "samples" / "summary.json").read_text())
+        selected = rows["lightreasoner"]["per_seed"][seed]["supervised_tokens"]
+        entry = {"seed": seed, "positions": summary["positions"], "selected": selected}
+        entry |= {k: v for k, v in summary.items() if k.startswith(("aligned", "mapped", "vocab"))}
+        aligned = summary.get("aligned_positions", summary["positions"])
+        entry["selected_share"] = selected / summary["positions"]
+        entry["selected_share_of_aligned"] = selected / aligned if aligned else None
+        figures.append(entry)
+    return figures
+
+
+def markdown(comparison: dict) -> str:
+    lines = [
+        "| amateur | arm | accuracy | 95% CI | Δ vs base (pts) | 95% CI | supervised tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, result in comparison.items():
+        for row in result["report"]["arms"]:
+            low, high = (100 * x for x in row["accuracy_ci95"])
+            diff = row.get("diff_mean")
+            delta = f"{100 * diff:+.1f}" if diff is not None else "—"
+            ci = "—"
+            if diff is not None:
+                ci = "[{:+.1f}, {:+.1f}]".format(*(100 * x for x in row["diff_ci95"]))
+            lines.append(
+                f"| {name} | {row['arm']} | {100 * row['accuracy_mean']:.1f}% | [{low:.1f}, "
+                f"{high:.1f}] | {delta} | {ci} | {row['supervised_tokens_mean']:,.0f} |"
+            )
+    lines.append("")
+    for name, result in comparison.items():
+        time = result["time"]
+        lines.append(f"{name}: wall {time['wall_s']:.0f} s, peak RSS {time['peak_rss_mb']:.0f} MB")
+        for figures in result["samples"]:
+            lines.append(f"  seed {figures['seed']}: " + json.dumps(figures))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--split", default="test", choices=("test", "validation"))
+    parser.add_argument("--arms", default="base,lightreasoner,no_contrast")
+    parser.add_argument(
+        "--only", action="append", choices=AMATEURS, help="Run this amateur's demo only."
+    )
+    parser.add_argument("extra", nargs="*", help="More `w2s demo` arguments (after --).")
+    args = parser.parse_args(argv)
+    from w2s_jax.files import atomic_write_json, atomic_write_text
+
+    comparison = {}
+    for key in args.only or AMATEURS:
+        name, amateur = AMATEURS[key]
+        out = args.out.resolve() / key
+        time = run_demo(amateur, out, args, args.extra)
+        report = json.loads((out / "report.json").read_text())
+        samples = sample_figures(out, args.seeds, report)
+        comparison[name] = {"amateur": str(amateur), "time": time, "report": report}
+        comparison[name]["samples"] = samples
+    atomic_write_json(args.out / "comparison.json", comparison)
+    atomic_write_text(args.out / "comparison.md", markdown(comparison))
+    print(markdown(comparison))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,8 @@ A record holds one question's expert rollout and what training needs from it:
 - `id`: the question's id;
 - `prompt_ids` (never empty) and `completion_ids`: token ids of the prompt and the rollout;
 - `kl`: KL(π_E‖π_A) at every completion position (one number per completion token);
+  null at a position the expert/amateur alignment could not match (an amateur of another
+  tokenizer, docs/CROSS_TOKENIZER.md), never at a selected position;
 - `positions`: the selected indices into `completion_ids`, strictly increasing;
 - `target_ids`, `target_weights`: one row per selected position, each row non-empty and
   as long as its partner; weights finite, >= 0 and summing to (0, 1].
@@ -47,7 +49,7 @@ class SampleRecord:
     id: str | None
     prompt_ids: list[int]
     completion_ids: list[int]
-    kl: list[float] | None = None
+    kl: list[float | None] | None = None
     positions: list[int] | None = None
     target_ids: list[list[int]] | None = None
     target_weights: list[list[float]] | None = None
@@ -93,6 +95,9 @@ class SampleRecord:
         targets = (None, None, None)
         if "positions" in obj:
             targets = _targets(obj, where, len(completion), vocab_size)
+            if kl is not None and any(kl[t] is None for t in targets[0]):
+                first = next(t for t in targets[0] if kl[t] is None)
+                raise DataError(f"{where}: selected position {first} has a null kl")
         return cls(_id(obj, where), prompt, completion, kl, *targets)
 
 
@@ -124,9 +129,9 @@ def int_list(value, where: str, field: str, low: int, high: int | None) -> list[
     return value
 
 
-def _kl(value, where: str, completion_len: int) -> list[float]:
-    if not isinstance(value, list) or not all(_is_number(v) for v in value):
-        raise DataError(f"{where}: field 'kl' must be a list of numbers")
+def _kl(value, where: str, completion_len: int) -> list[float | None]:
+    if not isinstance(value, list) or not all(_is_number(v) or v is None for v in value):
+        raise DataError(f"{where}: field 'kl' must be a list of numbers (null: unaligned)")
     if len(value) != completion_len:
         raise DataError(f"{where}: {len(value)} kl values for {completion_len} completion tokens")
     return value

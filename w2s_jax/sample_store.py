@@ -135,17 +135,26 @@ def write_shard(
     return shard
 
 
-def summarize(out: str | Path, *, beta: float) -> tuple[dict, np.ndarray]:
-    """Summary over every finished shard, and the flat array of KL values at all positions."""
-    kl_chunks, questions, selected, prompt_tokens = [], 0, 0, 0
+def summarize(
+    out: str | Path, *, beta: float, cross_tokenizer: dict | None = None
+) -> tuple[dict, np.ndarray]:
+    """Summary over every finished shard, and the flat array of KL values at all positions
+    (all aligned positions, for an amateur of another tokenizer).
+
+    `cross_tokenizer` (the manifest's block of that name, for such an amateur) adds a
+    `cross_tokenizer` section: the aligned share of positions, the amateur's mapped mass
+    per aligned position (mean, p10, median), and the map's coverage and mode.
+    """
+    kl_chunks, questions, selected, prompt_tokens, positions = [], 0, 0, 0, 0
     for record in read_samples(out):
         questions += 1
         selected += len(record["positions"])
         prompt_tokens += len(record["prompt_ids"])
-        kl_chunks.append(np.asarray(record["kl"], dtype=np.float64))
+        positions += len(record["kl"])
+        kl_chunks.append(np.array([v for v in record["kl"] if v is not None], np.float64))
     kl = np.concatenate(kl_chunks) if kl_chunks else np.zeros(0)
     sums = {"plausible_size_sum": 0.0, "dropped_mass_sum": 0.0, "wall_time_s": 0.0}
-    dropped_max = 0.0
+    dropped_max, mapped_mass = 0.0, []
     for shard in shard_paths(out):
         if not _stats_path(shard).is_file():
             raise DataError(f"{_stats_path(shard)}: missing (written with every shard)")
@@ -153,7 +162,7 @@ def summarize(out: str | Path, *, beta: float) -> tuple[dict, np.ndarray]:
         for key in sums:
             sums[key] += stats[key]
         dropped_max = max(dropped_max, stats["dropped_mass_max"])
-    positions = int(kl.size)
+        mapped_mass += stats.get("mapped_mass", [])
     summary = {
         "questions": questions,
         "prompt_tokens": prompt_tokens,
@@ -173,7 +182,27 @@ def summarize(out: str | Path, *, beta: float) -> tuple[dict, np.ndarray]:
         "wall_time_s": sums["wall_time_s"],
         "tokens_per_s": positions / sums["wall_time_s"] if sums["wall_time_s"] else None,
     }
+    if cross_tokenizer is not None:
+        summary["cross_tokenizer"] = _cross_summary(
+            cross_tokenizer, kl.size, positions, mapped_mass
+        )
     return summary, kl
+
+
+def _cross_summary(manifest_block: dict, aligned: int, positions: int, mapped_mass) -> dict:
+    mass = np.asarray(mapped_mass, np.float64)
+    stat = lambda f: float(f(mass)) if mass.size else None  # noqa: E731
+    return {
+        "aligned_positions": aligned,
+        "aligned_share": aligned / positions if positions else None,
+        "mapped_mass": {
+            "mean": stat(np.mean),
+            "p10": stat(lambda m: np.quantile(m, 0.1)),
+            "p50": stat(np.median),
+        },
+        "coverage": manifest_block["coverage"],
+        "unmapped_mass": manifest_block["unmapped_mass"],
+    }
 
 
 def plot_kl_histogram(kl: np.ndarray, beta: float, path: str | Path) -> None:

@@ -227,10 +227,14 @@ def gather_rows(local_rows: list[list[int]]) -> list[list[int]]:
     ]
 
 
-def rollout_and_score(expert, scorer: Scorer, prompts, *, max_new_tokens, eos_ids, pad_id):
+def rollout_and_score(
+    expert, scorer, prompts, *, max_new_tokens, eos_ids, pad_id, amateur_prompts=None
+):
     """The expert's greedy rollouts of `prompts` and their scores, on host.
 
-    Returns (completion [B, T] int32, lengths [B], scores from `Scorer`).
+    `scorer`: a `Scorer`, or with `amateur_prompts` (each row's prompt in the amateur's
+    own tokens) a `cross_scoring.CrossScorer` for an amateur of another tokenizer.
+    Returns (completion [B, T] int32, lengths [B], scores from the scorer).
     """
     result = generate(
         expert,
@@ -242,6 +246,9 @@ def rollout_and_score(expert, scorer: Scorer, prompts, *, max_new_tokens, eos_id
     )
     completion_bt = result.tokens.astype(np.int32)
     lengths_b = result.lengths.astype(np.int32)
+    if amateur_prompts is not None:
+        scores = scorer(amateur_prompts, completion_bt, lengths_b, result.hidden_states)
+        return completion_bt, lengths_b, scores
     prefix_len = shared_prefix_length(prompts)
     prompt_bp, prompt_mask_bp = left_pad(prompts, pad_id, multiple=16, prefix_len=prefix_len)
     scores = scorer(
@@ -262,10 +269,15 @@ def build_records(ids, prompts, completion_bt, lengths_b, scores, *, contrast: b
     """One `SampleRecord` per row, and the batch's sums for the stats sidecar.
 
     Targets keep the min(|plausible set|, k) heaviest tokens; with `contrast=False`
-    the target is one-hot on the expert's own token.
+    the target is one-hot on the expert's own token. Scores of an amateur of another
+    tokenizer (`cross_scoring.CrossScorer`: with `aligned` and `mapped_mass`) leave the
+    KL of unaligned positions None (null in the record), and the stats add the aligned
+    position count and the mapped amateur mass of every aligned position.
     """
     records = []
     plausible_sum = dropped_sum = dropped_max = 0.0
+    cross = "aligned" in scores
+    aligned_count, mapped_mass = 0, []
     for b, (qid, prompt) in enumerate(zip(ids, prompts, strict=True)):
         n = int(lengths_b[b])
         completion = [int(x) for x in completion_bt[b, :n]]
@@ -289,12 +301,18 @@ def build_records(ids, prompts, completion_bt, lengths_b, scores, *, contrast: b
             target_ids = [[completion[t]] for t in positions]
             target_weights = [[1.0] for _ in positions]
         plausible_sum += float(scores["plausible_size"][b, positions].sum())
+        kl = [float(x) for x in scores["kl"][b, :n]]
+        if cross:
+            aligned = scores["aligned"][b, :n]
+            kl = [x if ok else None for x, ok in zip(kl, aligned, strict=True)]
+            aligned_count += int(aligned.sum())
+            mapped_mass += [float(x) for x in scores["mapped_mass"][b, :n][aligned]]
         records.append(
             SampleRecord(
                 id=qid,
                 prompt_ids=[int(x) for x in prompt],
                 completion_ids=completion,
-                kl=[float(x) for x in scores["kl"][b, :n]],
+                kl=kl,
                 positions=positions.tolist(),
                 target_ids=target_ids,
                 target_weights=target_weights,
@@ -305,4 +323,6 @@ def build_records(ids, prompts, completion_bt, lengths_b, scores, *, contrast: b
         "dropped_mass_sum": dropped_sum,
         "dropped_mass_max": dropped_max,
     }
+    if cross:
+        stats.update(aligned_positions=aligned_count, mapped_mass=mapped_mass)
     return records, stats

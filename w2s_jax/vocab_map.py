@@ -34,6 +34,9 @@ import numpy as np
 from w2s_jax.prompts import chat_end_of_turn, special_token_ids
 
 ROLES = ("end_of_turn", "eos", "bos", "pad", "unk")
+# How the scoring treats probability on ids without a counterpart in the map
+# (`w2s_jax.divergence.cross_vocab`; defined here, free of JAX, for the settings).
+UNMAPPED_MASS_MODES = ("renormalize", "residual")
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 SPACE_MARK = "\u2581"  # "▁"
 

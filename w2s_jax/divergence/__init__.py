@@ -42,15 +42,23 @@ from w2s_jax.divergence.checks import (
     fused_pair_vocabs,
     head_vocab,
 )
+from w2s_jax.divergence.cross_vocab import (
+    UNMAPPED_MASS_MODES,
+    cross_kl_and_target,
+    fused_cross_kl_and_target,
+)
 
 __all__ = [
     "CONTRASTIVE_FORMS",
     "DISTILL_DIRECTIONS",
+    "UNMAPPED_MASS_MODES",
     "contrastive_scores",
     "contrastive_loss",
     "contrastive_target",
     "contrastive_target_chunked",
+    "cross_kl_and_target",
     "fused_contrastive_loss",
+    "fused_cross_kl_and_target",
     "fused_distillation",
     "fused_kl_and_target",
     "fused_loss_and_rank",

@@ -91,6 +91,11 @@ def _target_rows(expert_logits, amateur_logits, log_alpha, k, with_stats):
     score = jnp.where(
         plausible, expert_logits.astype(jnp.float32) - amateur_logits.astype(jnp.float32), -jnp.inf
     )
+    return sparse_target(score, plausible, k, with_stats)
+
+
+def sparse_target(score, plausible, k, with_stats):
+    """Top-k of softmax(score) (score −inf outside the candidates), renormalized."""
     top, ids = jax.lax.top_k(score, k)
     # No slicing of top/ids: XLA:CPU only keeps its fast TopK kernel (instead of a full
     # sort of V) when the outputs are used whole. Sorted, so slot 0 holds the best.

@@ -18,6 +18,7 @@ from w2s_jax.settings import (
     setting,
     stop_ids_setting,
 )
+from w2s_jax.vocab_map import UNMAPPED_MASS_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,18 @@ class SampleSettings:
         "Also write the LightReasoner reference's one-line-per-step JSONL.",
         metavar="FILE",
         free=True,
+    )
+    unmapped_mass: str = setting(
+        "renormalize",
+        "Amateur of another tokenizer: its mass on tokens without an expert counterpart is "
+        "renormalized away or kept in a residual bucket (docs/CROSS_TOKENIZER.md).",
+        choices=UNMAPPED_MASS_MODES,
+    )
+    min_vocab_coverage: float = setting(
+        0.5,
+        "Amateur of another tokenizer: refuse a pair whose vocabulary map covers a smaller "
+        "share of the expert's question tokens.",
+        check=number_in(0.0, 1.0),
     )
     question_field: str = setting("question", "Field holding the question.")
     id_field: str = setting("id", "Field holding the question id.")

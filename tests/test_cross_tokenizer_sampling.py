@@ -1,0 +1,210 @@
+"""Sampling with an amateur of another tokenizer, against HF transformers (PyTorch, float64).
+
+The reference scores the amateur on its OWN tokens (its chat prompt + the completion's
+text in its tokens) and moves its distribution onto expert ids by hand, then applies
+METHOD.md §1 in numpy; positions are matched by the alignment (tested by hand in
+tests/test_token_alignment.py).
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from w2s_jax.prompts import SAMPLE_SYSTEM_PROMPT, prompt_ids
+
+QUESTIONS = [
+    "how many apples does Tom have if he has 3 boxes of 4 apples",
+    "what is the total cost of 3 books and 4 pens",
+    "sum of 1234 and 4321",
+]
+ALPHA, TOP_K = 0.2, 4
+
+
+@pytest.fixture(scope="module")
+def amateur_dir(tmp_path_factory):
+    """A tiny Qwen2 amateur whose tokenizer differs: trained with digit splitting, 280
+    tokens, four special tokens (<|pad|> first), so even the special ids differ."""
+    from tiny_checkpoints import _training_corpus, make_tiny_model
+
+    from w2s_jax.data.toy_tokenizer import save_tokenizer, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("cross_amateur")
+    save_tokenizer(train_tokenizer(_training_corpus(), vocab_size=280), folder)
+    make_tiny_model(
+        folder,
+        tokenizer_folder=folder,
+        vocab_size=288,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        initializer_range=0.2,
+        seed=1,
+    )
+    return folder
+
+
+COMPLETIONS = [  # teacher-forced "rollouts": real text, so most positions can align
+    "There are 3 boxes of 4 apples, so Tom has 12 apples. The answer is \\boxed{12}.",
+    "3 books cost 21 coins and 4 pens cost 8, so the total is 29. Café: \\boxed{29}.",
+    "1234 plus 4321 is 5555; the sum is \\boxed{5555}",
+]
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_qwen2_dir, amateur_dir):
+    """Expert completions (text + end of turn) scored by `CrossScorer` in both
+    unmapped-mass modes; the expert's hidden states from a teacher-forced pass."""
+    import jax
+
+    from w2s_jax.cross_scoring import CrossScorer, TokenizerPair
+    from w2s_jax.generate import left_pad, prefill
+    from w2s_jax.models import load_pretrained, load_tokenizer
+    from w2s_jax.sampling import teacher_forced_inputs
+
+    expert_tok, amateur_tok = load_tokenizer(tiny_qwen2_dir), load_tokenizer(amateur_dir)
+    pair = TokenizerPair.build(expert_tok, amateur_tok)
+    fmt = dict(style="chat", system_prompt=SAMPLE_SYSTEM_PROMPT)
+    prompts = [prompt_ids(expert_tok, q, **fmt) for q in QUESTIONS]
+    amateur_prompts = [prompt_ids(amateur_tok, q, **fmt) for q in QUESTIONS]
+    rows = [expert_tok(c, add_special_tokens=False)["input_ids"] for c in COMPLETIONS]
+    rows[0].append(expert_tok.eos_token_id)  # an end of turn, mapped by role
+    lengths = np.array([len(r) for r in rows], np.int32)
+    completion = np.full((len(rows), 64), expert_tok.pad_token_id, np.int32)
+    for b, r in enumerate(rows):
+        completion[b, : len(r)] = r
+    expert = load_pretrained(tiny_qwen2_dir, dtype="float32")
+    amateur = load_pretrained(amateur_dir, dtype="float32")
+    expert.restrict_vocab(len(expert_tok))
+    amateur.restrict_vocab(len(amateur_tok))
+    prompt_bp, prompt_mask = left_pad(prompts, expert_tok.pad_token_id)
+    ids, mask, _ = teacher_forced_inputs(prompt_bp, prompt_mask, completion, lengths)
+    hidden = jax.jit(lambda m, i, k: prefill(m, i, k)[0])(expert, ids, mask)
+    expert_btd = hidden[:, prompt_bp.shape[1] - 1 :]
+    scores = {}
+    for mode, select in (("renormalize", True), ("residual", True), ("renormalize", False)):
+        config = types.SimpleNamespace(
+            alpha=ALPHA, beta=0.0, top_k=TOP_K, chunk_size=16, select=select, unmapped_mass=mode
+        )
+        scorer = CrossScorer(expert, amateur, pair, config=config)
+        scores[mode, select] = scorer(amateur_prompts, completion, lengths, expert_btd)
+    return {
+        "pair": pair,
+        "prompts": prompts,
+        "amateur_prompts": amateur_prompts,
+        "completion": completion,
+        "lengths": lengths,
+        "scores": scores,
+        "tokenizers": (expert_tok, amateur_tok),
+    }
+
+
+def _reference_rows(expert_lp, amateur_lp, a2e, mode):
+    """KL, targets, mapped mass, has-target by METHOD.md §1 over expert ids, float64;
+    the amateur's distribution moved onto expert ids by a loop over its ids."""
+    pa = np.exp(amateur_lp)
+    moved = np.zeros(expert_lp.shape[-1])
+    residual = 0.0
+    for a, e in enumerate(a2e):
+        if e >= 0:
+            moved[e] += pa[a]
+        else:
+            residual += pa[a]
+    mapped = np.zeros(expert_lp.shape[-1], bool)
+    mapped[a2e[a2e >= 0]] = True
+    pe = np.exp(expert_lp)
+    if mode == "renormalize":
+        p, q = np.where(mapped, pe, 0.0), moved
+        p, q = p / p.sum(), q / q.sum()
+    else:
+        p = np.append(np.where(mapped, pe, 0.0), pe[~mapped].sum())
+        q = np.append(moved, max(residual, np.finfo(np.float32).tiny))
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 log 0 terms, dropped by where
+        kl = float(np.sum(np.where(p > 0, p * np.log(p / q), 0.0)))
+    plausible = pe >= ALPHA * pe.max()
+    log_q = np.log(np.where(moved > 0, moved, 1e-300))
+    if mode == "renormalize":
+        candidates = plausible & mapped
+    else:
+        candidates = plausible
+        log_q = np.where(mapped, log_q, np.log(max(residual, np.finfo(np.float32).tiny)))
+    score = np.where(candidates, expert_lp - log_q, -np.inf)
+    order = np.argsort(-score, kind="stable")[: min(TOP_K, candidates.sum())]
+    weights = np.exp(score[order] - score[order].max())
+    return kl, order, weights / weights.sum(), 1 - residual, bool(candidates.any())
+
+
+@pytest.fixture(scope="module")
+def reference(scored, tiny_qwen2_dir, amateur_dir):
+    """Per (row, position): float64 log-probs of expert and amateur from HF PyTorch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    expert_tok, amateur_tok = scored["tokenizers"]
+    expert = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_dir)).eval().double()
+    amateur = AutoModelForCausalLM.from_pretrained(str(amateur_dir)).eval().double()
+    rows = []
+    with torch.no_grad():
+        for b, n in enumerate(scored["lengths"]):
+            completion = scored["completion"][b, :n].tolist()
+            alignment = scored["pair"].align(completion)
+            prompt, a_prompt = scored["prompts"][b], scored["amateur_prompts"][b]
+            e = expert(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 :]
+            a_ids = a_prompt + alignment.amateur_ids
+            a = amateur(torch.tensor([a_ids])).logits[0, len(a_prompt) - 1 :]
+            e = torch.log_softmax(e[:, : len(expert_tok)], -1).numpy()
+            a = torch.log_softmax(a[:, : len(amateur_tok)], -1).numpy()
+            rows.append((alignment, e, a))
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["renormalize", "residual"])
+def test_kl_and_targets_equal_hf_on_the_amateurs_own_tokens(scored, reference, mode):
+    scores = scored["scores"][mode, True]
+    a2e = scored["pair"].vocab_map.amateur_to_expert
+    checked = 0
+    for b, (alignment, expert_lp, amateur_lp) in enumerate(reference):
+        n = int(scored["lengths"][b])
+        np.testing.assert_array_equal(scores["aligned"][b, :n], alignment.columns >= 0)
+        for t in np.flatnonzero(alignment.columns >= 0):
+            j = alignment.columns[t]
+            kl, ids, weights, mass, has = _reference_rows(expert_lp[t], amateur_lp[j], a2e, mode)
+            np.testing.assert_allclose(scores["kl"][b, t], kl, rtol=2e-4, atol=2e-5)
+            np.testing.assert_allclose(scores["mapped_mass"][b, t], mass, rtol=1e-5, atol=1e-6)
+            assert bool(scores["valid"][b, t]) == has
+            if has:
+                m = len(ids)
+                got = scores["target_weights"][b, t, :m]
+                np.testing.assert_allclose(got, weights, rtol=2e-4, atol=2e-5)
+                big = weights > 1e-3  # ties among negligible weights may order either way
+                np.testing.assert_array_equal(scores["target_ids"][b, t, :m][big], ids[big])
+            checked += 1
+    assert checked >= 40
+
+
+def test_amateur_tokens_are_the_completion_text_encoded_once(scored):
+    expert_tok, amateur_tok = scored["tokenizers"]
+    for b, n in enumerate(scored["lengths"]):
+        completion = scored["completion"][b, :n].tolist()
+        text_ids = [i for i in completion if i not in expert_tok.all_special_ids]
+        if len(text_ids) < len(completion) - 1:
+            continue  # a special token inside the rollout: several segments
+        text = expert_tok.decode(text_ids)
+        expected = amateur_tok(text, add_special_tokens=False)["input_ids"]
+        got = scored["pair"].align(completion).amateur_ids
+        assert got[: len(expected)] == expected
+
+
+def test_unaligned_positions_are_never_selected(scored):
+    lengths = scored["lengths"]
+    inside = np.arange(scored["completion"].shape[1])[None, :] < lengths[:, None]
+    for (_mode, select), scores in scored["scores"].items():
+        unaligned = inside & ~scores["aligned"]
+        assert unaligned.any() and (inside & scores["aligned"]).any()  # both kinds occur
+        assert not (scores["selected"] & ~scores["aligned"]).any()
+        assert not (scores["selected"] & ~scores["valid"]).any()
+        assert np.isnan(scores["kl"][unaligned]).all()
+        if not select:  # --no-select keeps every valid position, and only those
+            np.testing.assert_array_equal(scores["selected"], scores["valid"])

@@ -1,6 +1,7 @@
 """Once-only steps shared by the multi-stage runs (the demo, the real-LM world's models,
-weak-to-strong-gen): a `w2s train` run merged into a model folder, atomically, and a
-`w2s eval` run that a finished summary.json makes a no-op."""
+weak-to-strong-gen, the rounds): a `w2s train` run that a finished summary.json makes a
+no-op, a `w2s train` run merged into a model folder, atomically, and a `w2s eval` run
+that a finished summary.json makes a no-op."""
 
 from __future__ import annotations
 
@@ -9,6 +10,19 @@ import shutil
 from pathlib import Path
 
 from w2s_jax.files import atomic_folder
+
+
+def train_once(settings) -> dict:
+    """The summary of the `w2s train` run with `settings` (TrainSettings); trained (or
+    resumed) only when its summary.json does not yet record all `settings.steps` steps."""
+    from w2s_jax.train import train
+
+    summary = Path(settings.out) / "summary.json"
+    if summary.is_file():
+        done = json.loads(summary.read_text())
+        if done["steps"] == settings.steps:
+            return done
+    return train(settings)
 
 
 def export_once(run: str | Path, model: str | Path, expert: str | Path) -> Path:

@@ -208,3 +208,115 @@ def test_unaligned_positions_are_never_selected(scored):
         assert np.isnan(scores["kl"][unaligned]).all()
         if not select:  # --no-select keeps every valid position, and only those
             np.testing.assert_array_equal(scores["selected"], scores["valid"])
+
+
+@pytest.fixture(scope="module")
+def questions_file(tmp_path_factory):
+    from w2s_jax.files import atomic_write_jsonl
+
+    path = tmp_path_factory.mktemp("cross_questions") / "q.jsonl"
+    atomic_write_jsonl(path, [{"id": f"q{i}", "question": q} for i, q in enumerate(QUESTIONS)])
+    return path
+
+
+def _argv(expert, amateur, data, out, *extra):
+    argv = ["sample", "--expert", expert, "--amateur", amateur, "--data", data, "--out", out]
+    argv += ["--batch-size", "4", "--max-new-tokens", "12", "--beta", "0.0", "--top-k", "4"]
+    return [str(a) for a in [*argv, *extra]]
+
+
+def test_w2s_sample_end_to_end_reports_alignment_and_coverage(
+    tmp_path, tiny_qwen2_dir, amateur_dir, questions_file, capsys
+):
+    import json
+
+    from w2s_jax import sample_store
+    from w2s_jax.cli import main
+    from w2s_jax.models import load_tokenizer
+    from w2s_jax.vocab_map import build_vocab_map
+
+    out = tmp_path / "out"
+    assert main(_argv(tiny_qwen2_dir, amateur_dir, questions_file, out)) == 0
+    records = list(sample_store.read_samples(out))
+    assert len(records) == len(QUESTIONS)
+    nulls = sum(v is None for r in records for v in r["kl"])
+    numbers = sum(v is not None for r in records for v in r["kl"])
+    assert nulls and numbers  # random rollouts: some bytes align, invalid UTF-8 does not
+    for r in records:
+        assert all(r["kl"][t] is not None for t in r["positions"])
+    summary = json.loads((out / "summary.json").read_text())
+    cross = summary["cross_tokenizer"]
+    assert cross["aligned_positions"] == numbers
+    assert cross["aligned_share"] == pytest.approx(numbers / (numbers + nulls))
+    assert cross["unmapped_mass"] == "residual"
+    assert 0 < cross["mapped_mass"]["p10"] <= cross["mapped_mass"]["p50"] <= 1
+    # The coverage, recomputed independently of the run.
+    expert_tok, amateur_tok = load_tokenizer(tiny_qwen2_dir), load_tokenizer(amateur_dir)
+    vm = build_vocab_map(expert_tok, amateur_tok)
+    encoded = [expert_tok(q, add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    assert cross["coverage"] == vm.coverage(encoded)
+    assert f"{cross['aligned_share']:.1%} of positions aligned" in capsys.readouterr().out
+    manifest = sample_store.read_manifest(out)
+    assert manifest["settings"]["unmapped_mass"] == "residual"
+    assert "amateur_tokenizer_fingerprint" in manifest["settings"]
+
+    # A resume with another amateur tokenizer (same weights) is refused before any compute.
+    import shutil
+
+    from tiny_checkpoints import _training_corpus
+
+    from w2s_jax.data.toy_tokenizer import save_tokenizer, train_tokenizer
+
+    other = tmp_path / "other_amateur"
+    shutil.copytree(amateur_dir, other)
+    save_tokenizer(train_tokenizer(_training_corpus(), vocab_size=270), other)
+    with pytest.raises(SystemExit, match="amateur_tokenizer_fingerprint"):
+        main(_argv(tiny_qwen2_dir, other, questions_file, out))
+
+
+def test_low_coverage_is_refused_before_any_output(
+    tmp_path, tiny_qwen2_dir, amateur_dir, questions_file
+):
+    from w2s_jax.cli import main
+
+    out = tmp_path / "out"
+    argv = _argv(tiny_qwen2_dir, amateur_dir, questions_file, out, "--min-vocab-coverage", "1")
+    with pytest.raises(SystemExit, match=r"covers \d+\.\d% of the expert .* below --min-vocab"):
+        main(argv)
+    assert not out.exists()
+
+
+def test_same_tokenizer_pair_keeps_the_old_path(
+    tmp_path, tiny_qwen2_dir, tiny_qwen2_amateur_dir, questions_file
+):
+    from w2s_jax.stages.sample import plan
+    from w2s_jax.stages.sample_settings import SampleSettings
+
+    settings = SampleSettings(
+        expert=str(tiny_qwen2_dir),
+        amateur=str(tiny_qwen2_amateur_dir),
+        data=str(questions_file),
+        out=str(tmp_path / "out"),
+    )
+    the_plan = plan(settings)
+    assert the_plan.cross is None  # sampling.Scorer, the fused same-vocabulary kernel
+    assert "cross_tokenizer" not in the_plan.manifest
+    assert not {"unmapped_mass", "min_vocab_coverage"} & set(the_plan.manifest["settings"])
+
+
+def test_records_accept_null_kl_only_off_the_selected_positions():
+    from w2s_jax.files import DataError
+    from w2s_jax.records import SampleRecord
+
+    good = {
+        "id": "q",
+        "prompt_ids": [1],
+        "completion_ids": [5, 6, 7],
+        "kl": [0.5, None, 1.0],
+        "positions": [0, 2],
+        "target_ids": [[5], [7]],
+        "target_weights": [[1.0], [1.0]],
+    }
+    assert SampleRecord.from_json(good, where="s:1").kl == [0.5, None, 1.0]
+    with pytest.raises(DataError, match="s:1: selected position 1 has a null kl"):
+        SampleRecord.from_json(good | {"positions": [0, 1]}, where="s:1")

@@ -66,6 +66,56 @@ class TokenizerPair:
         return 0
 
 
+@dataclasses.dataclass
+class CrossPlan:
+    """What `w2s sample` checked and needs for an amateur of another tokenizer: the pair,
+    each question's prompt in the amateur's own tokens and chat template, and the
+    manifest's `cross_tokenizer` block (mode, map coverage, amateur tokenizer)."""
+
+    pair: TokenizerPair
+    amateur_prompts: list
+    manifest_block: dict
+
+    @property
+    def amateur_vocab_size(self) -> int:
+        return len(self.pair.amateur_bytes)
+
+
+def plan_cross(
+    expert_tokenizer, amateur_tokenizer, questions, *, settings, expert: str, amateur: str
+) -> CrossPlan:
+    """Build the map, measure its coverage on the questions (encoded by the expert's
+    tokenizer) and refuse a pair below `settings.min_vocab_coverage` (ValueError with the
+    measured coverage); format every question with the amateur's own template."""
+    from w2s_jax.fingerprint import tokenizer_fingerprint
+    from w2s_jax.prompts import prompt_example, prompt_ids
+    from w2s_jax.vocab_map import check_coverage
+
+    try:
+        pair = TokenizerPair.build(expert_tokenizer, amateur_tokenizer)
+    except ValueError as exc:
+        raise ValueError(f"expert {expert} / amateur {amateur}: {exc}") from exc
+    encoded = (
+        expert_tokenizer(q.question, add_special_tokens=False)["input_ids"] for q in questions
+    )
+    coverage = pair.vocab_map.coverage(encoded)
+    check_coverage(coverage, settings.min_vocab_coverage, expert=expert, amateur=amateur)
+    style = dict(style=settings.prompt_style, system_prompt=settings.system_prompt)
+    try:
+        prompts = [prompt_ids(amateur_tokenizer, q.question, **style) for q in questions]
+        example = prompt_example(amateur_tokenizer, **style)
+    except ValueError as exc:
+        raise ValueError(f"amateur {amateur}'s tokenizer: {exc}") from exc
+    block = {
+        "unmapped_mass": settings.unmapped_mass,
+        "coverage": coverage,
+        "amateur_tokenizer_fingerprint": tokenizer_fingerprint(amateur_tokenizer),
+        "amateur_vocab_size": len(amateur_tokenizer),
+        "amateur_prompt_example": example,
+    }
+    return CrossPlan(pair, prompts, block)
+
+
 def aligned_inputs(pair: TokenizerPair, amateur_prompts, completion_bt, lengths_b):
     """The amateur's teacher-forced batch and, per expert position, the column to read.
 

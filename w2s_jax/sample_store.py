@@ -189,6 +189,20 @@ def summarize(
     return summary, kl
 
 
+def cross_summary_line(summary: dict) -> str:
+    """ ", A% aligned, mapped mass mean M (p10 P), map coverage C" for a summary with a
+    `cross_tokenizer` section; "" without one."""
+    cross = summary.get("cross_tokenizer")
+    if cross is None:
+        return ""
+    mass, share = cross["mapped_mass"], cross["aligned_share"]
+    parts = [f"{share:.1%} of positions aligned" if share is not None else "no positions"]
+    if mass["mean"] is not None:
+        parts.append(f"mapped amateur mass mean {mass['mean']:.3f} (p10 {mass['p10']:.3f})")
+    parts.append(f"map covers {cross['coverage']['token_occurrences']:.1%} of question tokens")
+    return "; " + ", ".join(parts)
+
+
 def _cross_summary(manifest_block: dict, aligned: int, positions: int, mapped_mass) -> dict:
     mass = np.asarray(mapped_mass, np.float64)
     stat = lambda f: float(f(mass)) if mass.size else None  # noqa: E731

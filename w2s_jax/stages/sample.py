@@ -36,6 +36,7 @@ class SamplePlan:
     pad_id: int
     manifest: dict
     sources: tuple  # the expert's and the amateur's `model_source.ModelSource`
+    cross: object = None  # `cross_scoring.CrossPlan` for an amateur of another tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +48,12 @@ class SampleResult:
     resumed: bool
 
 
-def _shared_tokenizer(expert: Path, amateur: Path):
-    """The expert's tokenizer, after checking that the amateur's maps ids the same way."""
+def _tokenizer_pair(expert: Path, amateur: Path):
+    """(expert tokenizer, None) when the amateur's maps ids the same way, else (expert
+    tokenizer, amateur tokenizer): an amateur of another tokenizer (`cross_scoring`)."""
     from w2s_jax import fingerprint
     from w2s_jax.models import ModelConfig, load_tokenizer
-    from w2s_jax.sampling import check_shared_tokenizer
+    from w2s_jax.sampling import tokenizer_difference
 
     # Identical tokenizer files need no second load (seconds for a 151k-token vocabulary).
     shared_files = fingerprint.same_tokenizer_files(expert, amateur)
@@ -62,17 +64,17 @@ def _shared_tokenizer(expert: Path, amateur: Path):
             tokenizers.append(load_tokenizer(folder))
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot load the {role} tokenizer from {folder}: {exc}") from exc
-    if not shared_files:
-        check_shared_tokenizer(*tokenizers, expert=str(expert), amateur=str(amateur))
-    tokenizer = tokenizers[0]
-    for role, folder in (("expert", expert), ("amateur", amateur)):
+    if not shared_files and tokenizer_difference(*tokenizers) is None:
+        tokenizers = tokenizers[:1]
+    own = tokenizers if len(tokenizers) == 2 else tokenizers * 2  # each model's tokenizer
+    for role, folder, tokenizer in zip(("expert", "amateur"), (expert, amateur), own, strict=True):
         model_vocab = ModelConfig.from_hf_json(folder / "config.json").vocab_size
         if model_vocab < len(tokenizer):
             raise ValueError(
                 f"{role} {folder}: the model has {model_vocab} output rows but the tokenizer "
                 f"has {len(tokenizer)} tokens"
             )
-    return tokenizer
+    return tokenizers[0], (tokenizers[1] if len(tokenizers) > 1 else None)
 
 
 def _questions(settings: SampleSettings) -> list:
@@ -106,8 +108,14 @@ def plan(settings: SampleSettings) -> SamplePlan:
         raise ValueError(f"--out {settings.out} exists and is not a folder")
     sources = model_source.resolve_pair(settings.expert, settings.amateur)
     expert, amateur = (source.folder for source in sources)  # a run's: its base folder
-    tokenizer = _shared_tokenizer(expert, amateur)
+    tokenizer, amateur_tokenizer = _tokenizer_pair(expert, amateur)
     questions = _questions(settings)
+    cross = None
+    if amateur_tokenizer is not None:
+        from w2s_jax.cross_scoring import plan_cross
+
+        names = {"expert": str(expert), "amateur": str(amateur)}
+        cross = plan_cross(tokenizer, amateur_tokenizer, questions, settings=settings, **names)
     style, system = settings.prompt_style, settings.system_prompt
     prompts = [
         prompt_ids(tokenizer, q.question, style=style, system_prompt=system) for q in questions
@@ -121,7 +129,12 @@ def plan(settings: SampleSettings) -> SamplePlan:
     fingerprints, identified = model_source.manifest_entries(*sources)
     fingerprints["tokenizer_fingerprint"] = fingerprint.tokenizer_fingerprint(tokenizer)
     skip = set(free_fields(SampleSettings)) | set(_IDENTIFIED_ELSEWHERE)
+    if cross is None:  # settings of an amateur of another tokenizer only
+        skip |= {"unmapped_mass", "min_vocab_coverage"}
     recorded = {k: v for k, v in record(settings).items() if k not in skip}
+    if cross is not None:  # a resume refuses another amateur tokenizer
+        fingerprint_key = "amateur_tokenizer_fingerprint"
+        recorded[fingerprint_key] = cross.manifest_block[fingerprint_key]
     recorded.update(
         fingerprints,
         eos_ids=eos_ids,
@@ -140,8 +153,19 @@ def plan(settings: SampleSettings) -> SamplePlan:
         "w2s_jax_version": __version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if cross is not None:
+        manifest["cross_tokenizer"] = cross.manifest_block
     return SamplePlan(
-        settings, questions, prompts, tokenizer, len(tokenizer), eos_ids, pad_id, manifest, sources
+        settings,
+        questions,
+        prompts,
+        tokenizer,
+        len(tokenizer),
+        eos_ids,
+        pad_id,
+        manifest,
+        sources,
+        cross,
     )
 
 
@@ -239,15 +263,22 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
     warn_if_slow(settings.dtype)
     options = model_options(settings) | {"allow_unused": settings.allow_unused_weights}
     expert, amateur = load_pair(*the_plan.sources, mesh=mesh, **options)
+    cross = the_plan.cross
     expert.restrict_vocab(the_plan.vocab_size)
-    amateur.restrict_vocab(the_plan.vocab_size)
-    scorer = Scorer(expert, amateur, config=settings, mesh=mesh)
+    amateur.restrict_vocab(the_plan.vocab_size if cross is None else cross.amateur_vocab_size)
+    if cross is None:
+        scorer = Scorer(expert, amateur, config=settings, mesh=mesh)
+    else:
+        from w2s_jax.cross_scoring import CrossScorer
+
+        scorer = CrossScorer(expert, amateur, cross.pair, config=settings, mesh=mesh)
     bar = tqdm(total=len(todo), unit="q", desc="sampling", disable=process != 0)
     selected = 0
     for step in range(steps):
         batch = todo[step * local_batch : (step + 1) * local_batch]
-        filler = the_plan.prompts[batch[0] if batch else 0]
-        rows = [the_plan.prompts[i] for i in batch] + [filler] * (local_batch - len(batch))
+        indices = batch + [batch[0] if batch else 0] * (local_batch - len(batch))  # filler
+        rows = [the_plan.prompts[i] for i in indices]
+        amateur_rows = None if cross is None else [cross.amateur_prompts[i] for i in indices]
         start = time.perf_counter()
         completion, lengths, scores = rollout_and_score(
             expert,
@@ -256,6 +287,7 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
             max_new_tokens=settings.max_new_tokens,
             eos_ids=the_plan.eos_ids,
             pad_id=the_plan.pad_id,
+            amateur_prompts=None if cross is None else gather_rows(amateur_rows),
         )
         if not batch:
             continue
@@ -279,13 +311,16 @@ def _sample_batches(the_plan: SamplePlan, mesh, done: set, log) -> None:
 
 def _check_scores_finite(scores: dict, lengths, own: slice, ids: list[str]) -> None:
     """NonFiniteError naming the first question whose KL or target weights are not finite
-    (nothing of its batch is written)."""
+    (nothing of its batch is written). Unaligned positions (an amateur of another
+    tokenizer) have no KL and are not checked."""
     import numpy as np
 
     from w2s_jax.files import NonFiniteError
 
     for name in ("kl", "target_weights"):
         values = np.asarray(scores[name][own], np.float64)
+        if name == "kl" and "aligned" in scores:
+            values = np.where(scores["aligned"][own], values, 0.0)
         for row, (question, length) in enumerate(zip(ids, lengths[own], strict=True)):
             bad = ~np.isfinite(values[row, : int(length)])
             if bad.any():
@@ -302,13 +337,15 @@ def _finish(the_plan: SamplePlan, out: Path, log) -> dict:
     from w2s_jax.files import atomic_write_json
 
     settings = the_plan.settings
-    summary, kl = sample_store.summarize(out, beta=settings.beta)
+    cross = the_plan.manifest.get("cross_tokenizer")
+    summary, kl = sample_store.summarize(out, beta=settings.beta, cross_tokenizer=cross)
     atomic_write_json(out / "summary.json", summary)
     sample_store.plot_kl_histogram(kl, settings.beta, out / "kl_histogram.png")
     log(
         f"{summary['questions']} questions, {summary['positions']} positions, "
         f"{summary['selected']} selected ({summary['selected_fraction']:.1%}"
-        f"{'' if settings.select else ', --no-select keeps every position'}) -> {out}"
+        f"{'' if settings.select else ', --no-select keeps every position'})"
+        f"{sample_store.cross_summary_line(summary)} -> {out}"
     )
     if settings.export_reference:
         rows = sample_store.export_reference(out, the_plan.tokenizer, settings.export_reference)

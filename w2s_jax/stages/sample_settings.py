@@ -80,9 +80,9 @@ class SampleSettings:
         free=True,
     )
     unmapped_mass: str = setting(
-        "renormalize",
-        "Amateur of another tokenizer: its mass on tokens without an expert counterpart is "
-        "renormalized away or kept in a residual bucket (docs/CROSS_TOKENIZER.md).",
+        "residual",
+        "Amateur of another tokenizer: mass on tokens without a counterpart is kept in one "
+        "residual bucket per side, or renormalized away (docs/CROSS_TOKENIZER.md; measured).",
         choices=UNMAPPED_MASS_MODES,
     )
     min_vocab_coverage: float = setting(

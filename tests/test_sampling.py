@@ -266,39 +266,22 @@ def test_changed_settings_are_refused(full_run, models, questions_file):
     assert _snapshot(full_run) == before
 
 
-@pytest.fixture(scope="module")
-def other_tokenizer_amateur(tmp_path_factory, tiny_qwen2_amateur_dir):
-    import shutil
-
-    from tiny_checkpoints import make_tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("other_amateur")
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_qwen2_amateur_dir / name, folder / name)
-    make_tiny_tokenizer(folder, vocab_size=290)
-    return folder
-
-
 @pytest.mark.parametrize(
     ("case", "message"),
     [
         ("malformed", r"q\.jsonl:2: not valid JSON"),
         ("empty_question", r"q\.jsonl:2: field 'question' is missing or empty"),
-        ("tokenizers", r"different tokenizers \(expert vs amateur: sizes 300 vs 290"),
         ("alpha", r"--alpha must lie in \(0.0, 1.0\], got 1.5"),
         ("beta", r"--beta must lie in \[0.0, inf\], got -0.5"),
         ("missing_model", r"expert model folder .*nowhere does not exist"),
     ],
 )
-def test_bad_input_is_refused_before_any_output(
-    case, message, tmp_path, models, tiny_qwen2_dir, other_tokenizer_amateur
-):
+def test_bad_input_is_refused_before_any_output(case, message, tmp_path, models, tiny_qwen2_dir):
     data = tmp_path / "q.jsonl"
     second = {"malformed": '{"question": "x"\n', "empty_question": '{"question": "  "}\n'}
     data.write_text('{"question": "fine"}\n' + second.get(case, '{"question": "ok"}\n'))
     argv = [*models, "--data", data, "--out", tmp_path / "out", *BASE]
     extra = {
-        "tokenizers": ["--amateur", other_tokenizer_amateur],
         "alpha": ["--alpha", "1.5"],
         "beta": ["--beta", "-0.5"],
         "missing_model": ["--expert", tmp_path / "nowhere"],

@@ -131,9 +131,11 @@ def _reference_rows(expert_lp, amateur_lp, a2e, mode):
         candidates = plausible
         log_q = np.where(mapped, log_q, np.log(max(residual, np.finfo(np.float32).tiny)))
     score = np.where(candidates, expert_lp - log_q, -np.inf)
+    if not candidates.any():
+        return kl, None, None, 1 - residual, False
     order = np.argsort(-score, kind="stable")[: min(TOP_K, candidates.sum())]
     weights = np.exp(score[order] - score[order].max())
-    return kl, order, weights / weights.sum(), 1 - residual, bool(candidates.any())
+    return kl, order, weights / weights.sum(), 1 - residual, True
 
 
 @pytest.fixture(scope="module")
@@ -320,3 +322,46 @@ def test_records_accept_null_kl_only_off_the_selected_positions():
     assert SampleRecord.from_json(good, where="s:1").kl == [0.5, None, 1.0]
     with pytest.raises(DataError, match="s:1: selected position 1 has a null kl"):
         SampleRecord.from_json(good | {"positions": [0, 1]}, where="s:1")
+
+
+@pytest.mark.parametrize("mode", ["renormalize", "residual"])
+def test_cross_vocab_math_on_random_logits(mode):
+    """cross_kl_and_target against the float64 reference on peaky random logits and a
+    random map with holes on both sides (unmapped plausible tokens occur); with the
+    identity map it is token_kl and contrastive_target exactly."""
+    from w2s_jax import divergence
+
+    rng = np.random.default_rng(0)
+    ve, va = 40, 30
+    ze = (rng.normal(size=(64, ve)) * 3).astype(np.float32)
+    za = (rng.normal(size=(64, va)) * 3).astype(np.float32)
+    a2e = rng.integers(-1, ve, size=va).astype(np.int32)
+    mapped = np.zeros(ve, bool)
+    mapped[a2e[a2e >= 0]] = True
+    kl, ids, weights, stats = divergence.cross_kl_and_target(
+        ze, za, a2e, mapped, ALPHA, TOP_K, mode=mode
+    )
+    unmapped_plausible = 0
+    for p in range(len(ze)):
+        lpe = ze[p] - np.logaddexp.reduce(ze[p].astype(np.float64))
+        lpa = za[p] - np.logaddexp.reduce(za[p].astype(np.float64))
+        ref_kl, ref_ids, ref_w, mass, has = _reference_rows(lpe, lpa, a2e, mode)
+        np.testing.assert_allclose(kl[p], ref_kl, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stats["mapped_mass"][p], mass, rtol=1e-5, atol=1e-6)
+        assert bool(stats["has_target"][p]) == has
+        if has:
+            np.testing.assert_allclose(weights[p, : len(ref_w)], ref_w, rtol=1e-4, atol=1e-5)
+            np.testing.assert_array_equal(
+                ids[p, : len(ref_ids)][ref_w > 1e-3], ref_ids[ref_w > 1e-3]
+            )
+        unmapped_plausible += bool(((np.exp(lpe) >= ALPHA * np.exp(lpe).max()) & ~mapped).any())
+    assert unmapped_plausible >= 5
+    same = (rng.normal(size=(64, ve)) * 3).astype(np.float32)
+    identity = np.arange(ve, dtype=np.int32)
+    kl, ids, weights, _ = divergence.cross_kl_and_target(
+        ze, same, identity, identity >= 0, ALPHA, TOP_K, mode=mode
+    )
+    ref_ids, ref_weights = divergence.contrastive_target(ze, same, ALPHA, TOP_K)
+    np.testing.assert_allclose(kl, divergence.token_kl(ze, same), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-5, atol=1e-6)

@@ -63,10 +63,6 @@ class Alignment:
     columns: np.ndarray
 
 
-def _is_char_start(data: bytes, offset: int) -> bool:
-    return offset == len(data) or (data[offset] & 0xC0) != 0x80
-
-
 class _Builder:
     """Accumulates the amateur sequence segment by segment; tracks whether the amateur's
     tokens so far spell exactly the expert's text so far."""
@@ -87,7 +83,8 @@ class _Builder:
         boundaries, done = {}, 0  # done: bytes of `data` the amateur tokens spelled so far
         for token, (start, _) in zip(encoding.ids, encoding.offsets, strict=True):
             if self.in_sync:
-                if int(char_to_byte[start]) == done and _is_char_start(data, done):
+                # Offsets count characters: a boundary inside a character never matches.
+                if int(char_to_byte[start]) == done:
                     boundaries[done] = len(self.ids)
                 spelled = self.amateur_bytes[token] if token < len(self.amateur_bytes) else None
                 if spelled is None or data[done : done + len(spelled)] != spelled:

@@ -51,6 +51,7 @@ def byte_level(
     eos="<|im_end|>",
     pad="<|endoftext|>",
     split_digits=False,
+    prefix_space=False,
     chat_template=CHATML,
 ):
     """A ByteLevel BPE tokenizer (GPT-2 alphabet) whose `words` (plain text, "Ġ"-free;
@@ -65,7 +66,7 @@ def byte_level(
     extra, merges = _chains(symbols, index)
     vocab = {t: i for i, t in enumerate(list(specials) + alphabet + extra)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    steps = [pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)]
     if split_digits:
         steps.insert(0, pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)

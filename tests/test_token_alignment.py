@@ -97,6 +97,20 @@ def test_leading_space_byte_level_versus_metaspace():
     np.testing.assert_array_equal(_align(split, merged, ids).columns, [0, -1, -1, -1])
 
 
+def test_no_prefix_space_is_added_mid_sequence():
+    # An amateur whose ByteLevel pre-tokenizer adds a prefix space ("a" -> "Ġa") at the
+    # start of a text: the completion continues a prompt, so none is added there.
+    expert = byte_level([" the"])
+    amateur = byte_level([" the", " a"], prefix_space=True)
+    assert amateur.convert_ids_to_tokens(amateur("a", add_special_tokens=False)["input_ids"]) == [
+        "Ġa"
+    ]
+    ids = expert("a the", add_special_tokens=False)["input_ids"]
+    result = _align(expert, amateur, ids)
+    assert amateur.convert_ids_to_tokens(result.amateur_ids) == ["a", "Ġthe"]
+    np.testing.assert_array_equal(result.columns, [0, 1])
+
+
 def test_special_without_counterpart_ends_alignment(pair):
     expert, amateur = pair
     start = expert.convert_tokens_to_ids("<|im_start|>")  # no amateur role or string

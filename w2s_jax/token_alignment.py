@@ -33,7 +33,7 @@ from w2s_jax.vocab_map import VocabMap, tokenizer_json, walk_json
 def plain_encoder(tokenizer):
     """A `tokenizers.Tokenizer` copy of `tokenizer` that encodes a text segment as text
     in the middle of a sequence: no post-processor (no special tokens added, offsets
-    untrimmed), no space prepended by a Metaspace pre-tokenizer or a Prepend normalizer."""
+    untrimmed), no space prepended (Metaspace or ByteLevel pre-tokenizer, Prepend normalizer)."""
     from tokenizers import Tokenizer
 
     spec = tokenizer_json(tokenizer)
@@ -42,6 +42,8 @@ def plain_encoder(tokenizer):
         if node.get("type") == "Metaspace":
             node["prepend_scheme"] = "never"
             node.pop("add_prefix_space", None)
+        elif node.get("type") == "ByteLevel":
+            node["add_prefix_space"] = False
     normalizer = spec.get("normalizer")
     if isinstance(normalizer, dict):
         if normalizer.get("type") == "Prepend":

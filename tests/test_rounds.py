@@ -149,36 +149,38 @@ def test_report_matches_the_eval_folders(straight):
 
 
 def test_resume_mid_round_two_equals_a_straight_run(straight, inputs, tmp_path, monkeypatch):
+    """Run B: A's finished base evaluation and round 1, then killed in round 2's training
+    after one of its two steps, then the same command again."""
     import w2s_jax.train
 
     out_a, report_a, _ = straight
+    out_b = tmp_path / "b"
+    for name in ("eval-base", "round-1"):
+        shutil.copytree(out_a / name, out_b / name)
     real_train = w2s_jax.train.train
 
-    def interrupted(config, **kwargs):
-        if "round-2" not in config.out:
-            return real_train(config, **kwargs)
+    def killed(config, **kwargs):
+        assert "round-2" in config.out
         real_train(config, should_stop=lambda step: step >= 1)  # saves step 1 and stops
         raise KeyboardInterrupt("killed in round 2's training")
 
-    monkeypatch.setattr(w2s_jax.train, "train", interrupted)
-    out_b = tmp_path / "b"
+    monkeypatch.setattr(w2s_jax.train, "train", killed)
     with pytest.raises(KeyboardInterrupt):
         run_rounds(_settings(inputs, out_b), log=lambda line: None)
     assert json.loads((out_b / "round-2" / "train" / "summary.json").read_text())["steps"] == 1
+    assert (out_b / "round-2" / "samples" / "summary.json").is_file()
     assert not (out_b / "round-2" / "model").exists()
     monkeypatch.setattr(w2s_jax.train, "train", real_train)
     lines = []  # resumed with a free setting changed
     report_b = run_rounds(_settings(inputs, out_b, save_every=2), log=lines.append)
-    assert "[round 1/2] done" in lines
+    assert "[round 1/2] done" in lines and not any("round 2/2] sample" in x for x in lines)
     assert report_b["per_round"] == report_a["per_round"]
-    for name in ("eval-base", "round-1/eval", "round-2/eval"):
-        a = [r for _, r in read_jsonl(out_a / name / "predictions.jsonl")]
-        assert a == [r for _, r in read_jsonl(out_b / name / "predictions.jsonl")]
-    for round_ in (1, 2):
-        a, b = (_weights(o / f"round-{round_}" / "model") for o in (out_a, out_b))
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    a = [r for _, r in read_jsonl(out_a / "round-2" / "eval" / "predictions.jsonl")]
+    assert a == [r for _, r in read_jsonl(out_b / "round-2" / "eval" / "predictions.jsonl")]
+    weights_a, weights_b = (_weights(o / "round-2" / "model") for o in (out_a, out_b))
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        np.testing.assert_array_equal(weights_a[key], weights_b[key], err_msg=key)
 
 
 def test_a_finished_run_grows_by_a_round(straight, inputs, tmp_path):

@@ -138,7 +138,8 @@ def save_rounds_plot(report: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.axhspan(100 * base["accuracy_ci95"][0], 100 * base["accuracy_ci95"][1], color="0.9")
-    ax.axhline(100 * base["accuracy"], color="0.4", ls="--", label="base expert E_1 (95% CI)")
+    label = f"base expert E_1: {100 * base['accuracy']:.1f} (95% CI)"
+    ax.axhline(100 * base["accuracy"], color="0.4", ls="--", label=label)
     ax.errorbar(
         x,
         y,
@@ -148,9 +149,11 @@ def save_rounds_plot(report: dict, path: Path) -> None:
         color="tab:blue",
         label="after round r (Wilson 95% CI)",
     )
+    for xi, yi in zip(x, y, strict=True):
+        ax.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(8, 4), fontsize=8)
     ax.set_xticks(x)
     ax.set_xlabel("round")
-    ax.set_ylabel(f"accuracy, % of {report['eval_questions']}")
+    ax.set_ylabel(f"accuracy of E_(r+1), % of {report['eval_questions']}")
     ax.set_title(f"LightReasoner rounds, amateur rule: {report['amateur_rule']}")
     ax.legend(loc="best", fontsize=8)
     ax.margins(x=0.3)

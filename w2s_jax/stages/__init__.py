@@ -29,6 +29,8 @@ _WHERE = {
     "WeakToStrongSettings": "w2s_jax.stages.w2s_settings",
     "weak_to_strong_gen": "w2s_jax.stages.w2s_generative",
     "GenerativeW2SSettings": "w2s_jax.stages.w2s_gen_settings",
+    "rounds": ("w2s_jax.stages.rounds", "run_rounds"),
+    "RoundsSettings": "w2s_jax.stages.rounds_settings",
     "score": "w2s_jax.stages.score",
     "ScoreSettings": "w2s_jax.stages.score",
 }

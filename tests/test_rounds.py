@@ -1,6 +1,7 @@
 """`w2s lightreasoner --rounds N` on the shipped toy models: the amateur each rule picks
 (from the round folders' manifests), a run interrupted in round 2 and resumed equals one
-run straight through, a finished run extended by a round, refused changes and bad input."""
+run straight through, a finished run extended by a round, refused changes and bad input.
+About 50 s of CPU (compilation mostly: sampling, decoding, two train-step shapes, export)."""
 
 from __future__ import annotations
 
@@ -124,6 +125,21 @@ def test_previous_rule_in_the_run_folders(straight):
     one, two = _weights(out / "round-1" / "model"), _weights(out / "round-2" / "model")
     assert any(not np.array_equal(one[k], two[k]) for k in one)
     assert any("[round 2/2] train" in line for line in lines)
+
+
+@pytest.mark.parametrize("rule, round_, amateur", [("fixed", 2, AMATEUR), ("base", 3, EXPERT)])
+def test_fixed_and_base_rules_in_the_run_folders(straight, inputs, tmp_path, rule, round_, amateur):
+    """Run A's rounds before `round_` are the same under `rule` (round 1 always uses
+    --amateur; round 2 pairs E_2 with E_1 under base as under previous): copied, then
+    round `round_` runs under `rule`."""
+    out = tmp_path / rule
+    for name in ["eval-base", *(f"round-{r}" for r in range(1, round_))]:
+        shutil.copytree(straight[0] / name, out / name)
+    settings = _settings(inputs, out, amateur_rule=rule, rounds=round_)
+    report = run_rounds(settings, log=lambda line: None)
+    assert _manifest(out, round_)["amateur"] == str(amateur.resolve())
+    assert _manifest(out, round_)["expert"] == str((out / f"round-{round_ - 1}/model").resolve())
+    assert report["per_round"][-1]["amateur"] == str(amateur.absolute())
 
 
 def test_report_matches_the_eval_folders(straight):

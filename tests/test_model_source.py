@@ -159,6 +159,31 @@ def test_the_two_models_share_the_base_arrays(run, tiny_qwen2_dir):
     assert _unique_bytes(base, separate) == 2 * one_base  # the measure sees unshared copies
 
 
+def test_full_finetuning_run_replaces_the_base_of_its_model_only(tmp_path, tiny_qwen2_dir):
+    """A rank-0 checkpoint replaces every parameter of the expert; the `base` amateur,
+    merged from the same split, keeps the base folder's weights."""
+    from w2s_jax.checkpointing import TrainCheckpoints
+    from w2s_jax.fingerprint import weights_fingerprint_record
+    from w2s_jax.lora import LoRAConfig
+
+    model = load_pretrained(tiny_qwen2_dir, dtype="float32")
+    params = jax.tree.map(lambda x: 1.1 * x, nnx.state(model, nnx.Param))
+    meta = {
+        "lora": LoRAConfig(rank=0).to_dict(),
+        "expert_weights_hashed": weights_fingerprint_record(tiny_qwen2_dir),
+    }
+    checkpoints = TrainCheckpoints(tmp_path / "full", save_every=1, keep=1)
+    checkpoints.save(3, params, {"mu": params}, meta)
+    checkpoints.close()
+    atomic_write_json(tmp_path / "full" / "train_config.json", {"expert": str(tiny_qwen2_dir)})
+    sources = resolve_pair(str(tmp_path / "full"), "base")
+    assert (sources[0].rank, sources[0].step, sources[1].folder) == (0, 3, tiny_qwen2_dir)
+    expert, amateur = load_pair(*sources, dtype="float32")
+    nnx.update(model, params)
+    np.testing.assert_array_equal(_logits(expert), _logits(model))
+    np.testing.assert_allclose(_logits(amateur), _hf_logits(tiny_qwen2_dir), atol=2e-5, rtol=0)
+
+
 def test_source_parsing(run, exported, tiny_qwen2_dir):
     latest = parse_source("expert", str(run))
     assert (latest.kind, latest.step, latest.rank, latest.folder) == ("run", 4, 8, tiny_qwen2_dir)

@@ -94,7 +94,12 @@ def train_run(name: str, config: dict, out: Path, tokenizer, tok_dir: Path, task
             tokenizer,
             ((p.id, p.question, slipped_solution(p, slips, rate, task)) for p in problems),
         )
-    if "init" in spec:
+    if "transplant" in spec.get("init", {}):
+        start = folder / "transplant"
+        transplant(REPO / spec["init"]["transplant"], tokenizer, tok_dir, start)
+        model_json = start / "config.json"
+        init = ["--init", "pretrained", "--expert", str(start)]
+    elif "init" in spec:
         source = out / "runs" / spec["init"]["run"]
         model_json = source / "model_config.json"
         start = source / "export" / f"step-{spec['init']['step']}"
@@ -120,6 +125,49 @@ def train_run(name: str, config: dict, out: Path, tokenizer, tok_dir: Path, task
             "--log-every", "25", "--length-bucket", "32", "--no-progress",
         )  # fmt: skip
     return result
+
+
+def transplant(source: Path, tokenizer, tok_dir: Path, target: Path) -> None:
+    """`source` (an HF folder) with `tokenizer`'s vocabulary: every token's embedding is
+    the mean of the source embeddings of the source tokens that spell its bytes (longest
+    match first); special tokens keep their row by name; every other weight is copied.
+    A float32 HF folder with `tok_dir`'s tokenizer at `target` (once)."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from w2s_jax.files import atomic_folder
+    from w2s_jax.models import load_tokenizer
+    from w2s_jax.vocab_map import token_bytes
+
+    if (target / "config.json").is_file():
+        return
+    old_tokenizer = load_tokenizer(source)
+    pieces = {b: i for i, b in enumerate(token_bytes(old_tokenizer)) if b}
+    weights = {k: v.float() for k, v in load_file(source / "model.safetensors").items()}
+    old = weights["model.embed_tokens.weight"].numpy()
+    rows = []
+    for token, spelled in zip(tokenizer.convert_ids_to_tokens(range(len(tokenizer))),
+                              token_bytes(tokenizer), strict=True):  # fmt: skip
+        if spelled is None:
+            rows.append(old[old_tokenizer.convert_tokens_to_ids(token)])
+            continue
+        ids, start = [], 0
+        while start < len(spelled):
+            end = max(e for e in range(start + 1, len(spelled) + 1) if spelled[start:e] in pieces)
+            ids.append(pieces[spelled[start:end]])
+            start = end
+        rows.append(old[ids].mean(axis=0))
+    import torch
+
+    weights["model.embed_tokens.weight"] = torch.from_numpy(np.stack(rows).astype(np.float32))
+    config = json.loads((source / "config.json").read_text())
+    config |= {"vocab_size": len(tokenizer), "dtype": "float32", "pad_token_id": 0}
+    config["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with atomic_folder(target) as folder:
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        for path in tok_dir.iterdir():
+            shutil.copy(path, folder / path.name)
 
 
 def export_step(run: Path, step: int, model: Path, dtype: str = "float32") -> None:
@@ -172,7 +220,7 @@ def ship(out: Path, results: dict, config_path: Path) -> None:
 def recipe(config: dict, run: str) -> dict:
     """The chain of training runs that made `run` (its `init`s), oldest first."""
     spec = config["runs"][run]
-    earlier = recipe(config, spec["init"]["run"]) if "init" in spec else {}
+    earlier = recipe(config, spec["init"]["run"]) if "run" in spec.get("init", {}) else {}
     return {**earlier, run: spec}
 
 

@@ -1,6 +1,6 @@
 """The toy demo with two amateurs, same seeds and test set: the shipped amateur (the
-expert's tokenizer) and the merged-digits amateur (its own tokenizer, numbers as whole
-tokens; experiments/toy_world/cross_tokenizer.json).
+expert's tokenizer) and the 384-token BPE amateur (its own, smaller vocabulary; built by
+experiments/toy_world/build.py from experiments/toy_world/cross_tokenizer.json).
 
     .venv/bin/python experiments/toy_world/cross_tokenizer.py --out runs/toy_cross_demo \
         [--seeds 1] [--split test] [--arms base,lightreasoner,no_contrast] [-- DEMO ARGS]
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "w2s_jax" / "assets" / "toy_world"
 AMATEURS = {  # folder name under OUT: (label, amateur folder)
     "same": ("same tokenizer (shipped amateur)", ASSETS / "amateur"),
-    "merged": ("merged digits (own tokenizer)", ASSETS / "amateur-merged-digits"),
+    "bpe384": ("384-token BPE (own tokenizer)", ASSETS / "amateur-bpe384"),
 }
 TIME_FIELDS = {
     "wall_s": r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)",
@@ -61,8 +61,10 @@ def sample_figures(out: Path, seeds: int, report: dict) -> list[dict]:
         summary = json.loads((out / f"seed-{seed}" / "samples" / "summary.json").read_text())
         selected = rows["lightreasoner"]["per_seed"][seed]["supervised_tokens"]
         entry = {"seed": seed, "positions": summary["positions"], "selected": selected}
-        entry |= {k: v for k, v in summary.items() if k.startswith(("aligned", "mapped", "vocab"))}
-        aligned = summary.get("aligned_positions", summary["positions"])
+        cross = summary.get("cross_tokenizer")  # absent for a same-tokenizer amateur
+        if cross is not None:
+            entry["cross_tokenizer"] = cross
+        aligned = cross["aligned_positions"] if cross else summary["positions"]
         entry["selected_share"] = selected / summary["positions"]
         entry["selected_share_of_aligned"] = selected / aligned if aligned else None
         figures.append(entry)

@@ -8,6 +8,7 @@ and the base folder loaded on its own.
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -232,9 +233,14 @@ def test_sample_with_base_amateur_then_train_on_the_export(tmp_path, run, export
         sample(SampleSettings(expert=f"{run}@2", amateur="base", **options), mesh=one_device)
     # `w2s train` takes the export of that checkpoint as the expert, and refuses others
     assert check_samples_match(out, exported[4]) == manifest
+    other_base = tmp_path / "other_base"  # that checkpoint, said to be merged elsewhere
+    shutil.copytree(exported[4], other_base)
+    report = json.loads((other_base / "export_report.json").read_text())
+    atomic_write_json(other_base / "export_report.json", report | {"expert": str(exported[2])})
     for other, why in (
         (exported[2], "is the export of another checkpoint"),
         (tiny_qwen2_dir, "is not a `w2s export` folder"),
+        (other_base, "merged the adapters into another base"),
     ):
         with pytest.raises(DataError, match=f"made by the run checkpoint .*{why}"):
             _train(out, other, tmp_path / "refused", steps=1)

@@ -28,7 +28,6 @@ from w2s_jax.files import DataError
 
 BASE = "base"
 _RUN_AT_STEP = re.compile(r"^(?P<run>.+)@(?P<step>\d+)$")
-_RUN_SETTINGS = "train_config.json"  # w2s_jax.train.RUN_FILE (not imported: it loads jax)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +44,7 @@ class ModelSource:
 
     @property
     def kind(self) -> str:
-        """ "run", "base" or "folder"."""
+        """One of "run", "base", "folder"."""
         if self.checkpoints is not None:
             return "run"
         return BASE if self.spec == BASE else "folder"
@@ -85,12 +84,13 @@ def _run_source(role: str, spec: str, run: Path, step: int | None) -> ModelSourc
     from w2s_jax.checkpointing import locate_checkpoint, read_meta
     from w2s_jax.lora import LoRAConfig, check_adapter_base
     from w2s_jax.run_folder import read_record
+    from w2s_jax.train import RUN_FILE
 
     try:
         checkpoints, step = locate_checkpoint(run, step)
     except FileNotFoundError as exc:
         raise ValueError(f"{role} {spec}: {exc}") from exc
-    recorded = run / _RUN_SETTINGS
+    recorded = run / RUN_FILE
     base = read_record(recorded).get("expert") if recorded.is_file() else None
     if not base:
         raise ValueError(

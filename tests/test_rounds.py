@@ -110,8 +110,12 @@ def test_previous_rule_in_the_run_folders(straight):
     round_1, round_2 = _manifest(out, 1), _manifest(out, 2)
     assert round_1["expert"] == str(EXPERT.resolve())
     assert round_1["amateur"] == str(AMATEUR.resolve())  # round 1: always --amateur
-    assert round_2["expert"] == str((out / "round-1" / "model").resolve())  # E_2
-    assert round_2["amateur"] == str(EXPERT.resolve())  # E_1
+    # round 2 samples E_2 as round 1's train run over E_1 and A_2 = E_1 as its `base`:
+    # one shared base; E_2 is that checkpoint's export, which trains on the samples
+    expert_2, amateur_2 = round_2["expert_source"], round_2["amateur_source"]
+    assert (expert_2["kind"], amateur_2["kind"]) == ("run", "base")
+    assert Path(expert_2["checkpoint"]).parent.parent == (out / "round-1" / "train").resolve()
+    assert round_2["expert"] == round_2["amateur"] == str(EXPERT.resolve())  # E_1
     assert [(r["expert"], r["amateur"]) for r in report["per_round"]] == [
         (str(EXPERT.absolute()), str(AMATEUR.absolute())),
         ("round-1/model", str(EXPERT.absolute())),
@@ -121,7 +125,8 @@ def test_previous_rule_in_the_run_folders(straight):
         assert report["per_round"][round_ - 1]["samples"]["selected"] > 0
         run = json.loads((out / f"round-{round_}" / "train" / "train_config.json").read_text())
         assert run["seed"] == round_ - 1
-        assert Path(run["expert"]).resolve() == Path(_manifest(out, round_)["expert"])
+        expert = out / "round-1" / "model" if round_ == 2 else EXPERT  # E_r
+        assert Path(run["expert"]).resolve() == expert.resolve()
     one, two = _weights(out / "round-1" / "model"), _weights(out / "round-2" / "model")
     assert any(not np.array_equal(one[k], two[k]) for k in one)
     assert any("[round 2/2] train" in line for line in lines)
@@ -207,6 +212,9 @@ def test_a_finished_run_grows_by_a_round(straight, inputs, tmp_path):
     third = report["per_round"][2]
     assert (third["expert"], third["amateur"]) == ("round-2/model", "round-1/model")
     assert _manifest(out, 3)["amateur"] == str((out / "round-1" / "model").resolve())  # E_2
+    # a copied run's train runs record the original folders as their bases: this copy
+    # samples its own folders (a run sampled in place uses the shared base, above)
+    assert _manifest(out, 3)["amateur_source"]["kind"] == "folder"
 
 
 def test_a_changed_setting_is_refused(straight, inputs):

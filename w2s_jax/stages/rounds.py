@@ -13,7 +13,9 @@ OUT/eval-base (E_1 scored once), OUT/round-R/{round.json, samples, train, model,
 OUT/times.json, and the report: rounds.json, summary.md, rounds.png
 (`w2s_jax.rounds_report`). A round is done when its eval summary exists; every stage
 resumes on its own folder, so re-running the same command continues where it stopped.
-A round whose sampling selects no position trains nothing: E_{r+1} = E_r.
+A round whose sampling selects no position trains nothing: E_{r+1} = E_r. Under
+`previous` a round samples E_r as round r-1's train run over its base E_{r-1}, which is
+A_r (`sampling_sources`): one base in memory plus one adapter set.
 """
 
 from __future__ import annotations
@@ -59,13 +61,39 @@ def shown(path: Path, out: Path) -> str:
 # ---------------------------------------------------------------- stage settings
 
 
-def sample_settings(settings: RoundsSettings, models: RoundModels, out: Path):
-    """The sampling stage of a round (`w2s sample` with the run's settings)."""
+def sampling_sources(
+    settings: RoundsSettings, round_: int, experts: list[Path]
+) -> tuple[str, str] | None:
+    """Under `previous`, from round 2 on, E_r is E_{r-1} plus round r-1's LoRA and A_r is
+    E_{r-1}: sampled as the model sources (round r-1's train run, `base`), so the shared
+    base is loaded once (`w2s_jax.model_source`). None when the round samples the folders:
+    other rules, round 1, a round r-1 that trained nothing, or a train run whose recorded
+    base is not this run's E_{r-1} (a run folder copied or moved elsewhere)."""
+    from w2s_jax.model_source import parse_source
+
+    if settings.amateur_rule != "previous" or round_ == 1:
+        return None
+    run = Path(settings.out).absolute() / f"round-{round_ - 1}" / "train"
+    if not (run / "checkpoints").is_dir():
+        return None
+    try:
+        base = parse_source("expert", str(run)).folder
+    except (OSError, ValueError):
+        return None
+    return (str(run), "base") if base.resolve() == experts[round_ - 2].resolve() else None
+
+
+def sample_settings(
+    settings: RoundsSettings, models: RoundModels, out: Path, sources: tuple | None = None
+):
+    """The sampling stage of a round (`w2s sample` with the run's settings); `sources`
+    (expert, amateur) replace the round's model folders (`sampling_sources`)."""
     from w2s_jax.stages.sample_settings import SampleSettings
 
+    expert, amateur = sources or (str(models.expert), str(models.amateur))
     return SampleSettings(
-        expert=str(models.expert),
-        amateur=str(models.amateur),
+        expert=expert,
+        amateur=amateur,
         data=settings.data,
         out=str(out),
         alpha=settings.alpha,
@@ -208,7 +236,8 @@ def _run_round(settings: RoundsSettings, round_: int, experts: list[Path], times
     if not (samples / "summary.json").is_file():
         log(f"{tag} sample: E={shown(models.expert, out)} A={shown(models.amateur, out)}")
         start = time.perf_counter()
-        sample(sample_settings(settings, models, samples), log=log)
+        sources = sampling_sources(settings, round_, experts)
+        sample(sample_settings(settings, models, samples, sources), log=log)
         times.record(f"round-{round_}/sample", start)
     summary = json.loads((samples / "summary.json").read_text())
     model = next_expert(folder, models)

@@ -61,6 +61,7 @@ from w2s_jax.settings import (
     comma_list,
     default_of,
     free_fields,
+    layer_stack_setting,
     number_in,
     record,
     setting,
@@ -154,6 +155,7 @@ class DemoSettings:
         "real-lm world: the amateur built when --amateur is not given.",
         choices=REAL_LM_AMATEURS,
     )
+    layer_stack: str = layer_stack_setting()
     progress: bool = setting(
         False, "Progress bars of training and evaluation.", flags=("--progress",), free=True
     )
@@ -209,6 +211,7 @@ def _sample(config: DemoSettings, models: Models, questions: Path, out: Path) ->
             max_new_tokens=config.max_new_tokens,
             batch_size=config.batch_size,
             dtype="float32",
+            layer_stack=config.layer_stack,
             select=False,
         )
     )
@@ -241,6 +244,7 @@ def _train_export(
                 batch_positions=config.batch_positions,
                 grad_accum=1,
                 dtype="float32",
+                layer_stack=config.layer_stack,
                 length_bucket=config.length_bucket,
                 seed=seed,
                 save_every=config.steps,
@@ -266,6 +270,7 @@ def _evaluate(config: DemoSettings, model: Path, data: Path, out: Path, **decodi
         system_prompt=system_prompt(config.world),
         max_new_tokens=config.max_new_tokens,
         dtype="float32",
+        layer_stack=config.layer_stack,
         batch_size=config.batch_size,
         progress=config.progress,
         **decoding,

@@ -3,7 +3,8 @@ expert's tokenizer) and the 384-token BPE amateur (its own, smaller vocabulary; 
 experiments/toy_world/build.py from experiments/toy_world/cross_tokenizer.json).
 
     .venv/bin/python experiments/toy_world/cross_tokenizer.py --out runs/toy_cross_demo \
-        [--seeds 1] [--split test] [--arms base,lightreasoner,no_contrast] [-- DEMO ARGS]
+        [--seeds 1] [--split test] [--arms base,lightreasoner,no_contrast] \
+        [--amateur NAME=DIR ...] [--only NAME] [-- DEMO ARGS]
 
 Each demo is one `w2s demo --world toy` under /usr/bin/time -v (wall time, peak RSS),
 resumable. Contrastive decoding needs one tokenizer, so it is not among the arms. Writes
@@ -67,8 +68,48 @@ def sample_figures(out: Path, seeds: int, report: dict) -> list[dict]:
         aligned = cross["aligned_positions"] if cross else summary["positions"]
         entry["selected_share"] = selected / summary["positions"]
         entry["selected_share_of_aligned"] = selected / aligned if aligned else None
+        entry["targets"] = target_counts(out, seed)
         figures.append(entry)
     return figures
+
+
+def target_counts(out: Path, seed: int) -> dict:
+    """At the positions LightReasoner selects (KL > β), up to the rollout's first error
+    (its first token off the reference solution): does the contrastive target's top token
+    turn a wrong expert token into the right one (corrected), or a right one into another
+    (misled)? Positions after the first error have no reference and are only counted."""
+    from w2s_jax.data.arithmetic import generate_split
+    from w2s_jax.demo_worlds import toy_task
+    from w2s_jax.models import load_tokenizer
+    from w2s_jax.prompts import end_of_turn_id
+    from w2s_jax.sample_store import read_samples
+
+    expert = ASSETS / "expert"
+    tokenizer, settings = load_tokenizer(expert), json.loads((out / "demo_config.json").read_text())
+    # the demo's unlabeled questions (seed 1000 + seed), with their worked solutions
+    task = toy_task(expert)
+    problems = generate_split("train", settings["questions"], seed=1000 + seed, config=task)
+    references = {p.id: p.answer for p in problems}
+    end, beta = end_of_turn_id(tokenizer), settings["beta"]
+    counts = dict.fromkeys(("corrected", "misled", "right_kept", "wrong_kept", "after_error"), 0)
+    for record in read_samples(out / f"seed-{seed}" / "samples"):
+        reference = [*tokenizer(references[record["id"]])["input_ids"], end]
+        ids = record["completion_ids"]
+        first = next((t for t, i in enumerate(ids) if t >= len(reference) or i != reference[t]),
+                     len(ids))  # fmt: skip
+        for j, t in enumerate(record["positions"]):
+            if record["kl"][t] is None or record["kl"][t] <= beta:
+                continue
+            if t > first:
+                counts["after_error"] += 1
+                continue
+            weights = record["target_weights"][j]
+            top = record["target_ids"][j][max(range(len(weights)), key=weights.__getitem__)]
+            if ids[t] == reference[t]:
+                counts["right_kept" if top == reference[t] else "misled"] += 1
+            else:
+                counts["corrected" if top == reference[t] else "wrong_kept"] += 1
+    return counts
 
 
 def markdown(comparison: dict) -> str:
@@ -103,16 +144,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--split", default="test", choices=("test", "validation"))
     parser.add_argument("--arms", default="base,lightreasoner,no_contrast")
+    parser.add_argument("--only", action="append", help="Run this amateur's demo only.")
     parser.add_argument(
-        "--only", action="append", choices=AMATEURS, help="Run this amateur's demo only."
-    )
+        "--amateur", action="append", default=[], metavar="NAME=DIR",
+        help="One more amateur folder to compare (e.g. an unshipped one, as a diagnostic).",
+    )  # fmt: skip
     parser.add_argument("extra", nargs="*", help="More `w2s demo` arguments (after --).")
     args = parser.parse_args(argv)
     from w2s_jax.files import atomic_write_json, atomic_write_text
 
+    pairs = (a.split("=", 1) for a in args.amateur)
+    amateurs = AMATEURS | {key: (key, Path(folder).resolve()) for key, folder in pairs}
+    if unknown := set(args.only or ()) - set(amateurs):
+        parser.error(f"--only {sorted(unknown)}: not among {sorted(amateurs)}")
     comparison = {}
-    for key in args.only or AMATEURS:
-        name, amateur = AMATEURS[key]
+    for key in args.only or amateurs:
+        name, amateur = amateurs[key]
         out = args.out.resolve() / key
         time = run_demo(amateur, out, args, args.extra)
         report = json.loads((out / "report.json").read_text())

@@ -54,3 +54,57 @@ def test_it_reproduces_its_recorded_validation_accuracy(entry, tmp_path):
     # greedy decoding is deterministic up to float reassociation: allow one flipped question
     assert abs(summary["correct"] - recorded["correct"]) <= 1, (summary, recorded)
     assert summary["no_answer"] <= recorded["total"] // 10  # its answers end
+
+
+def test_transplant_keeps_the_model_on_tokens_both_vocabularies_have(tmp_path):
+    """experiments/toy_world/build.py's transplant: a token both tokenizers spell alike
+    keeps its embedding row, a new one gets the mean of the old rows spelling it, and on
+    text both tokenize alike the transplant's logits equal the source's (transformers)."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from w2s_jax.data.toy_tokenizer import build_toy_tokenizer
+    from w2s_jax.models import load_tokenizer
+
+    path = ASSETS.parents[2] / "experiments" / "toy_world" / "build.py"
+    spec = importlib.util.spec_from_file_location("toy_world_build", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    source = ASSETS / "amateur"
+    tok_dir = build_toy_tokenizer(  # numbers merged: tokens the source lacks
+        tmp_path / "tok",
+        vocab_size=300,
+        n_problems=200,
+        config=toy_task(ASSETS / "expert"),
+        split_digits=False,
+    )
+    new, old = load_tokenizer(tok_dir), load_tokenizer(source)
+    build.transplant(source, new, tok_dir, tmp_path / "model")
+    before = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    after = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
+    rows_before = before.get_input_embeddings().weight.detach().numpy()
+    rows_after = after.get_input_embeddings().weight.detach().numpy()
+    assert rows_after.shape == (len(new), rows_before.shape[1])
+    old_vocab, transplanted = old.get_vocab(), 0
+    for token, i in new.get_vocab().items():
+        if token in old_vocab:  # same string, same bytes (both byte-level BPE)
+            np.testing.assert_array_equal(rows_after[i], rows_before[old_vocab[token]])
+        else:  # brute force: the old ids of the old tokenizer's own spelling
+            pieces = [old_vocab[p] for p in old.tokenize(new.convert_tokens_to_string([token]))]
+            np.testing.assert_allclose(rows_after[i], rows_before[pieces].mean(0), atol=1e-6)
+            transplanted += 1
+    assert transplanted > 0  # the mean-of-pieces branch ran
+    text = "3*8=2-5+1\n7"
+    ids_old, ids_new = old(text)["input_ids"], new(text)["input_ids"]
+    assert [old.decode([i]) for i in ids_old] == [new.decode([i]) for i in ids_new]
+    with torch.no_grad():
+        logits_old = before(torch.tensor([ids_old])).logits[0].numpy()
+        logits_new = after(torch.tensor([ids_new])).logits[0].numpy()
+    shared = [(old_vocab[t], i) for t, i in new.get_vocab().items() if t in old_vocab]
+    cols_old, cols_new = zip(*shared, strict=True)
+    np.testing.assert_allclose(
+        logits_new[:, list(cols_new)], logits_old[:, list(cols_old)], rtol=1e-5, atol=1e-5
+    )

@@ -4,9 +4,11 @@ The shipped expert and amateur (w2s_jax/assets/toy_world), the demo's questions 
 train questions drawn as `w2s demo`'s seed 0 draws them) and test problems (the demo's
 1,000, so the numbers line up with its LightReasoner arm), the demo's tuned toy settings
 (β 0.2, α 0.2, 96 new tokens, LoRA rank 8 on q/v, lr 5e-4, 100 steps x 64 positions).
-Round 1 is the same under every rule (it always uses the shipped amateur), and round 2 is
-the same under base and previous (both pair E_2 with E_1): each such round runs once and
-is copied (with the base's evaluation) into the other rules' folders before they run.
+Round 1 is the same under every rule (it always uses the shipped amateur): it runs once
+and is copied (with the base's evaluation) into the other rules' folders before they run.
+Round 2 pairs E_2 with E_1 under base and previous alike, but previous samples it from
+the shared base (round 1's train run and `base`) and base from the two folders, so each
+rule runs its own.
 Writes OUT/<rule>/ (each a `w2s lightreasoner` run: rounds.json, summary.md, rounds.png)
 and OUT/comparison.md (every rule's rounds in one table). Resumable: re-run to continue.
 
@@ -61,7 +63,7 @@ def settings(args, rule: str, out: Path, questions: Path, problems: Path) -> Rou
 
 
 FINISHED = ("summary.json", "eval/summary.json")  # an evaluation's, a round's
-SHARED = {"eval-base": AMATEUR_RULES, "round-1": AMATEUR_RULES, "round-2": ("base", "previous")}
+SHARED = {"eval-base": AMATEUR_RULES, "round-1": AMATEUR_RULES}
 
 
 def share_rounds(out: Path, rule: str) -> None:
@@ -82,7 +84,7 @@ def share_rounds(out: Path, rule: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/dynamic_amateur")
-    parser.add_argument("--rules", default="fixed,previous,base")  # base last: 1 new round
+    parser.add_argument("--rules", default="fixed,previous,base")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--questions", type=int, default=TOY["questions"])
     parser.add_argument("--eval-questions", type=int, default=TOY["eval_questions"])

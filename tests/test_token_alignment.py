@@ -51,24 +51,27 @@ def test_multibyte_digits_spaces_and_eos(pair):
         "<0xE6>", "<0x97>", "<0xA5>", "<0xE6>", "<0x9C>", "<0xAC>",
         "<0xF0>", "<0x9F>", "<0x99>", "<0x82>", "</s>",
     ]  # fmt: skip
-    # " the" -> ▁the; " " -> ▁; "123" starts where "12" does; " " -> the second ▁;
-    # é's first byte -> <0xC3>, its second byte is inside the character; 日本 -> <0xE6>;
-    # 🙂's first byte -> <0xF0>, the other three inside it; the expert's eos -> </s>.
-    expected = [0, 1, 2, 4, 5, -1, 7, 13, -1, -1, -1, 17]
+    # " the" -> ▁the; " " -> ▁; "123" starts where "12" does but is cut differently;
+    # " " -> the second ▁; é's first byte -> <0xC3>, its second byte is inside the
+    # character; 日本 starts where <0xE6> does, cut differently; 🙂's first byte ->
+    # <0xF0>, the other three inside it; the expert's eos -> </s>.
+    expected = [0, 1, -1, 4, 5, -1, -1, 13, -1, -1, -1, 17]
     np.testing.assert_array_equal(result.columns, expected)
 
 
 @pytest.mark.parametrize(
     ("expert_words", "expert_split", "amateur_words", "amateur_split", "expected"),
     [
-        # expert 1|2|3 vs amateur 123: only "1" starts an amateur token
-        ((), True, ("123",), False, [0, -1, -1]),
-        # expert 1|2|3 vs amateur 12|3
-        ((), True, ("12",), False, [0, -1, 1]),
-        # expert 12|3 vs amateur 1|2|3: both boundaries exist in the amateur
-        (("12",), False, (), True, [0, 2]),
+        # expert 1|2|3 vs amateur 123: only "1" starts an amateur token, which is "123"
+        ((), True, ("123",), False, [-1, -1, -1]),
+        # expert 1|2|3 vs amateur 12|3: "1" against "12" is cut differently; "3" is shared
+        ((), True, ("12",), False, [-1, -1, 1]),
+        # expert 12|3 vs amateur 1|2|3: both boundaries exist, only "3" is the same token
+        (("12",), False, (), True, [-1, 2]),
         # expert 123 vs amateur 12|3
-        (("123",), False, ("12",), False, [0]),
+        (("123",), False, ("12",), False, [-1]),
+        # the same split on both sides: every position aligned
+        ((), True, (), True, [0, 1, 2]),
     ],
 )
 def test_digits_split_versus_merged(
@@ -90,11 +93,11 @@ def test_leading_space_byte_level_versus_metaspace():
     result = _align(expert, merged, ids)
     assert merged.convert_ids_to_tokens(result.amateur_ids) == ["a", "▁the"]  # no prepended ▁
     np.testing.assert_array_equal(result.columns, [0, 1])
-    # Ġ|t|h|e vs ▁the: only the space starts an amateur token.
+    # Ġ|t|h|e vs ▁the: only the space starts an amateur token, and that token is " the".
     split = byte_level([])
     ids = split(" the", add_special_tokens=False)["input_ids"]
     assert _pieces(split, ids) == [b" ", b"t", b"h", b"e"]
-    np.testing.assert_array_equal(_align(split, merged, ids).columns, [0, -1, -1, -1])
+    np.testing.assert_array_equal(_align(split, merged, ids).columns, [-1, -1, -1, -1])
 
 
 def test_no_prefix_space_is_added_mid_sequence():
@@ -125,11 +128,11 @@ def test_invalid_utf8_aligns_up_to_the_bad_byte(pair):
     expert, amateur = pair
     lead = expert.convert_tokens_to_ids("Ã")  # byte C3, a UTF-8 lead byte
     the = expert.convert_tokens_to_ids("Ġthe")
-    # A rollout cut after a lead byte: the text before it is intact.
-    np.testing.assert_array_equal(_align(expert, amateur, [the, lead]).columns, [0, 1])
-    # C3 followed by a space is invalid: the amateur reads U+FFFD, so " the" after it is not
-    # the same text any more.
-    np.testing.assert_array_equal(_align(expert, amateur, [lead, the]).columns, [0, -1])
+    # A rollout cut after a lead byte: the text before it is intact; the amateur reads
+    # U+FFFD (EF BF BD) where the expert wrote C3, not the same token.
+    np.testing.assert_array_equal(_align(expert, amateur, [the, lead]).columns, [0, -1])
+    # C3 followed by a space is invalid: " the" after it is not the same text any more.
+    np.testing.assert_array_equal(_align(expert, amateur, [lead, the]).columns, [-1, -1])
 
 
 def test_text_is_encoded_once_per_segment(pair):

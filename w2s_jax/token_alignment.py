@@ -11,13 +11,18 @@ prefixes. Special tokens split it into segments; each segment is encoded ONCE wi
 amateur tokenizer (with offsets), and the amateur's counterpart of each special token
 (`VocabMap.expert_special_to_amateur`, by role or string) goes between them. Expert
 position t predicts completion[t], which starts at byte offset b_t of the text. It is
-aligned to amateur token j iff amateur token j starts exactly at b_t and the amateur
+aligned to amateur token j iff amateur token j starts exactly at b_t, the amateur
 tokens before j spell exactly the text before b_t (so the amateur's prediction of
-token j, from a teacher-forced pass over its own prompt + ids, sees the same text).
+token j, from a teacher-forced pass over its own prompt + ids, sees the same text), and
+token j spells the same bytes as completion[t] (both tokenizers cut the next token
+alike, so both next-token distributions are over the same kind of step: without it,
+an expert "Keeps" against an amateur "Ke|eps", or "1" against "123", would compare a
+whole word with its first piece and read the segmentation as disagreement).
 Unaligned (column -1): a boundary inside an amateur token or inside a multi-byte UTF-8
-character, an expert token that spells no text (empty, or special without an amateur
-counterpart), and every position after the two texts diverge (an amateur unknown
-token, a normalizer that rewrote the text, invalid UTF-8 from the expert).
+character, a next token cut differently by the two tokenizers, an expert token that
+spells no text (empty, or special without an amateur counterpart), and every position
+after the two texts diverge (an amateur unknown token, a normalizer that rewrote the
+text, invalid UTF-8 from the expert).
 """
 
 from __future__ import annotations
@@ -75,8 +80,9 @@ class _Builder:
         self.columns = np.full(length, -1, np.int32)
         self.in_sync = True
 
-    def add_segment(self, data: bytes, starts: list[tuple[int, int]]) -> None:
-        """Encode one text segment; align the expert positions `starts` [(t, byte offset)]."""
+    def add_segment(self, data: bytes, starts: list[tuple[int, int, bytes]]) -> None:
+        """Encode one text segment; align the expert positions `starts` [(t, byte offset,
+        the expert token's bytes)]."""
         if not data:
             return
         text = data.decode("utf-8", errors="replace")
@@ -95,8 +101,10 @@ class _Builder:
                     done += len(spelled)
             self.ids.append(int(token))
         self.in_sync = self.in_sync and done == len(data)
-        for t, offset in starts:
-            self.columns[t] = boundaries.get(offset, -1)
+        for t, offset, spelled in starts:
+            j = boundaries.get(offset, -1)
+            if j >= 0 and self.amateur_bytes[self.ids[j]] == spelled:  # the same next token
+                self.columns[t] = j
 
     def add_special(self, t: int, amateur_id: int | None) -> None:
         """The expert's special token at position t: its amateur counterpart, if any."""
@@ -126,7 +134,7 @@ def align_completion(
             segment, starts = bytearray(), []
             builder.add_special(t, vocab_map.expert_special_to_amateur.get(token))
         elif spelled:
-            starts.append((t, len(segment)))
+            starts.append((t, len(segment), spelled))
             segment += spelled
     builder.add_segment(bytes(segment), starts)
     return Alignment(builder.ids, builder.columns)

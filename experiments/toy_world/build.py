@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "w2s_jax" / "assets" / "toy_world"
+REPORT = "export_report.json"  # w2s_jax.export.REPORT_FILE (not imported: it loads jax)
 # Validation problems whose accuracy the test suite recomputes for the shipped expert.
 CHECK_SUBSET = 48
 
@@ -212,7 +213,8 @@ def ship(out: Path, results: dict, config_path: Path) -> None:
         target = ASSETS / name
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(out / "models" / name, target)
+        # the export's report names this machine's checkpoint: the manifest holds the recipe
+        shutil.copytree(out / "models" / name, target, ignore=shutil.ignore_patterns(REPORT))
         models[name] = entry if config == manifest["config"] else {"config": config, **entry}
     atomic_write_json(path, manifest)
 

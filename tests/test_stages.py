@@ -113,7 +113,12 @@ def test_free_fields_are_the_ones_that_do_not_change_results():
         "remat",
         "attention",
     }
-    assert set(settings_module.free_fields(stages.DemoSettings)) == {"out", "seeds", "progress"}
+    assert set(settings_module.free_fields(stages.DemoSettings)) == {
+        "out",
+        "seeds",
+        "progress",
+        "layer_stack",  # passed to the stages, where it is free too
+    }
     eval_free = set(settings_module.free_fields(stages.EvalSettings))
     assert {"batch_size", "max_questions", "mesh", "progress"} <= eval_free
     assert "max_new_tokens" not in eval_free

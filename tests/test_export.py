@@ -193,6 +193,20 @@ def test_generation_config_is_copied_from_the_expert(tmp_path, tiny_qwen2_dir):
     assert {key: getattr(generation, key) for key in values} == values
 
 
+def test_report_names_checkpoint_and_base_absolutely(tmp_path, tiny_qwen2_dir, monkeypatch):
+    """Relative --lora and --expert: the report's paths still resolve from another folder
+    (`w2s sample --amateur base` and `w2s train` read them)."""
+    shutil.copytree(tiny_qwen2_dir, tmp_path / "expert")
+    save_lora_checkpoint(
+        tmp_path / "run", tmp_path / "expert", LoRAConfig(rank=2, dropout=0.0), scale=0.1
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--expert", "expert", "--lora", "run", "--out", "out"]) == 0
+    report = json.loads((tmp_path / "out" / "export_report.json").read_text())
+    assert report["expert"] == str(tmp_path / "expert")
+    assert report["checkpoint"].startswith(str(tmp_path / "run" / "checkpoints") + "/")
+
+
 def test_scratch_sft_run_exports_without_an_expert(tmp_path, tiny_qwen2_dir, capsys):
     config_file = tmp_path / "config.json"
     config_file.write_text((tiny_qwen2_dir / "config.json").read_text())

@@ -124,6 +124,7 @@ def export(settings: ExportSettings) -> ExportResult:
 
     expert, lora, out, dtype = settings.expert, settings.lora, settings.out, settings.dtype
     directory, step = locate_checkpoint(lora, settings.step)
+    directory = directory.absolute()  # the report names it for readers in any folder
     meta = read_meta(directory, step=step)
     lora_config = LoRAConfig.from_dict(meta["lora"])
     config = lambda: ModelConfig.from_hf_json(meta["model_config"])
@@ -163,7 +164,7 @@ def export(settings: ExportSettings) -> ExportResult:
         out / REPORT_FILE,
         {
             "checkpoint": result.checkpoint,
-            "expert": None if expert is None else str(expert),
+            "expert": None if expert is None else str(Path(expert).absolute()),
             "dtype": result.dtype,
             "adapter": None if adapter is None else ADAPTER_DIR,
             "generation_config": generation,

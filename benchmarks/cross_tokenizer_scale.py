@@ -80,20 +80,19 @@ def real_text_alignment(expert: Path, amateur: Path, solutions: int) -> dict:
     from w2s_jax.data.word_problems import worked_solution
     from w2s_jax.models import load_tokenizer
     from w2s_jax.token_alignment import align_completion, plain_encoder
-    from w2s_jax.vocab_map import build_vocab_map, token_bytes
+    from w2s_jax.vocab_map import build_vocab_map
 
     expert_tok, amateur_tok = load_tokenizer(expert), load_tokenizer(amateur)
     start = time.perf_counter()
     vocab_map = build_vocab_map(expert_tok, amateur_tok)
     map_s = time.perf_counter() - start
     encoder = plain_encoder(amateur_tok)
-    expert_bytes, amateur_bytes = token_bytes(expert_tok), token_bytes(amateur_tok)
     texts = [worked_solution(p) for p in generate_split("validation", solutions, seed=0)]
     aligned = total = 0
     start = time.perf_counter()
     for text in texts:
         ids = expert_tok(text, add_special_tokens=False)["input_ids"]
-        alignment = align_completion(ids, expert_bytes, vocab_map, encoder, amateur_bytes)
+        alignment = align_completion(ids, vocab_map, encoder)
         columns = alignment.columns
         aligned, total = aligned + int((columns >= 0).sum()), total + len(ids)
     return {

@@ -18,9 +18,7 @@ def _pieces(tokenizer, ids):
 
 def _align(expert, amateur, expert_ids):
     vm = build_vocab_map(expert, amateur)
-    return align_completion(
-        expert_ids, token_bytes(expert), vm, plain_encoder(amateur), token_bytes(amateur)
-    )
+    return align_completion(expert_ids, vm, plain_encoder(amateur))
 
 
 def _ids(tokenizer, pieces):
@@ -148,5 +146,5 @@ def test_text_is_encoded_once_per_segment(pair):
     vm = build_vocab_map(expert, amateur)
     ids = expert(" the 123 the 123", add_special_tokens=False)["input_ids"]
     ids += [expert.eos_token_id]
-    align_completion(ids, token_bytes(expert), vm, Counting(), token_bytes(amateur))
+    align_completion(ids, vm, Counting())
     assert calls == [" the 123 the 123"]

@@ -24,10 +24,10 @@ from flax import nnx
 
 from w2s_jax import divergence, sharding
 from w2s_jax.generate import left_pad, prefill, shared_prefix_length
-from w2s_jax.sampling import teacher_forced_inputs
+from w2s_jax.sampling import batch_placer, teacher_forced_inputs
 from w2s_jax.shape_buckets import bucket_width
 from w2s_jax.token_alignment import align_completion, plain_encoder
-from w2s_jax.vocab_map import VocabMap, build_vocab_map, token_bytes
+from w2s_jax.vocab_map import VocabMap, build_vocab_map
 
 
 @dataclasses.dataclass
@@ -36,26 +36,20 @@ class TokenizerPair:
 
     amateur_tokenizer: object
     vocab_map: VocabMap
-    expert_bytes: list
-    amateur_bytes: list
     encoder: object  # token_alignment.plain_encoder of the amateur's tokenizer
 
     @classmethod
     def build(cls, expert_tokenizer, amateur_tokenizer) -> TokenizerPair:
-        """Byte strings, map and encoder of the pair (ValueError for an unsupported kind)."""
+        """Map and encoder of the pair (ValueError for an unsupported kind)."""
         return cls(
             amateur_tokenizer,
             build_vocab_map(expert_tokenizer, amateur_tokenizer),
-            token_bytes(expert_tokenizer),
-            token_bytes(amateur_tokenizer),
             plain_encoder(amateur_tokenizer),
         )
 
     def align(self, completion_ids):
         """`token_alignment.Alignment` of one expert completion."""
-        return align_completion(
-            completion_ids, self.expert_bytes, self.vocab_map, self.encoder, self.amateur_bytes
-        )
+        return align_completion(completion_ids, self.vocab_map, self.encoder)
 
     @property
     def amateur_pad_id(self) -> int:
@@ -78,7 +72,7 @@ class CrossPlan:
 
     @property
     def amateur_vocab_size(self) -> int:
-        return len(self.pair.amateur_bytes)
+        return len(self.pair.vocab_map.amateur_bytes)
 
 
 def plan_cross(
@@ -233,21 +227,15 @@ class CrossScorer:
             raise ValueError(
                 f"the amateur covers {amateur.token_count} ids, its tokenizer {len(a2e)}"
             )
-        self.pair, self.config, self.mesh = pair, config, mesh
+        self.pair, self.config = pair, config
         self._expert, self._amateur = nnx.split(expert), nnx.split(amateur)
         self._sizes = (expert.token_count, amateur.token_count)
-        self._map = self._replicate((a2e, pair.vocab_map.expert_mapped))
-
-    def _replicate(self, tree):
-        if self.mesh is None:
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            return jax.device_put(tree, device)
-        return sharding.replicate(tree, self.mesh)
-
-    def _place(self, array):
-        if self.mesh is None:
-            return jax.device_put(array, jax.local_devices()[0])
-        return sharding.place_batch(array, self.mesh)
+        the_map = (a2e, pair.vocab_map.expert_mapped)
+        if mesh is None:
+            self._map = jax.device_put(the_map, jax.local_devices()[0])
+        else:
+            self._map = sharding.replicate(the_map, mesh)
+        self._place = batch_placer(mesh)
 
     def __call__(self, amateur_prompts, completion_bt, lengths_b, expert_btd) -> dict:
         """Host arrays [B, T] / [B, T, k] as `Scorer` gives, plus `aligned`, `valid` (aligned
@@ -259,8 +247,6 @@ class CrossScorer:
         ids, mask, columns, aligned, prefix_len = aligned_inputs(
             self.pair, amateur_prompts, completion_bt, lengths_b
         )
-        t = completion_bt.shape[1]
-        aligned &= np.arange(t)[None, :] < np.asarray(lengths_b)[:, None]
         out = _cross_score(
             self._expert[0],
             self._expert[1],

@@ -114,7 +114,8 @@ def base_of(expert: ModelSource) -> ModelSource:
     if expert.checkpoints is not None:
         return ModelSource(BASE, expert.folder)
     report = expert.folder / REPORT_FILE
-    base = read_record(report).get("expert") if report.is_file() else None
+    exported = read_record(report) if report.is_file() else {}
+    base = exported.get("expert")
     if not base:
         raise ValueError(
             f"--amateur base needs an expert that records its base model: a `w2s train` run "
@@ -125,7 +126,7 @@ def base_of(expert: ModelSource) -> ModelSource:
     base = Path(base)
     if not (base / "config.json").is_file():
         raise ValueError(f"--amateur base: {report} names base {base}, which has no config.json")
-    checkpoint = Path(read_record(report).get("checkpoint") or "")
+    checkpoint = Path(exported.get("checkpoint") or "")
     if checkpoint.name and checkpoint.is_dir():  # still kept: its base must match
         check_adapter_base(checkpoint, base)
     return ModelSource(BASE, base)

@@ -59,8 +59,9 @@ def check_shared_tokenizer(expert_tokenizer, amateur_tokenizer, expert: str, ama
     if difference is not None:
         raise ValueError(
             f"expert {expert} and amateur {amateur} have different tokenizers "
-            f"(expert vs amateur: {difference}); LightReasoner compares next-token "
-            "distributions id by id, so both models must share one tokenizer"
+            f"(expert vs amateur: {difference}); contrastive decoding compares next-token "
+            "distributions id by id, so both models must share one tokenizer (`w2s sample` "
+            "accepts an amateur of another tokenizer)"
         )
 
 
@@ -149,6 +150,15 @@ def _score(
     }
 
 
+def batch_placer(mesh):
+    """array -> device array: its rows over the mesh's batch axes, or on the first local
+    device without a mesh (the scorers' host inputs)."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return lambda x: jax.device_put(x, device)
+    return functools.partial(sharding.place_batch, mesh=mesh)
+
+
 class Scorer:
     """Scores rollouts on one mesh: the expert's own hidden states from its rollout
     against one teacher-forced pass of the amateur."""
@@ -181,11 +191,7 @@ class Scorer:
         ids, mask, valid = teacher_forced_inputs(
             prompt_bp, prompt_mask_bp, completion_bt, lengths_b
         )
-        if self.mesh is None:
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            place = lambda x: jax.device_put(x, device)
-        else:
-            place = functools.partial(sharding.place_batch, mesh=self.mesh)
+        place = batch_placer(self.mesh)
         out = _score(
             self._expert[0],
             self._expert[1],
@@ -271,13 +277,13 @@ def build_records(ids, prompts, completion_bt, lengths_b, scores, *, contrast: b
     Targets keep the min(|plausible set|, k) heaviest tokens; with `contrast=False`
     the target is one-hot on the expert's own token. Scores of an amateur of another
     tokenizer (`cross_scoring.CrossScorer`: with `aligned` and `mapped_mass`) leave the
-    KL of unaligned positions None (null in the record), and the stats add the aligned
-    position count and the mapped amateur mass of every aligned position.
+    KL of unaligned positions None (null in the record), and the stats add the mapped
+    amateur mass of every aligned position.
     """
     records = []
     plausible_sum = dropped_sum = dropped_max = 0.0
     cross = "aligned" in scores
-    aligned_count, mapped_mass = 0, []
+    mapped_mass = []
     for b, (qid, prompt) in enumerate(zip(ids, prompts, strict=True)):
         n = int(lengths_b[b])
         completion = [int(x) for x in completion_bt[b, :n]]
@@ -305,7 +311,6 @@ def build_records(ids, prompts, completion_bt, lengths_b, scores, *, contrast: b
         if cross:
             aligned = scores["aligned"][b, :n]
             kl = [x if ok else None for x, ok in zip(kl, aligned, strict=True)]
-            aligned_count += int(aligned.sum())
             mapped_mass += [float(x) for x in scores["mapped_mass"][b, :n][aligned]]
         records.append(
             SampleRecord(
@@ -324,5 +329,5 @@ def build_records(ids, prompts, completion_bt, lengths_b, scores, *, contrast: b
         "dropped_mass_max": dropped_max,
     }
     if cross:
-        stats.update(aligned_positions=aligned_count, mapped_mass=mapped_mass)
+        stats["mapped_mass"] = mapped_mass
     return records, stats

@@ -116,16 +116,15 @@ class _Builder:
         self.ids.append(int(amateur_id))
 
 
-def align_completion(
-    completion_ids, expert_bytes: list, vocab_map: VocabMap, encoder, amateur_bytes: list
-) -> Alignment:
+def align_completion(completion_ids, vocab_map: VocabMap, encoder) -> Alignment:
     """Encode the expert completion's text with the amateur tokenizer and align it.
 
-    `expert_bytes`/`amateur_bytes`: `vocab_map.token_bytes` of the two tokenizers;
+    `vocab_map`: the pair's map (its `expert_bytes` and `amateur_bytes` spell the tokens);
     `encoder`: `plain_encoder(amateur_tokenizer)`. See the module docstring for the rule.
     """
     completion = [int(x) for x in completion_ids]
-    builder = _Builder(encoder, amateur_bytes, len(completion))
+    expert_bytes = vocab_map.expert_bytes
+    builder = _Builder(encoder, vocab_map.amateur_bytes, len(completion))
     segment, starts = bytearray(), []
     for t, token in enumerate(completion):
         spelled = expert_bytes[token] if token < len(expert_bytes) else None

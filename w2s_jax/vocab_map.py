@@ -102,18 +102,13 @@ def tokenizer_kind(spec: dict) -> str:
     )
 
 
-def _special_ids(tokenizer) -> set[int]:
-    ids = {int(i) for i in tokenizer.added_tokens_decoder}
-    return ids | {int(i) for i in tokenizer.all_special_ids if i is not None}
-
-
 def token_bytes(tokenizer) -> list[bytes | None]:
     """The bytes each id spells, for ids 0 .. len(tokenizer) - 1; None for special/added
     tokens (and any token that spells no bytes the tokenizer's alphabet can express)."""
     spec = tokenizer_json(tokenizer)
     kind = tokenizer_kind(spec)
     byte_fallback = bool(spec.get("model", {}).get("byte_fallback"))
-    special = _special_ids(tokenizer)
+    special = set(special_token_ids(tokenizer).values())
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     to_byte = _unicode_to_byte()
     out: list[bytes | None] = []
@@ -151,12 +146,15 @@ class VocabMap:
 
     `expert_special_to_amateur`: for each expert special/added id with an amateur
     counterpart (by role or string), that amateur id; the alignment inserts it where
-    the expert's rollout holds the special token.
+    the expert's rollout holds the special token. `expert_bytes`/`amateur_bytes`: each
+    side's `token_bytes`, which the map was built from (the alignment reads them too).
     """
 
     amateur_to_expert: np.ndarray  # int32 [Va]: expert id or -1
     expert_mapped: np.ndarray  # bool [Ve]
     expert_special_to_amateur: dict[int, int]
+    expert_bytes: list
+    amateur_bytes: list
 
     def coverage(self, sequences: Iterable[Iterable[int]] = ()) -> dict:
         """Shares mapped: expert ids, amateur ids, and expert token occurrences in
@@ -199,7 +197,7 @@ def build_vocab_map(expert_tokenizer, amateur_tokenizer) -> VocabMap:
             e2a[e] = a
     expert_mapped = np.zeros(len(expert_bytes), bool)
     expert_mapped[a2e[a2e >= 0]] = True
-    return VocabMap(a2e, expert_mapped, e2a)
+    return VocabMap(a2e, expert_mapped, e2a, expert_bytes, amateur_bytes)
 
 
 def check_coverage(coverage: dict, threshold: float, *, expert: str, amateur: str) -> None:

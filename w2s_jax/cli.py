@@ -9,14 +9,17 @@ line is its help text and which exposes `add_arguments(parser)` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import os
 import pkgutil
 import signal
 import sys
 import threading
+import traceback
 
-from w2s_jax import __version__, commands, compile_cache
+from w2s_jax import __version__, commands, compile_cache, run_folder
 from w2s_jax.config import apply_config_file
 
 # Pipeline order for `w2s --help`; commands not listed here come after, sorted.
@@ -78,11 +81,55 @@ def _message(exc: Exception) -> str:
     return str(exc)
 
 
+class _LibraryTracebacks(logging.Filter):
+    """Drops the error logs (with their tracebacks) that Orbax's background threads and
+    asyncio print when a save fails: the same failure reaches the command as an
+    exception and is reported once, as its `error:` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.name == "asyncio":
+            return False
+        trace = record.exc_info[2] if record.exc_info else None
+        return not any("orbax" in frame.filename for frame in traceback.extract_tb(trace))
+
+
+_LIBRARY_TRACEBACKS = _LibraryTracebacks()
+
+
+def _drop_closed_loop_callbacks(unraisable, *, previous=sys.unraisablehook) -> None:
+    """An unraisablehook that drops "Event loop is closed": TensorStore's write callbacks
+    for an Orbax save that already failed, arriving after its event loop has gone."""
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+        previous(unraisable)
+
+
+def _quiet_library_errors() -> None:
+    """`_LibraryTracebacks` on the loggers they use and `_drop_closed_loop_callbacks`,
+    unless W2S_TRACEBACK is set. Kept for the process: a background save thread may
+    report after the command's exception."""
+    if not os.environ.get("W2S_TRACEBACK"):
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(_LIBRARY_TRACEBACKS)  # once per object
+        sys.unraisablehook = _drop_closed_loop_callbacks
+
+
+def _run_folder_lock(args: argparse.Namespace):
+    """The command's `--out` held for this process alone (see `run_folder.locked`)."""
+    out = getattr(args, "out", None)
+    if not out:
+        return contextlib.nullcontext()
+    return run_folder.locked(out, command=f"w2s {args.command}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `w2s ARGV`. A user's error (a bad path, value or file) ends it with one
     `error: ...` line and exit status 1; W2S_TRACEBACK=1 shows the traceback instead.
     SIGTERM ends it with status 143 and says how to resume (outputs are written
-    atomically, so finished work is kept). JAX's persistent compilation cache is turned
+    atomically, so finished work is kept). The command's --out is locked for the run:
+    a second run on it is refused. JAX's persistent compilation cache is turned
     on (or, with --no-compilation-cache, off) before the command compiles anything."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, subparsers = build_parser()
@@ -99,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             compile_cache.disable_compilation_cache()
         args = apply_config_file(subparsers[args.command], command_argv, args)
-        return int(args._run(args) or 0)
+        _quiet_library_errors()
+        with _run_folder_lock(args):
+            return int(args._run(args) or 0)
     except _Terminated:
         print(
             f"w2s {args.command}: stopped by SIGTERM; finished work is kept, re-run the same "

@@ -48,7 +48,7 @@ from w2s_jax.grading import (
     grade_choice,
     is_equiv,
 )
-from w2s_jax.prompts import PLAIN_STOP_STRINGS, prompt_example, prompt_ids, stop_ids
+from w2s_jax.prompts import PLAIN_STOP_STRINGS, encode_prompts, prompt_example, stop_ids
 from w2s_jax.run_folder import claim
 from w2s_jax.settings import free_fields
 from w2s_jax.settings import record as settings_record
@@ -280,14 +280,16 @@ def _context(settings: EvalSettings, questions: list[Question]) -> dict:
     mesh = make_mesh(settings.mesh) if settings.mesh else None
     model, tokenizer, config = _load_model(settings, mesh)
     amateur = eval_decoding.load_amateur(settings, tokenizer, mesh) if settings.amateur else None
-    _check_same_run(Path(settings.out), _fingerprint(settings, tokenizer))
+    encoded = encode_prompts(
+        tokenizer,
+        questions,
+        style=settings.prompt_style,
+        system_prompt=settings.system_prompt,
+        context=config.max_position_embeddings,
+    )
+    prompts = {q.id: ids for q, ids in zip(questions, encoded, strict=True)}
     eos = stop_ids(tokenizer, settings.model, config.eos_token_ids, settings.eos_ids)
-    prompts = {
-        q.id: prompt_ids(
-            tokenizer, q.question, style=settings.prompt_style, system_prompt=settings.system_prompt
-        )
-        for q in questions
-    }
+    _check_same_run(Path(settings.out), _fingerprint(settings, tokenizer))
     stops = PLAIN_STOP_STRINGS if settings.prompt_style == "plain" else ()
     return dict(
         settings=settings,

@@ -113,14 +113,21 @@ class NonFiniteError(ValueError):
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSONL file.
 
-    Raises DataError naming the file and line for malformed JSON or a line that
-    is not a JSON object, and FileNotFoundError naming a missing file.
+    Raises DataError naming the file and line for bytes that are not UTF-8, malformed
+    JSON or a line that is not a JSON object, and FileNotFoundError naming a missing file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}); is this a JSONL file?"
+                ) from None
             if not line.strip():
                 continue
             try:

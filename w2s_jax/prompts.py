@@ -26,6 +26,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from w2s_jax.files import DataError
+
 SAMPLE_SYSTEM_PROMPT = "Please reason step by step."
 EVAL_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 PROMPT_STYLES = ("chat", "plain")
@@ -71,6 +73,28 @@ def prompt_ids(tokenizer, question: str, *, style: str, system_prompt: str) -> l
     if style == "plain":
         return list(tokenizer(text)["input_ids"])
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_prompts(
+    tokenizer, questions, *, style: str, system_prompt: str, context: int | None
+) -> list[list[int]]:
+    """`prompt_ids` of each question, each checked to leave room for a generated token
+    within `context` positions (the model's max_position_embeddings; None: unchecked).
+
+    Raises DataError naming the first question that does not fit, its prompt's token
+    count and the limit, before anything is generated or written.
+    """
+    encoded = []
+    for question in questions:
+        ids = prompt_ids(tokenizer, question.question, style=style, system_prompt=system_prompt)
+        if context is not None and len(ids) >= context:
+            raise DataError(
+                f"question {question.id!r}: its prompt is {len(ids):,} tokens, which leaves no "
+                f"room to generate within the model's context of {context:,} positions "
+                "(max_position_embeddings); shorten or drop the question"
+            )
+        encoded.append(ids)
+    return encoded
 
 
 def prompt_example(tokenizer, *, style: str, system_prompt: str) -> str:

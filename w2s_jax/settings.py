@@ -197,6 +197,8 @@ def number_in(low: float, high: float, *, open_low: bool = False) -> Check:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         ok = ok and math.isfinite(value) and value <= high
         ok = ok and (value > low if open_low else value >= low)
+        if not ok and math.isinf(high):
+            return f"must be a finite number {'>' if open_low else '>='} {low}"
         if not ok:
             return f"must lie in {'(' if open_low else '['}{low}, {high}]"
         return None
@@ -289,10 +291,18 @@ def check(settings) -> None:
             values = value if isinstance(value, tuple) else (value,)
             if any(v not in choices for v in values):
                 problem = f"must be one of {', '.join(map(str, choices))}"
+        if problem is None and _non_finite(value):
+            problem = "must be a finite number"
         if problem is None and meta.get("check") is not None:
             problem = meta["check"](value)
         if problem:
             raise ValueError(f"{flag_names(field)[0]} {problem}, got {value!r}")
+
+
+def _non_finite(value) -> bool:
+    """A float (or a tuple holding one) that is NaN or infinite: never a setting's value."""
+    values = value if isinstance(value, tuple) else (value,)
+    return any(isinstance(v, float) and not math.isfinite(v) for v in values)
 
 
 def free_fields(cls) -> tuple[str, ...]:

@@ -168,8 +168,11 @@ def load_eval_questions(
         except ValueError as exc:
             if isinstance(exc, DataError):
                 raise
+            hint = (
+                "" if preset == "plain" else "; for answers taken as they are, use --preset plain"
+            )
             raise DataError(
-                f"{where}: preset {preset!r} cannot read the gold answer: {exc}"
+                f"{where}: preset {preset!r} cannot read the gold answer: {exc}{hint}"
             ) from exc
         qid = str(record.get(id_field or spec.id_field, f"line-{lineno}"))
         if qid in seen:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from w2s_jax import sharding
-from w2s_jax.files import atomic_write_json
+from w2s_jax.files import DataError, atomic_write_json
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.decoder import CausalLM
 from w2s_jax.models.dtypes import resolve_dtype
@@ -291,8 +292,39 @@ def save_pretrained(
         tokenizer.save_pretrained(str(folder))
 
 
+# The files a tokenizer is read from: a fast tokenizer, a BPE pair, or SentencePiece.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+
+
 def load_tokenizer(path: str | Path):
-    """The folder's tokenizer (and chat template) via `transformers.AutoTokenizer`."""
+    """The folder's tokenizer (and chat template) via `transformers.AutoTokenizer`.
+
+    Raises FileNotFoundError naming the folder when it holds no tokenizer file (without
+    one, transformers would build a near-empty tokenizer and every answer would come out
+    empty), and DataError when the tokenizer has more tokens than the folder's model has
+    vocabulary rows.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(_require_folder(path)))
+    folder = _require_folder(path)
+    if not any(all((folder / name).is_file() for name in group) for group in TOKENIZER_FILES):
+        wanted = ", or ".join(" + ".join(group) for group in TOKENIZER_FILES)
+        raise FileNotFoundError(f"{folder} holds no tokenizer: expected {wanted}")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    rows = _config_vocab_size(folder)
+    if rows is not None and len(tokenizer) > rows:
+        raise DataError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's "
+            f"vocabulary has {rows} rows (config.json vocab_size); they belong to "
+            "different models"
+        )
+    return tokenizer
+
+
+def _config_vocab_size(folder: Path) -> int | None:
+    """config.json's vocab_size, when the folder has a readable one."""
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None

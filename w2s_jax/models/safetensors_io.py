@@ -36,18 +36,54 @@ class CheckpointError(ValueError):
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """(tensor entries by key, byte offset of the data section) of a .safetensors file."""
+    """(tensor entries by key, byte offset of the data section) of a .safetensors file.
+
+    Checked against the file's size: a truncated or padded file is a CheckpointError
+    naming it, raised before any tensor is mapped.
+    """
+    file_size = Path(path).stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) != 8:
             raise CheckpointError(f"{path}: not a safetensors file (too short)")
         (size,) = struct.unpack("<Q", head)
+        if 8 + size > file_size:
+            raise CheckpointError(
+                f"{path}: truncated or not a safetensors file (its header claims {size:,} "
+                f"bytes, the file holds {file_size:,})"
+            )
         try:
             header = json.loads(handle.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: not a safetensors file (bad header)") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (bad header)")
     header.pop("__metadata__", None)
+    _check_extent(path, header, file_size - 8 - size)
     return header, 8 + size
+
+
+def _check_extent(path: Path, header: dict, data_bytes: int) -> None:
+    """Every tensor's byte range matches its shape and dtype and lies inside the file."""
+    end = 0
+    for key, entry in header.items():
+        try:
+            start, stop = (int(v) for v in entry["data_offsets"])
+            count = int(np.prod(entry["shape"], dtype=np.int64))
+            itemsize = _DTYPES[entry["dtype"]].itemsize if entry["dtype"] in _DTYPES else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry") from exc
+        if itemsize is not None and stop - start != count * itemsize:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} spans {stop - start} bytes but its shape "
+                f"{entry['shape']} and dtype {entry['dtype']} need {count * itemsize}"
+            )
+        end = max(end, stop)
+    if end > data_bytes:
+        raise CheckpointError(
+            f"{path}: truncated: its tensors need {end:,} bytes of data, the file holds "
+            f"{data_bytes:,} (a partial download or copy?)"
+        )
 
 
 class SafetensorsFolder:

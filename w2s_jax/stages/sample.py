@@ -100,7 +100,7 @@ def plan(settings: SampleSettings) -> SamplePlan:
     from w2s_jax.data.tfds_source import TFDS_PREFIX
     from w2s_jax.models import ModelConfig
     from w2s_jax.models.dtypes import resolve_dtypes
-    from w2s_jax.prompts import prompt_example, prompt_ids, stop_ids
+    from w2s_jax.prompts import encode_prompts, prompt_example, stop_ids
     from w2s_jax.sample_store import FORMAT
 
     settings = resolve_dtypes(settings)
@@ -116,11 +116,18 @@ def plan(settings: SampleSettings) -> SamplePlan:
 
         names = {"expert": str(expert), "amateur": str(amateur)}
         cross = plan_cross(tokenizer, amateur_tokenizer, questions, settings=settings, **names)
-    style, system = settings.prompt_style, settings.system_prompt
-    prompts = [
-        prompt_ids(tokenizer, q.question, style=style, system_prompt=system) for q in questions
-    ]
-    model_eos = ModelConfig.from_hf_json(expert / "config.json").eos_token_ids
+    expert_config = ModelConfig.from_hf_json(expert / "config.json")
+    prompts = encode_prompts(
+        tokenizer,
+        questions,
+        style=settings.prompt_style,
+        system_prompt=settings.system_prompt,
+        context=min(
+            ModelConfig.from_hf_json(folder / "config.json").max_position_embeddings
+            for folder in (expert, amateur)
+        ),
+    )
+    model_eos = expert_config.eos_token_ids
     eos_ids = stop_ids(tokenizer, expert, model_eos, settings.eos_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     source = settings.data
@@ -149,7 +156,9 @@ def plan(settings: SampleSettings) -> SamplePlan:
         "vocab_size": len(tokenizer),
         "eos_ids": eos_ids,
         "pad_id": pad_id,
-        "prompt_example": prompt_example(tokenizer, style=style, system_prompt=system),
+        "prompt_example": prompt_example(
+            tokenizer, style=settings.prompt_style, system_prompt=settings.system_prompt
+        ),
         "w2s_jax_version": __version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

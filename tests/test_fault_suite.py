@@ -168,7 +168,43 @@ def test_a_full_disk_during_a_checkpoint_is_one_error_line(full_disk, tmp_path, 
     assert result.returncode == 1, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr[-3000:]
-    assert lines[0].startswith("error: ") and "No space left on device" in lines[0]
-    assert str(out) in lines[0]  # the message says where
+    # the checkpoint or the metrics file, whichever the disk refused first, is named
+    assert lines[0].startswith(("error: cannot write a checkpoint into", "error: cannot write"))
+    assert f"{out}/" in lines[0] and "No space left on device" in lines[0], lines[0]
+    if "checkpoint" in lines[0]:
+        assert "no checkpoint exists yet" in lines[0]
     finished = [p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
     assert finished == []  # no half-written checkpoint passes for a finished one
+
+
+def test_a_non_finite_first_step_does_not_claim_a_checkpoint():
+    import numpy as np
+
+    from w2s_jax.files import NonFiniteError
+    from w2s_jax.train import _check_step_finite
+
+    with pytest.raises(NonFiniteError, match="no checkpoint was saved before it"):
+        _check_step_finite({"loss": np.float32(np.nan)}, 1, 0)
+    with pytest.raises(NonFiniteError, match=r"the last checkpoint \(step 4\) is kept"):
+        _check_step_finite({"loss": np.float32(np.inf)}, 5, 4)
+
+
+def test_a_failed_checkpoint_save_says_which_checkpoints_exist(tmp_path):
+    from w2s_jax.checkpointing import CheckpointSaveError, TrainCheckpoints
+
+    checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=2)
+    (checkpoints.directory / "3").mkdir(parents=True)  # a finished step
+    (checkpoints.directory / "4.orbax-checkpoint-tmp").mkdir()  # the one that failed
+
+    class FullDisk:
+        def save(self, *args, **kwargs):
+            raise ValueError("RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']")
+
+    checkpoints._manager = FullDisk()
+    with pytest.raises(CheckpointSaveError) as caught:
+        checkpoints.save(4, {}, {}, {})
+    assert str(caught.value) == (
+        f"cannot write a checkpoint into {checkpoints.directory}: No space left on device; "
+        "checkpoints of steps [3] are complete; free the cause and re-run the same command "
+        "to resume"
+    )

@@ -20,12 +20,16 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from w2s_jax import sharding
+
 CHECKPOINT_DIR = "checkpoints"
 
 
-def _manager(directory: Path, *, save_every: int = 1, keep: int | None = None):
+def _manager(directory: Path, *, save_every: int = 1, keep: int | None = None, owner=False):
+    """Orbax's manager of `directory`; the `owner` (a training run, alone on its folder)
+    also deletes the unfinished step folders a killed run left (process 0 does)."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every, create=True
+        max_to_keep=keep, save_interval_steps=save_every, create=True, cleanup_tmp_directories=owner
     )
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
@@ -61,6 +65,25 @@ def _to_layout(tree, stacked: bool):
     return jax.tree.map(lambda x: convert(x) if is_state(x) else x, tree, is_leaf=is_state)
 
 
+def _place_like(x, like):
+    """`x` placed like `like` (an array or a shape with a sharding), on one host or many."""
+    placement = getattr(like, "sharding", None)
+    return x if placement is None else sharding.put(x, placement)
+
+
+def _shapes_in_layout(template, stacked: bool):
+    """The shapes of `template` in the other layout, replicated over the template's devices
+    (its own specs may not fit the new shapes; without a placement Orbax would use the one
+    saved, whose devices may not exist here: another topology, other processes)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    shapes = jax.eval_shape(lambda t: _to_layout(t, stacked), template)
+    placed = getattr(next(iter(jax.tree.leaves(template)), None), "sharding", None)
+    if isinstance(placed, NamedSharding):
+        placed = NamedSharding(placed.mesh, PartitionSpec())
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placed), shapes)
+
+
 def _restore_in_saved_layout(restore, saved_names, *templates) -> tuple:
     """`restore(*templates)`, the templates (arrays or shapes) in the layout of the
     checkpoint's parameters (`saved_names`); results in the templates' layout, placed like
@@ -68,41 +91,48 @@ def _restore_in_saved_layout(restore, saved_names, *templates) -> tuple:
     own, saved = _stacked(param_shapes(templates[0])), _stacked(saved_names)
     if own == saved:
         return restore(*templates)
-    restored = restore(*(jax.eval_shape(lambda t: _to_layout(t, saved), t) for t in templates))
+    restored = restore(*(_shapes_in_layout(t, saved) for t in templates))
     return tuple(
-        jax.tree.map(
-            lambda x, like: jax.device_put(x, getattr(like, "sharding", None)),
-            _to_layout(result, own),
-            template,
-        )
+        jax.tree.map(_place_like, _to_layout(result, own), template)
         for result, template in zip(restored, templates, strict=True)
     )
 
 
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (a full disk, say); the message says what exists."""
+
+
 class TrainCheckpoints:
-    """Orbax CheckpointManager over OUT/checkpoints (save every `save_every`, keep `keep`)."""
+    """Orbax CheckpointManager over OUT/checkpoints (save every `save_every`, keep `keep`).
+
+    Under multi-host JAX every process makes one and calls each `save` and `restore` at
+    the same step: Orbax's saves are collective (each process writes the shards of its
+    own devices, process 0 the metadata and `meta`, and it finalizes the step folder).
+    """
 
     def __init__(self, out_dir: str | Path, *, save_every: int, keep: int):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be >= 1")
         self.directory = Path(out_dir) / CHECKPOINT_DIR
-        self._manager = _manager(self.directory, save_every=save_every, keep=keep)
+        self._manager = _manager(self.directory, save_every=save_every, keep=keep, owner=True)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, params, opt_state, meta: dict, *, force: bool = False) -> bool:
-        """Save at `step` when it is due (or `force`); returns whether it saved."""
+        """Save at `step` when it is due (or `force`); returns whether it saved. A failed
+        save (this one, or the one before, finishing in the background) raises
+        CheckpointSaveError."""
         meta = {**meta, "step": step, "param_shapes": param_shapes(params)}
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=force,
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta),
         )
+        try:
+            return self._manager.save(step, args=args, force=force)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise self._save_failure(exc) from exc
 
     def restore(self, step: int, params, opt_state):
         """(params, opt_state, meta) of `step`, laid out and placed like the given templates."""
@@ -127,9 +157,29 @@ class TrainCheckpoints:
         return self._manager.reached_preemption(step)
 
     def close(self) -> None:
-        """Wait for asynchronous saves to finish."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for asynchronous saves to finish (CheckpointSaveError when one failed)."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.close()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise self._save_failure(exc) from exc
+
+    def finished_steps(self) -> list[int]:
+        """The steps whose checkpoint folder is complete (Orbax renames it when done)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+    def _save_failure(self, exc: Exception) -> CheckpointSaveError:
+        """What a failed save tells the user: where, why, and which checkpoints exist."""
+        text = str(exc)
+        reason = "No space left on device" if "No space left on device" in text else text[:300]
+        steps = self.finished_steps()
+        kept = f"checkpoints of steps {steps} are complete" if steps else "no checkpoint exists yet"
+        return CheckpointSaveError(
+            f"cannot write a checkpoint into {self.directory}: {reason}; {kept}; free the "
+            "cause and re-run the same command to resume"
+        )
 
 
 def locate_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, int]:

@@ -116,12 +116,12 @@ def _quiet_library_errors() -> None:
         sys.unraisablehook = _drop_closed_loop_callbacks
 
 
-def _run_folder_lock(args: argparse.Namespace):
+def _run_folder_lock(args: argparse.Namespace, command: str):
     """The command's `--out` held for this process alone (see `run_folder.locked`)."""
     out = getattr(args, "out", None)
     if not out:
         return contextlib.nullcontext()
-    return run_folder.locked(out, command=f"w2s {args.command}")
+    return run_folder.locked(out, command=f"w2s {command}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,21 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    command = args.command  # a --config file's re-parse returns the command's namespace
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
-        command_argv = argv[argv.index(args.command) + 1 :]
+        command_argv = argv[argv.index(command) + 1 :]
         if args.compilation_cache:  # before a config file's re-parse drops the global flag
             compile_cache.enable_compilation_cache()
         else:
             compile_cache.disable_compilation_cache()
-        args = apply_config_file(subparsers[args.command], command_argv, args)
+        args = apply_config_file(subparsers[command], command_argv, args)
         _quiet_library_errors()
-        with _run_folder_lock(args):
+        with _run_folder_lock(args, command):
             return int(args._run(args) or 0)
     except _Terminated:
         print(
-            f"w2s {args.command}: stopped by SIGTERM; finished work is kept, re-run the same "
+            f"w2s {command}: stopped by SIGTERM; finished work is kept, re-run the same "
             "command to resume",
             file=sys.stderr,
         )

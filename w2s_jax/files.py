@@ -49,8 +49,11 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None and exc.strerror:
+            # a full disk surfaces at write, flush or close: name the file meant
+            raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from None
         raise
 
 

@@ -159,14 +159,32 @@ def place_batch(array, mesh: Mesh) -> jax.Array:
     return to_global(array, batch_sharding(mesh, np.shape(array)[0], np.ndim(array)))
 
 
+def put(x, placement) -> jax.Array:
+    """`x` (numpy or a jax array) placed with the sharding `placement`, on one process or several.
+
+    `jax.device_put` where it can (one process, or `x` already spread over the processes);
+    otherwise built from this process's copy of `x` (a host value or an array on its own
+    devices), which must equal every other process's: device_put refuses a sharding whose
+    devices are not all this process's.
+    """
+    if placement.is_fully_addressable or not getattr(x, "is_fully_addressable", True):
+        return jax.device_put(x, placement)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        data = put(jax.random.key_data(x), placement)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return to_global(np.asarray(x), placement)
+
+
 def replicate(tree, mesh: Mesh):
-    """Every array of `tree` replicated over `mesh`, unless it already lives on it."""
+    """Every array of `tree` replicated over `mesh`, unless it already lives on it (`put`:
+    under multi-host JAX every process must hold the same values)."""
+    replicated = NamedSharding(mesh, P())
 
     def place(x):
         placed = getattr(x, "sharding", None)
         if isinstance(placed, NamedSharding) and placed.mesh == mesh:
             return x
-        return jax.device_put(x, NamedSharding(mesh, P()))
+        return put(x, replicated)
 
     return jax.tree.map(place, tree)
 
@@ -186,9 +204,44 @@ def to_host(array) -> np.ndarray:
     """The whole value of a (possibly multi-host sharded) array, on this host."""
     if getattr(array, "is_fully_addressable", True):
         return np.asarray(array)
+    if array.is_fully_replicated:  # every process holds it whole: no collective needed
+        return np.asarray(array.addressable_data(0))
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def is_leader() -> bool:
+    """Whether this is process 0: the one process of a multi-host run that writes files."""
+    return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process. A collective under multi-host JAX: every process
+    must call it at the same point."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def leader_says(flag: bool) -> bool:
+    """Process 0's `flag` on every process (a collective under multi-host JAX), so that all
+    take the same branch, e.g. on whether an output file exists already."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (nothing on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def maybe_initialize_distributed() -> bool:

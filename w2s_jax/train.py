@@ -33,6 +33,7 @@ from flax import nnx
 
 from w2s_jax import sharding
 from w2s_jax.data.kd_selection import kd_selection, step_stream
+from w2s_jax.data.packing import check_samples_match, load_training_data  # noqa: F401 (public)
 from w2s_jax.files import DataError, atomic_write_json
 from w2s_jax.lora import apply_lora, trainable_filter
 from w2s_jax.objectives import LossContext, Objective, get_objective
@@ -166,31 +167,6 @@ def batch_shardings(mesh, layout=PACKED_LAYOUT) -> dict:
     return {name: rows if kind == ROWS else replicated for name, kind in layout.items()}
 
 
-def check_samples_match(samples: str | Path, expert: str | Path) -> dict:
-    """The samples folder's manifest, after checking it was made with this expert (or, for
-    samples of a run checkpoint, its `w2s export`: `model_source.check_sampled_by`) and
-    tokenizer. Raises DataError naming what differs.
-    """
-    from w2s_jax.fingerprint import tokenizer_fingerprint
-    from w2s_jax.model_source import check_sampled_by
-    from w2s_jax.models import load_tokenizer
-    from w2s_jax.sample_store import read_manifest
-
-    manifest = read_manifest(samples)
-    check_sampled_by(manifest, samples, expert)
-    recorded, actual = (
-        manifest.get("tokenizer_fingerprint"),
-        tokenizer_fingerprint(load_tokenizer(expert)),
-    )
-    if recorded != actual:
-        raise DataError(
-            f"{samples}/manifest.json: the samples were made with a different tokenizer "
-            f"(tokenizer_fingerprint {recorded} there, {actual} for --expert {expert}); sample "
-            "again with this expert or train the expert they came from"
-        )
-    return manifest
-
-
 def configured_objective(config: TrainSettings) -> Objective:
     """The run's objective, bound to its settings when it has some (`Objective.configure`)."""
     objective = get_objective(config.objective)
@@ -218,54 +194,9 @@ def _check_resumable(out: Path, config: TrainSettings) -> None:
         config.settings(),
         ignore=FREE_SETTINGS,
         what="a training run",
-        write=jax.process_index() == 0,
+        write=sharding.is_leader(),
         has_results=(out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()),
     )
-
-
-def _token_count(config: TrainSettings, manifest: dict, model_config) -> int:
-    """Real token ids: the samples' tokenizer size, else the tokenizer's, else every row."""
-    if manifest.get("vocab_size"):
-        return int(manifest["vocab_size"])
-    folder = student_tokenizer_folder(config)
-    if folder:
-        from w2s_jax.models import load_tokenizer
-
-        return len(load_tokenizer(folder))
-    return model_config.vocab_size
-
-
-def _load_data(config: TrainSettings):
-    """(trajectories, stats, samples fingerprint, pad id, model config, token count), checked.
-
-    Target and input ids must be real tokens (below the token count), not padded rows.
-    """
-    from w2s_jax.data.packing import find_sample_files, load_trajectories, samples_fingerprint
-    from w2s_jax.models import ModelConfig
-
-    files = find_sample_files(config.samples)
-    manifest = {}
-    if config.expert and (Path(config.samples) / "manifest.json").exists():
-        manifest = check_samples_match(config.samples, config.expert)
-    elif config.expert and get_objective(config.objective).requires_manifest:
-        raise DataError(
-            f"{config.samples}/manifest.json is missing: cannot check that the samples were "
-            f"drawn from --expert {config.expert}"
-        )
-    model_config = ModelConfig.from_hf_json(
-        config.model_config if config.init == "random" else Path(config.expert) / "config.json"
-    )
-    token_count = _token_count(config, manifest, model_config)
-    if token_count > model_config.vocab_size:
-        raise DataError(
-            f"the tokenizer has {token_count} tokens but the model only "
-            f"{model_config.vocab_size} output rows"
-        )
-    trajectories, stats = load_trajectories(
-        files, objective=config.objective, vocab_size=token_count
-    )
-    pad_id = int(manifest.get("pad_id") or 0)
-    return trajectories, stats, samples_fingerprint(files), pad_id, model_config, token_count
 
 
 def compile_step(config: TrainSettings, mesh, *, token_count: int | None = None, teacher=None):
@@ -384,6 +315,67 @@ def _default_stop_rule(stop_signal, checkpoints) -> Callable[[int], bool]:
     )
 
 
+@dataclasses.dataclass
+class _Steps:
+    """The step loop of one `train` call and what it needs besides the state."""
+
+    config: TrainSettings
+    objective: Objective
+    mesh: object
+    data: tuple  # (trajectories, data stats, pad id)
+    compiled: tuple  # (step_fn, rest, schedule)
+    checkpoints: object
+    log: object
+    meta: dict
+
+    def run(self, state, start: int, steps, should_stop) -> tuple[int, bool]:
+        """Steps from `start` to the end, or to the first at which `should_stop(step)` holds
+        on any process (all processes stop at the same step); returns (last saved, stopped)."""
+        from tqdm.auto import tqdm
+
+        config, (trajectories, data_stats, pad_id) = self.config, self.data
+        step_fn, rest, schedule = self.compiled
+        is_leader = sharding.is_leader()
+        row_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        base_key = jax.random.key(config.seed)
+        meter, last_saved = _Meter(), start
+        bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and is_leader))
+        try:
+            for step in range(start, config.steps):
+                arrays = self.objective.collate(
+                    trajectories,
+                    next(steps),
+                    k=data_stats["k"],
+                    pad_id=pad_id,
+                    length_bucket=config.length_bucket,
+                    row_multiple=row_multiple,
+                )
+                batch = shard_batch(arrays, self.mesh, self.objective.layout)
+                state, metrics = step_fn(state, rest, batch, jax.random.fold_in(base_key, step))
+                _check_step_finite(metrics, step + 1, last_saved)
+                tokens = int(arrays["attention_mask"].sum())
+                meter.add(metrics, tokens=tokens, positions=config.batch_positions)
+                done = step + 1
+                stop = sharding.any_process(should_stop(done))  # a SIGTERM may reach one only
+                if done % config.log_every == 0 or done == config.steps or stop:
+                    values = meter.values(lr=float(schedule(step)))
+                    if is_leader:
+                        self.log.write(done, values)
+                    else:  # kept for the summary; only process 0 writes files
+                        self.log.records.append({"step": done, **values})
+                    bar.set_postfix({k: f"{values[k]:.4f}" for k in ("loss", "kl") if k in values})
+                bar.update(1)
+                meta = {**self.meta, "data_step": done}
+                # every process takes part in a save (Orbax's saves are collective)
+                if self.checkpoints.save(done, *state, meta, force=stop or done == config.steps):
+                    last_saved = done
+                if stop:
+                    return last_saved, done < config.steps
+        finally:
+            bar.close()
+        return last_saved, False
+
+
 def train(
     config: TrainSettings, *, should_stop: Callable[[int], bool] | None = None, mesh=None
 ) -> dict:
@@ -393,75 +385,62 @@ def train(
     tensorboard/, loss_curve.png and summary.json. `should_stop(step)` is asked
     after every step (default: has SIGTERM arrived?); when true the state is
     saved and the summary has "stopped": True. Re-running resumes. `mesh` (a
-    jax Mesh) overrides `config.mesh`.
+    jax Mesh) overrides `config.mesh`. Under multi-host JAX every process runs this;
+    process 0 alone writes the files other than the checkpoints (which all write).
     """
-    from tqdm.auto import tqdm
-
     from w2s_jax.checkpointing import StopSignal, TrainCheckpoints
     from w2s_jax.metrics import MetricsLog
     from w2s_jax.models.dtypes import resolve_dtypes, warn_if_slow
-    from w2s_jax.sharding import BATCH_AXES, make_mesh
 
     config = resolve_dtypes(config, master_weights=config.full_finetuning)
     warn_if_slow(config.dtype)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    trajectories, data_stats, data_fingerprint, pad_id, model_config, tokens = _load_data(config)
-    kd_subset, data_fingerprint = kd_selection(config, trajectories, data_fingerprint)
-    objective = configured_objective(config)
-    mesh = make_mesh(config.mesh) if mesh is None else mesh
+    trajectories, data_stats, fingerprint, pad_id, model_config, tokens = load_training_data(config)
+    kd_subset, fingerprint = kd_selection(config, trajectories, fingerprint)
+    objective = configured_objective(config)  # its settings checked before the folder is claimed
+    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     teacher = load_teacher(config, mesh, tokens)  # checked before the folder is claimed
     _check_resumable(out, config)
     step_fn, state, rest, schedule = compile_step(config, mesh, token_count=tokens, teacher=teacher)
-
     checkpoints = TrainCheckpoints(out, save_every=config.save_every, keep=config.keep_checkpoints)
-    start, state = _restore(checkpoints, state, data_fingerprint, config)
-    meta = _checkpoint_meta(config, data_fingerprint, model_config)
-    steps = step_stream(trajectories, config, start, kd_subset)
-    row_multiple = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
-    base_key = jax.random.key(config.seed)
-    is_leader = jax.process_index() == 0
+    start, state = _restore(checkpoints, state, fingerprint, config)
+    is_leader = sharding.is_leader()
     log = MetricsLog(out, resume_step=start, tensorboard=is_leader)
+    steps = _Steps(
+        config,
+        objective,
+        mesh,
+        (trajectories, data_stats, pad_id),
+        (step_fn, rest, schedule),
+        checkpoints,
+        log,
+        _checkpoint_meta(config, fingerprint, model_config),
+    )
     stop_signal = StopSignal()
     if should_stop is None:
         should_stop = _default_stop_rule(stop_signal, checkpoints)
-    meter, last_saved, stopped = _Meter(), start, False
-    bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and is_leader))
+    stream = step_stream(trajectories, config, start, kd_subset)
     try:
         with stop_signal:
-            for step in range(start, config.steps):
-                arrays = objective.collate(
-                    trajectories,
-                    next(steps),
-                    k=data_stats["k"],
-                    pad_id=pad_id,
-                    length_bucket=config.length_bucket,
-                    row_multiple=row_multiple,
-                )
-                batch = shard_batch(arrays, mesh, objective.layout)
-                state, metrics = step_fn(state, rest, batch, jax.random.fold_in(base_key, step))
-                _check_step_finite(metrics, step + 1, last_saved)
-                tokens = int(arrays["attention_mask"].sum())
-                meter.add(metrics, tokens=tokens, positions=config.batch_positions)
-                done = step + 1
-                stop = should_stop(done)
-                if done % config.log_every == 0 or done == config.steps or stop:
-                    values = meter.values(lr=float(schedule(step)))
-                    if is_leader:
-                        log.write(done, values)
-                    bar.set_postfix({k: f"{values[k]:.4f}" for k in ("loss", "kl") if k in values})
-                bar.update(1)
-                meta_now = {**meta, "data_step": done}
-                if checkpoints.save(done, *state, meta_now, force=stop or done == config.steps):
-                    last_saved = done
-                if stop:
-                    stopped = done < config.steps
-                    break
-    finally:
-        bar.close()
-        checkpoints.close()  # waits for a save in flight, also when interrupted
-        log.close()
+            last_saved, stopped = steps.run(state, start, stream, should_stop)
+    finally:  # waits for a save in flight, also when interrupted; the first error wins
+        errors = _close_all(checkpoints.close, log.close)
+    if errors:
+        raise errors[0]
     return _summarize(out, log, checkpoints, last_saved, stopped, data_stats, is_leader)
+
+
+def _close_all(*closers) -> list[Exception]:
+    """Call every closer; the errors they raised, in order (an error of the run itself,
+    in flight, stays the one reported)."""
+    errors = []
+    for close in closers:
+        try:
+            close()
+        except Exception as exc:  # noqa: BLE001 (reported by the caller)
+            errors.append(exc)
+    return errors
 
 
 def _check_step_finite(metrics: dict, step: int, last_saved: int) -> None:
@@ -473,9 +452,14 @@ def _check_step_finite(metrics: dict, step: int, last_saved: int) -> None:
     bad = [k for k, v in values.items() if not np.isfinite(v)]
     if bad:
         shown = ", ".join(f"{k}={values[k]}" for k in bad)
+        kept = (
+            f"the last checkpoint (step {last_saved}) is kept"
+            if last_saved
+            else "no checkpoint was saved before it"
+        )
         raise NonFiniteError(
-            f"step {step}: non-finite {shown}; the last checkpoint (step {last_saved}) is "
-            "kept; lower the learning rate or check the data and weights"
+            f"step {step}: non-finite {shown}; {kept}; lower the learning rate or check "
+            "the data and weights"
         )
 
 

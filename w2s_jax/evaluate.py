@@ -28,7 +28,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from w2s_jax import eval_decoding, eval_engine, stats
+from w2s_jax import eval_decoding, eval_engine, sharding, stats
 from w2s_jax.data.benchmarks import PRESETS, is_multiple_choice, load_eval_questions
 from w2s_jax.data.sources import Question
 from w2s_jax.eval_sampled import summarize_samples
@@ -104,7 +104,14 @@ def _check_same_run(out: Path, fingerprint: dict) -> None:
             if k not in recorded and fingerprint.get(k) == v
         ]
     has_results = any((out / "shards").glob("part-*.jsonl"))
-    claim(out / "run.json", fingerprint, ignore=ignore, what="an eval run", has_results=has_results)
+    claim(
+        out / "run.json",
+        fingerprint,
+        ignore=ignore,
+        what="an eval run",
+        has_results=has_results,
+        write=sharding.is_leader(),
+    )
 
 
 def _finished_rows(out: Path, questions: list[Question]) -> tuple[dict[tuple[str, int], dict], int]:
@@ -309,7 +316,8 @@ def run_eval(settings: EvalSettings) -> dict:
     Resumes from the shards already there, per (question, sample). Batches are fixed
     chunks of the rows sorted by prompt length (longest first), so a resumed run decodes
     the same batches as an uninterrupted one; a sampled row's draws depend on the seed,
-    its question and its sample index only (`w2s_jax.eval_decoding`).
+    its question and its sample index only (`w2s_jax.eval_decoding`). Under multi-host
+    JAX every process decodes the same batches and process 0 alone writes.
     """
     from tqdm import tqdm
 
@@ -329,6 +337,8 @@ def run_eval(settings: EvalSettings) -> dict:
     )
     ctx = _context(settings, questions)
     done, next_shard = _finished_rows(out, questions)
+    sharding.barrier("eval-resume-read")  # every process has read before process 0 writes
+    leader = sharding.is_leader()
     items = [(q, j) for q in questions for j in range(settings.samples)]
     pending = [(q, j) for q, j in items if (q.id, j) not in done]
     order = sorted(pending, key=lambda item: -len(ctx["prompts"][item[0].id]))  # stable
@@ -341,7 +351,8 @@ def run_eval(settings: EvalSettings) -> dict:
     )
     for shard, start in enumerate(range(0, len(order), size), start=next_shard):
         rows = _decode_batch(order[start : start + size], ctx)
-        atomic_write_jsonl(out / "shards" / f"part-{shard:06d}.jsonl", rows)
+        if leader:
+            atomic_write_jsonl(out / "shards" / f"part-{shard:06d}.jsonl", rows)
         done.update(((r["id"], r.get("sample", 0)), r) for r in rows)
         bar.update(len(rows))
         bar.set_postfix(acc=f"{sum(r['correct'] for r in done.values()) / len(done):.3f}")
@@ -349,6 +360,7 @@ def run_eval(settings: EvalSettings) -> dict:
     rows = [done[q.id, j] for q, j in items]
     summary = summarize(rows, timeout=settings.symbolic_timeout)
     summary |= {"settings": json.loads((out / "run.json").read_text())}
-    atomic_write_jsonl(out / "predictions.jsonl", rows)
-    atomic_write_json(out / "summary.json", summary)
+    if leader:
+        atomic_write_jsonl(out / "predictions.jsonl", rows)
+        atomic_write_json(out / "summary.json", summary)
     return summary

@@ -43,10 +43,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from w2s_jax import sharding
     from w2s_jax.evaluate import EvalSettings, run_eval
 
     if not (args.model and args.data):
         raise ValueError("w2s eval needs --model and --data (or --compare RUN ...)")
+    sharding.maybe_initialize_distributed()  # the processes of a launch run as one
     summary = run_eval(from_namespace(EvalSettings, args))
     no_answer = 100 * summary["no_answer_share"]
     print(

@@ -28,15 +28,12 @@ so a re-run resumes. report.json, report.md and report.png are written atomicall
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
 from w2s_jax.demo_data import derive_arm_records, weak_sft_records, write_arm_data
 from w2s_jax.demo_report import (
-    ARMS,
     INFERENCE_ARMS,
     arm_rows,
     correct_by_id,
@@ -44,134 +41,11 @@ from w2s_jax.demo_report import (
     report_markdown,
     save_bar_chart,
 )
-from w2s_jax.demo_worlds import (
-    REAL_LM_AMATEURS,
-    REAL_LM_PRESETS,
-    WORLDS,
-    Models,
-    prepare_models,
-    system_prompt,
-    write_problems,
-)
+from w2s_jax.demo_settings import DemoSettings
+from w2s_jax.demo_worlds import Models, prepare_models, system_prompt, write_problems
 from w2s_jax.files import atomic_write_json, atomic_write_text, read_jsonl
 from w2s_jax.run_folder import claim
-from w2s_jax.settings import (
-    at_least,
-    check,
-    comma_list,
-    default_of,
-    free_fields,
-    layer_stack_setting,
-    number_in,
-    record,
-    setting,
-)
 from w2s_jax.stages.sample_settings import SampleSettings
-
-SPLITS = ("test", "validation")
-TOY_ARMS = tuple(arm for arm in ARMS if arm != "weak_sft")  # the README's measured table
-REAL_LM_ARMS = tuple(arm for arm in ARMS if arm not in ("no_select", "no_contrast"))
-# Defaults that depend on the world: the toy world's are the tuned ones (10 minutes
-# on 2 cores); the real-LM world's fit a 135M model on a CPU.
-WORLD_PRESETS = {
-    "toy": {
-        "questions": 1024,
-        "eval_questions": 1000,
-        "max_new_tokens": 96,
-        "steps": 100,
-        "batch_positions": 64,
-        "length_bucket": 192,
-        "arms": TOY_ARMS,
-    },
-    # the real LM's sparse ablations cost 6 of its 17 minutes: `--arms` adds them back
-    "real-lm": {**REAL_LM_PRESETS, "arms": REAL_LM_ARMS},
-}
-
-
-def _preset(name: str, help: str):  # noqa: A002 (argparse's name)
-    """A size setting whose default comes from the world (WORLD_PRESETS)."""
-    shown = "; ".join(f"{world}: {presets[name]}" for world, presets in WORLD_PRESETS.items())
-    return setting(None, f"{help} (default: {shown})", check=at_least(1), parse=int)
-
-
-def _known_arms(arms) -> str | None:
-    if arms and set(arms) <= set(ARMS) and arms[0] == "base":
-        return None
-    return f"must start with base and be among {', '.join(ARMS)}"
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoSettings:
-    """Every setting of a demo run (defaults: the tuned ones, within 10 minutes on 2 cores)."""
-
-    out: str = setting("demo_out", "Output folder (resumable).", metavar="DIR", free=True)
-    seeds: int = setting(1, "Repeat with N seeds; reports mean ± sd.", check=at_least(1), free=True)
-    world: str = setting(
-        "toy", "Where the models and problems come from (see w2s_jax.demo_worlds).", choices=WORLDS
-    )
-    questions: int = _preset("questions", "Unlabeled train questions per seed.")
-    eval_questions: int = _preset("eval_questions", "Held-out problems scored.")
-    split: str = setting(
-        "test",
-        "Held-out split scored: test (reported runs) or validation (tuning).",
-        choices=SPLITS,
-    )
-    alpha: float = setting(
-        default_of(SampleSettings, "alpha"),
-        "Plausibility ratio α.",
-        check=number_in(0, 1, open_low=True),
-    )
-    beta: float = setting(0.2, "KL threshold β of step selection.", check=number_in(0, math.inf))
-    top_k: int = setting(
-        default_of(SampleSettings, "top_k"),
-        "Most tokens per contrastive target.",
-        check=at_least(1),
-    )
-    max_new_tokens: int = _preset("max_new_tokens", "Rollout/eval length.")
-    lora_rank: int = setting(8, "LoRA rank of every trained arm.", check=at_least(1))
-    lora_alpha: float = setting(16.0, "LoRA alpha of every trained arm.")
-    learning_rate: float = setting(
-        5e-4, "Peak learning rate of every trained arm.", flags=("--lr", "--learning-rate")
-    )
-    steps: int = _preset("steps", "Optimizer steps of every trained arm.")
-    batch_positions: int = _preset("batch_positions", "Positions per step.")
-    batch_size: int = setting(64, "Questions per sampling/eval batch.", check=at_least(1))
-    lora_targets: tuple[str, ...] = setting(
-        ("q_proj", "v_proj"), "Comma-separated layers LoRA adapts."
-    )
-    arms: tuple[str, ...] = setting(
-        None,
-        "Comma-separated arms to run (base first; default: toy: "
-        f"{','.join(TOY_ARMS)}; real-lm: {','.join(REAL_LM_ARMS)}; all: {','.join(ARMS)}).",
-        check=_known_arms,
-    )
-    length_bucket: int = _preset("length_bucket", "Training length padding.")
-    expert: str | None = setting(
-        None, "Expert HF folder (default: the world's, see w2s_jax.demo_worlds).", metavar="DIR"
-    )
-    amateur: str | None = setting(None, "Amateur HF folder (default: the world's).", metavar="DIR")
-    real_amateur: str = setting(
-        "slips",
-        "real-lm world: the amateur built when --amateur is not given.",
-        choices=REAL_LM_AMATEURS,
-    )
-    layer_stack: str = layer_stack_setting()
-    progress: bool = setting(
-        False, "Progress bars of training and evaluation.", flags=("--progress",), free=True
-    )
-
-    def __post_init__(self):
-        for name, value in WORLD_PRESETS.get(self.world, {}).items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
-        object.__setattr__(self, "arms", comma_list(self.arms))
-        object.__setattr__(self, "lora_targets", comma_list(self.lora_targets))
-        check(self)
-
-    def settings(self) -> dict:
-        """The recorded settings (the free ones left out)."""
-        free = free_fields(DemoSettings)
-        return {k: v for k, v in record(self).items() if k not in free}
 
 
 def _check_settings(out: Path, config: DemoSettings) -> None:
@@ -194,14 +68,14 @@ class _Timer:
 # --------------------------------------------------------------------- stages
 
 
-def _sample(config: DemoSettings, models: Models, questions: Path, out: Path) -> None:
+def _sample(config: DemoSettings, expert: Path, amateur: Path, questions: Path, out: Path):
     """The sampling stage with --no-select on `questions` into `out` (every position scored)."""
     from w2s_jax.stages.sample import sample
 
     sample(
         SampleSettings(
-            expert=str(models.expert),
-            amateur=str(models.amateur),
+            expert=str(expert),
+            amateur=str(amateur),
             data=str(questions),
             out=str(out),
             system_prompt=system_prompt(config.world),
@@ -268,7 +142,7 @@ def _evaluate(config: DemoSettings, model: Path, data: Path, out: Path, **decodi
         model=str(model),
         data=str(data),
         system_prompt=system_prompt(config.world),
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
         dtype="float32",
         layer_stack=config.layer_stack,
         batch_size=config.batch_size,
@@ -292,14 +166,7 @@ def _run_seed(config: DemoSettings, models: Models, seed: int, out: Path, eval_s
             config.world, models.expert, questions, "train", config.questions, seed=1000 + seed
         )
     golds = {r["id"]: r["answer"].rsplit("####", 1)[1].strip() for _, r in read_jsonl(questions)}
-    sampled = seed_dir / "samples"
-    if not (sampled / "summary.json").is_file():
-        start = time.perf_counter()
-        _sample(config, models, questions, sampled)
-        timer.record("sample", time.perf_counter() - start)
-    log(
-        f"[seed {seed}] sampled {config.questions} questions ({timer.times.get('sample', 0):.0f} s)"
-    )
+    sampled = _sampled(config, models, seed_dir, timer, log)
     records = list(read_samples(sampled))
     manifest = read_manifest(sampled)
     tokenizer = load_tokenizer(models.expert)
@@ -319,11 +186,31 @@ def _run_seed(config: DemoSettings, models: Models, seed: int, out: Path, eval_s
             if arm == "weak_sft":
                 solutions = _amateur_solutions(config, models, questions, seed_dir, timer)
                 derived = weak_sft_records(records, solutions, tokenizer)
+            elif arm == "lightreasoner_cross":  # rollouts scored by the other amateur
+                cross = read_samples(_sampled(config, models, seed_dir, timer, log, cross=True))
+                derived = derive_arm_records(
+                    list(cross), "lightreasoner", config.beta, golds, tokenizer
+                )
             else:
                 derived = derive_arm_records(records, arm, config.beta, golds, tokenizer)
             write_arm_data(data, arm_manifest, derived)
         arms[arm] = _arm(config, models, arm, data, seed_dir, seed, eval_sets, timer, log)
     return {"arms": arms, "times": timer.times}
+
+
+def _sampled(config, models: Models, seed_dir: Path, timer, log, *, cross: bool = False) -> Path:
+    """The seed's every-position samples (once): against the world's amateur in `samples`,
+    or with `cross` against the amateur of another tokenizer in `samples-cross`."""
+    amateur = models.cross_amateur if cross else models.amateur
+    name = "sample-cross" if cross else "sample"
+    sampled = seed_dir / (name.replace("sample", "samples"))
+    if not (sampled / "summary.json").is_file():
+        start = time.perf_counter()
+        _sample(config, models.expert, amateur, seed_dir / "questions.jsonl", sampled)
+        timer.record(name, time.perf_counter() - start)
+    seconds = timer.times.get(name, 0)
+    log(f"[{seed_dir.name}] sampled {config.questions} questions vs {amateur} ({seconds:.0f} s)")
+    return sampled
 
 
 def _amateur_solutions(config, models: Models, questions: Path, seed_dir: Path, timer):

@@ -18,6 +18,7 @@ ARMS = (
     "no_contrast",
     "contrastive_decoding",
     "weak_sft",
+    "lightreasoner_cross",
 )
 # Arms scored without training (the base expert decoded differently), once for all seeds.
 INFERENCE_ARMS = ("contrastive_decoding",)
@@ -29,6 +30,7 @@ LABELS = {
     "no_contrast": "LightReasoner, no contrast",
     "contrastive_decoding": "base + contrastive decoding (inference only)",
     "weak_sft": "+ SFT on the amateur's solutions (weak-to-strong)",
+    "lightreasoner_cross": "+ LightReasoner, amateur of another tokenizer (SmolLM2-135M)",
 }
 
 
@@ -40,8 +42,13 @@ COLORS = {  # the ablations share their method's colour family
     "no_contrast": "tab:cyan",
     "contrastive_decoding": "tab:purple",
     "weak_sft": "tab:green",
+    "lightreasoner_cross": "tab:blue",
 }
-WORLD_TITLES = {"toy": "toy world", "real-lm": "real LM (SmolLM2-135M-Instruct)"}
+WORLD_TITLES = {
+    "toy": "toy world",
+    "real-lm": "real LM (SmolLM2-135M-Instruct)",
+    "qwen": "Qwen2.5-Coder 1.5B expert, 0.5B amateur",
+}
 
 
 def correct_by_id(eval_dir: Path) -> dict[str, bool]:
@@ -115,10 +122,13 @@ def arm_rows(arm: str, seeds: list[dict], base_correct: list[bool], ids: list[st
 
 def arm_times(arm: str, times: dict) -> dict:
     """Wall seconds per stage of one arm (sampling is one pass shared by the trained arms;
-    the weak_sft arm's is the amateur's solving the questions)."""
+    the weak_sft arm's is the amateur's solving the questions, lightreasoner_cross's its
+    own pass against the other amateur)."""
     if arm == "base" or arm in INFERENCE_ARMS:
         return {"eval": times.get(f"eval/{arm}", 0.0)}
-    sampled = "amateur_solutions" if arm == "weak_sft" else "sample"
+    sampled = {"weak_sft": "amateur_solutions", "lightreasoner_cross": "sample-cross"}.get(
+        arm, "sample"
+    )
     return {
         "sample": times.get(sampled, 0.0),
         "train": times.get(f"train/{arm}", 0.0),

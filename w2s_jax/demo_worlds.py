@@ -13,6 +13,13 @@
   `w2s_jax.models.weaken`). Both SFTs ship as PEFT adapters (w2s_jax/assets/real_lm, made
   by experiments/real_lm/build.py with `sft_model`) and are merged into the import once
   under OUT/models. Every arm is also scored on the test problems in the held-out phrasing.
+- "qwen": real Qwen2.5 models of the paper's sizes, as they are (no SFT): the
+  Qwen2.5-Coder-1.5B-Instruct expert and the Qwen2.5-Coder-0.5B-Instruct amateur, imported
+  once from their multi-part GGUF packages (`w2s_jax.models.gguf_sources`). The problems
+  are the word-problem family made harder (more steps, three-digit amounts, every
+  operation; chosen on validation, experiments/qwen/README.md), in both phrasings. The
+  `lightreasoner_cross` arm scores the same expert's rollouts against SmolLM2-135M-Instruct,
+  an amateur of another tokenizer. `--expert`/`--amateur` also take a source's name.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from pathlib import Path
 
 from w2s_jax.data.arithmetic import TaskConfig
 
-WORLDS = ("toy", "real-lm")
+WORLDS = ("toy", "real-lm", "qwen")
 ASSETS = Path(__file__).resolve().parent / "assets" / "toy_world"
 REAL_LM_ASSETS = ASSETS.parent / "real_lm"
 # The shipped adapters' SFT problems, and the (harder) problems the demo asks.
@@ -51,11 +58,40 @@ REAL_LM_PRESETS = {
     "length_bucket": 128,
 }
 
+QWEN_EXPERT = "qwen2.5-coder-1.5b-instruct"
+QWEN_AMATEUR = "qwen2.5-coder-0.5b-instruct"
+# Three to five dependent steps on three-digit amounts, every operation (validation:
+# experiments/qwen/README.md).
+QWEN_TASK = TaskConfig(min_steps=3, max_steps=5, digits=3, operand_digits=2)
+# Sized for 2 CPU cores (`--scale cpu`) and for a GPU or TPU with the paper's settings
+# (`--scale paper`: 1,000 questions, β 0.4, α 0.2, rollouts of 128 tokens).
+QWEN_SCALES = {
+    "cpu": {
+        "questions": 64,
+        "eval_questions": 100,
+        "max_new_tokens": 256,
+        "steps": 12,
+        "batch_positions": 16,
+        "length_bucket": 512,
+    },
+    "paper": {
+        "questions": 1000,
+        "eval_questions": 500,
+        "max_new_tokens": 128,
+        "eval_max_new_tokens": 1024,
+        "steps": 1000,
+        "batch_positions": 16,
+        "length_bucket": 512,
+        "beta": 0.4,
+    },
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Models:
     expert: Path
     amateur: Path
+    cross_amateur: Path | None = None  # an amateur of another tokenizer, for its own arm
 
 
 def toy_task(expert_dir: Path) -> TaskConfig:
@@ -88,8 +124,9 @@ def write_problems(
     if world == "toy":
         write_split(path, split, n, seed=seed, config=toy_task(expert))
         return
+    task = QWEN_TASK if world == "qwen" else REAL_LM_TASK
     records = word_problem_records(
-        split, n, phrasing=phrasing, seed=seed, config=REAL_LM_TASK, instruction=""
+        split, n, phrasing=phrasing, seed=seed, config=task, instruction=""
     )
     atomic_write_jsonl(path, records)
 
@@ -101,15 +138,32 @@ def prepare_models(settings, out: Path, log) -> Models:
             Path(settings.expert) if settings.expert else ASSETS / "expert",
             Path(settings.amateur) if settings.amateur else ASSETS / "amateur",
         )
+    elif settings.world == "qwen":
+        cross = "lightreasoner_cross" in settings.arms
+        models = Models(
+            _named_or_folder(settings.expert or QWEN_EXPERT, log),
+            _named_or_folder(settings.amateur or QWEN_AMATEUR, log),
+            import_base(out / "models", log) if cross else None,
+        )
     else:
         folder = out / "models"
         expert = Path(settings.expert) if settings.expert else _shipped("expert", folder, log)
         amateur = Path(settings.amateur) if settings.amateur else None
         models = Models(expert, amateur or _real_amateur(settings, expert, folder, log))
     for role, path in dataclasses.asdict(models).items():
-        if not (Path(path) / "config.json").is_file():
+        if path is not None and not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"{role} model folder {path} has no config.json")
     return models
+
+
+def _named_or_folder(model: str, log) -> Path:
+    """A named GGUF source's HF folder (imported into the cache once), or the folder given."""
+    from w2s_jax.models.gguf_sources import SOURCES, import_source
+
+    if model not in SOURCES:
+        return Path(model)
+    log(f"[models] {model}: the import in the cache (converted on first use)")
+    return import_source(model, log=log)
 
 
 def import_base(folder: Path, log) -> Path:

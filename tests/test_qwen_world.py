@@ -26,3 +26,10 @@ def test_presets_follow_the_world_and_the_scale():
     toy = DemoSettings()
     assert (toy.beta, toy.learning_rate) == (0.2, 5e-4) and "lightreasoner_cross" not in toy.arms
     assert SOURCES[QWEN_EXPERT].size > SOURCES[QWEN_AMATEUR].size
+
+
+def test_the_cross_tokenizer_arm_belongs_to_the_qwen_world():
+    import pytest
+
+    with pytest.raises(ValueError, match="lightreasoner_cross runs in --world qwen only"):
+        DemoSettings(world="toy", arms=("base", "lightreasoner_cross"))

@@ -151,6 +151,8 @@ class DemoSettings:
         object.__setattr__(self, "arms", comma_list(self.arms))
         object.__setattr__(self, "lora_targets", comma_list(self.lora_targets))
         check(self)
+        if "lightreasoner_cross" in self.arms and self.world != "qwen":
+            raise ValueError("--arms lightreasoner_cross runs in --world qwen only")
 
     def settings(self) -> dict:
         """The recorded settings (the free ones left out)."""

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from w2s_jax import compile_cache
-from w2s_jax.demo import WORLD_PRESETS
+from w2s_jax.demo_settings import WORLD_PRESETS
 from w2s_jax.demo_worlds import ASSETS, system_prompt, write_problems
 from w2s_jax.rounds_report import summary_markdown
 from w2s_jax.stages.rounds import run_rounds

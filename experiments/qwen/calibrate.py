@@ -26,7 +26,9 @@ from w2s_jax.stages.finetune import evaluate_once
 # Candidates, easiest first: the real-LM world's task, then more steps, larger numbers
 # and every operation (times tables, sharing out, buying and selling).
 CANDIDATES = {
-    "real-lm": TaskConfig(min_steps=2, max_steps=3, digits=1, max_value=20, operations=("add", "sub")),
+    "real-lm": TaskConfig(
+        min_steps=2, max_steps=3, digits=1, max_value=20, operations=("add", "sub")
+    ),
     "hard2": TaskConfig(min_steps=3, max_steps=4, digits=2, operand_digits=2),
     "hard3": TaskConfig(min_steps=3, max_steps=5, digits=3, operand_digits=2),
     "hard4": TaskConfig(min_steps=4, max_steps=6, digits=3, operand_digits=2),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from tiny_checkpoints import make_tiny_model, make_tiny_qwen3
+from tolerances import decoder_bound
 
 from w2s_jax.generate import generate
 from w2s_jax.models import CausalLM, ConfigError, ModelConfig, load_pretrained
@@ -28,6 +29,9 @@ MODEL_CASES = [
     pytest.param("cudnn", "bfloat16", marks=CUDNN),
 ]
 WIDTH = 128  # splash takes lengths that are multiples of 128
+# float32: above the reordering bound of one attention layer, reordered_sum_bound(0.1,
+# terms=128, reductions=3) = 5e-6 (scores over head_dim, softmax and values over <= 128
+# keys, outputs below 0.1).
 TOLERANCE = {"float32": dict(atol=2e-5, rtol=1e-5), "bfloat16": dict(atol=3e-2, rtol=3e-2)}
 
 
@@ -267,11 +271,15 @@ def test_fused_attention_in_the_scanned_layer_stack(folders, impl, used):
 
 
 def assert_logits_close(actual, expected, mask, dtype):
-    """float32: equal to float rounding; bf16: max error < 0.25, mean < 0.02 on real tokens
-    (logits span about +-7)."""
+    """float32: equal to float rounding (the 2-layer models' reordering bound); bf16: max
+    error < 0.25, mean < 0.02 on real tokens (logits span about +-7)."""
     error = np.abs(np.asarray(actual) - np.asarray(expected))[mask == 1]
     if dtype == "float32":
-        assert error.max() < 1e-4
+        real = np.asarray(expected)[mask == 1]
+        width = mask.shape[-1]
+        assert error.max() < decoder_bound(
+            real, layers=2, hidden=64, intermediate=128, positions=width
+        )
     else:
         assert error.max() < 0.25 and error.mean() < 0.02
 

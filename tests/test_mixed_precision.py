@@ -117,7 +117,11 @@ def test_float32_masters_follow_the_float32_run(runs):
     # steps move each weight by ~lr * sign(gradient), so weights whose gradient lies within
     # that noise may move differently: measured 0.085-0.091 at lr 1e-5..1e-3; bound 0.2.
     assert _update_error(runs["masters"], runs["float32"]) < 0.2
-    np.testing.assert_allclose(losses, runs["float32"][2], rtol=2e-3)  # measured 5e-4
+    # The loss (accumulated in float32) averages many positions whose bf16 roundings are
+    # independent: it lands well within bf16's resolution of the float32 run's, measured
+    # 5e-4 to 8.4e-4 relative. (The worst case, every rounding adding up, is ~15% of it.)
+    eps_bf16 = float(ml_dtypes.finfo(ml_dtypes.bfloat16).eps)
+    np.testing.assert_allclose(losses, runs["float32"][2], rtol=eps_bf16)
 
 
 def test_bf16_weights_lose_the_small_updates(runs):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.extend import core as jax_core
+from tolerances import reordered_sum_bound
 
 from w2s_jax.lora import LoRAConfig, apply_lora
 from w2s_jax.models import load_pretrained
@@ -56,7 +57,11 @@ def test_remat_policies_give_the_gradients_of_no_remat(tiny_qwen2_dir, layer_sta
         grads = jax.jit(fn)(params, rest)
         pairs = zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True)
         for actual, expected in pairs:
-            np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5, err_msg=remat)
+            # recomputed activations fuse and round differently: the forward and backward
+            # passes through the 2 layers (2 * (9 * 2 + 2) reductions), the log-softmax over
+            # V = 320 and the mean, V the longest; a layer's gradient lost is off by O(1)
+            bound = reordered_sum_bound(expected, terms=320, reductions=2 * (9 * 2 + 2) + 2)
+            np.testing.assert_allclose(actual, expected, rtol=0, atol=bound, err_msg=remat)
 
 
 def _remat_equations(jaxpr) -> list:

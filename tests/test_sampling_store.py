@@ -95,8 +95,8 @@ REQUIRED = {"expert": "e", "amateur": "a", "data": "d.jsonl", "out": "o"}
     [
         ("alpha", 0.0, "--alpha must lie in"),
         ("alpha", 1.5, "--alpha must lie in"),
-        ("beta", -0.1, "--beta must lie in"),
-        ("beta", float("nan"), "--beta must lie in"),
+        ("beta", -0.1, "--beta must be a finite number >= 0.0, got -0.1"),
+        ("beta", float("nan"), "--beta must be a finite number, got nan"),
         ("top_k", 0, "--top-k must be an integer >= 1, got 0"),
         ("max_new_tokens", 1.5, "--max-new-tokens must be an integer"),
         ("prompt_style", "fancy", "--prompt-style must be one of chat, plain"),

@@ -208,38 +208,3 @@ def test_a_failed_checkpoint_save_says_which_checkpoints_exist(tmp_path):
         "checkpoints of steps [3] are complete; free the cause and re-run the same command "
         "to resume"
     )
-
-
-def _killed_once(argv, out, finished_part):
-    """Run `w2s ARGV` in a process of its own and kill -9 it as soon as `finished_part`
-    (a path under `out`) exists; then re-run the same command in this process."""
-    import os
-    import signal
-    import time
-
-    command = [sys.executable, "-m", "w2s_jax.cli", *map(str, argv)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not finished_part(out) and process.poll() is None:
-        assert time.monotonic() < deadline, "nothing finished within 240 s"
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
-    assert main([str(a) for a in argv]) == 0
-
-
-def test_eval_killed_mid_run_resumes_to_the_same_predictions(tmp_path, tiny_qwen2_dir):
-    data = tmp_path / "q.jsonl"
-    rows = [
-        {"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"}
-        for i in range(24)  # batches of one: many left when the first lands
-    ]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    common = ["--max-new-tokens", "32", "--batch-size", "1", "--dtype", "float32"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert main([str(a) for a in _eval(tiny_qwen2_dir, data, full, *common)]) == 0
-    first_shard = lambda out: any((out / "shards").glob("part-*.jsonl"))  # noqa: E731
-    _killed_once(_eval(tiny_qwen2_dir, data, resumed, *common), resumed, first_shard)
-    assert (resumed / "predictions.jsonl").read_bytes() == (full / "predictions.jsonl").read_bytes()
-    assert not list(resumed.rglob("*.tmp"))

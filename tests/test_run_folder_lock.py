@@ -103,3 +103,21 @@ def test_an_out_folder_left_empty_by_a_refused_run_is_removed(tmp_path):
     with run_folder.locked(out):  # an existing folder is the user's: kept, even empty
         pass
     assert out.is_dir()
+
+
+def test_the_holder_removes_the_temp_files_of_a_killed_run(tmp_path):
+    out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    left = [out / ".report.json.x1y2.tmp", out / "eval" / ".summary.json.ab.tmp"]
+    for path in left:
+        path.write_text("half")
+    (out / ".model.k3.tmp").mkdir()  # an atomic folder's
+    (out / ".model.k3.tmp" / "config.json").write_text("{}")
+    kept = [out / "report.json", out / "samples" / ".p001-00003.jsonl.q9.tmp", out / "a.tmp"]
+    for path in kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("mine")
+    with run_folder.locked(out):
+        pass
+    assert not any(p.exists() for p in [*left, out / ".model.k3.tmp"])
+    assert all(p.read_text() == "mine" for p in kept)

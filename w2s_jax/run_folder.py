@@ -13,6 +13,8 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import shutil
 import socket
 import time
 from collections.abc import Iterable
@@ -147,7 +149,8 @@ def locked(out: str | Path, *, command: str = "w2s", process_index: int | None =
     and host. The kernel drops the lock when its holder dies, so a lock left by a
     killed run never blocks a re-run. On exit the lock file is removed; so are `out` and
     the parent folders that did not exist before, when still empty (a run refused before
-    writing anything leaves nothing behind; process 0 alone tidies `out`).
+    writing anything leaves nothing behind; process 0 alone tidies `out`). Once the lock
+    is held, process 0 deletes the temp files a killed run left (`remove_stale_temp_files`).
     """
     index = launch_process_index() if process_index is None else process_index
     path = lock_path(out, index)
@@ -171,6 +174,8 @@ def locked(out: str | Path, *, command: str = "w2s", process_index: int | None =
         handle.truncate(0)
         handle.write(json.dumps(holder))
         handle.flush()
+        if index == 0:
+            remove_stale_temp_files(out)
         yield path
     finally:
         path.unlink(missing_ok=True)  # before the lock goes, so no one locks a dead file
@@ -178,6 +183,26 @@ def locked(out: str | Path, *, command: str = "w2s", process_index: int | None =
         for folder in created:
             with contextlib.suppress(OSError):  # not empty: the run wrote there
                 folder.rmdir()
+
+
+# Temp files of `files.atomic_writer` (".NAME.RANDOM.tmp", files or folders); those of a
+# process's sample shards (".pNNN-...") are that process's to remove.
+_STALE_TEMP = re.compile(r"^\.(?!p\d{3}-).+\.tmp$")
+
+
+def remove_stale_temp_files(out: str | Path) -> list[Path]:
+    """Delete the atomic writers' temp files and folders that a killed run left under
+    `out`; returns them. Only for the holder of `out`'s lock: no one else writes there."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    stale = [p for p in out.rglob(".*.tmp") if _STALE_TEMP.match(p.name)]
+    for path in sorted(stale, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 def _acquire(path: Path, out: str | Path):

@@ -21,6 +21,7 @@ clipping and AdamW with a linear schedule) with explicit in/out shardings on a
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -250,23 +251,28 @@ def compile_step(config: TrainSettings, mesh, *, token_count: int | None = None,
 
 
 class _Meter:
-    """Averages step metrics between log steps and measures positions/s and tokens/s."""
+    """Averages step metrics between log steps and measures positions/s and tokens/s.
 
-    def __init__(self):
+    The steps not logged yet travel in each checkpoint (`pending`), so a resumed run logs
+    the same averages as an uninterrupted one."""
+
+    def __init__(self, pending: list[dict] = ()):
         self.reset()
+        self.metrics = [dict(m) for m in pending]
 
     def reset(self):
         self.metrics, self.tokens, self.positions = [], 0, 0
         self.tick = time.perf_counter()
 
     def add(self, metrics, *, tokens: int, positions: int):
-        self.metrics.append(metrics)
+        self.metrics.append({k: float(v) for k, v in jax.device_get(metrics).items()})
         self.tokens += tokens
         self.positions += positions
 
     def values(self, lr: float) -> dict[str, float]:
         elapsed = time.perf_counter() - self.tick
-        values = {k: float(np.mean([m[k] for m in self.metrics])) for k in self.metrics[0]}
+        values = {k: math.fsum(m[k] for m in self.metrics) / len(self.metrics)
+                  for k in self.metrics[0]}  # fmt: skip
         values.update(
             lr=lr, positions_per_s=self.positions / elapsed, tokens_per_s=self.tokens / elapsed
         )
@@ -275,17 +281,18 @@ class _Meter:
 
 
 def _restore(checkpoints, state, data_fingerprint: str, config: TrainSettings):
-    """(first step, state): the latest checkpoint's, refused if it saw other samples."""
+    """(first step, state, metrics of the steps not logged yet): the latest checkpoint's,
+    refused if it saw other samples."""
     start = checkpoints.latest_step() or 0
     if not start:
-        return 0, state
+        return 0, state, []
     *state, meta = checkpoints.restore(start, *state)
     if meta.get("samples_fingerprint") != data_fingerprint:
         raise DataError(
             f"{config.out}: the checkpoint of step {start} was trained on different samples "
             f"than {config.samples} now holds; use another --out"
         )
-    return start, tuple(state)
+    return start, tuple(state), meta.get("unlogged_metrics", [])
 
 
 def _checkpoint_meta(config: TrainSettings, data_fingerprint: str, model_config) -> dict:
@@ -328,9 +335,10 @@ class _Steps:
     log: object
     meta: dict
 
-    def run(self, state, start: int, steps, should_stop) -> tuple[int, bool]:
+    def run(self, state, start: int, steps, should_stop, pending=()) -> tuple[int, bool]:
         """Steps from `start` to the end, or to the first at which `should_stop(step)` holds
-        on any process (all processes stop at the same step); returns (last saved, stopped)."""
+        on any process (all processes stop at the same step); returns (last saved, stopped).
+        `pending`: the metrics of the steps before `start` not logged yet."""
         from tqdm.auto import tqdm
 
         config, (trajectories, data_stats, pad_id) = self.config, self.data
@@ -338,7 +346,7 @@ class _Steps:
         is_leader = sharding.is_leader()
         row_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         base_key = jax.random.key(config.seed)
-        meter, last_saved = _Meter(), start
+        meter, last_saved = _Meter(pending), start
         bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and is_leader))
         try:
             for step in range(start, config.steps):
@@ -365,7 +373,7 @@ class _Steps:
                         self.log.records.append({"step": done, **values})
                     bar.set_postfix({k: f"{values[k]:.4f}" for k in ("loss", "kl") if k in values})
                 bar.update(1)
-                meta = {**self.meta, "data_step": done}
+                meta = {**self.meta, "data_step": done, "unlogged_metrics": list(meter.metrics)}
                 # every process takes part in a save (Orbax's saves are collective)
                 if self.checkpoints.save(done, *state, meta, force=stop or done == config.steps):
                     last_saved = done
@@ -404,7 +412,7 @@ def train(
     _check_resumable(out, config)
     step_fn, state, rest, schedule = compile_step(config, mesh, token_count=tokens, teacher=teacher)
     checkpoints = TrainCheckpoints(out, save_every=config.save_every, keep=config.keep_checkpoints)
-    start, state = _restore(checkpoints, state, fingerprint, config)
+    start, state, pending = _restore(checkpoints, state, fingerprint, config)
     is_leader = sharding.is_leader()
     log = MetricsLog(out, resume_step=start, tensorboard=is_leader)
     steps = _Steps(
@@ -423,7 +431,7 @@ def train(
     stream = step_stream(trajectories, config, start, kd_subset)
     try:
         with stop_signal:
-            last_saved, stopped = steps.run(state, start, stream, should_stop)
+            last_saved, stopped = steps.run(state, start, stream, should_stop, pending)
     finally:  # waits for a save in flight, also when interrupted; the first error wins
         errors = _close_all(checkpoints.close, log.close)
     if errors:

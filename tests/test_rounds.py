@@ -264,3 +264,43 @@ def test_missing_eval_file_errors_before_writing(inputs, tmp_path):
     with pytest.raises(ValueError, match="--eval-data .*gone.jsonl is not a file"):
         run_rounds(settings)
     assert not (tmp_path / "never").exists()
+
+
+def test_killed_in_round_one_export_equals_a_straight_run(straight, inputs, tmp_path):
+    """`w2s lightreasoner` in a process of its own, killed with SIGKILL while round 1's
+    model is being written, then the same command again: run A's report and predictions."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out_a, report_a, _ = straight
+    out = tmp_path / "killed"
+    settings = _settings(inputs, out)
+    argv = ["lightreasoner", "--expert", EXPERT, "--amateur", AMATEUR, "--amateur-rule",
+            "previous", "--rounds", 2, "--data", settings.data, "--eval-data",
+            settings.eval_data, "--out", out, "--beta", settings.beta, "--max-new-tokens", 24,
+            "--eval-max-new-tokens", 24, "--steps", 2, "--batch-positions", 4, "--grad-accum",
+            1, "--lr", settings.learning_rate, "--length-bucket", 128, "--dtype", "float32",
+            "--batch-size", 4, "--eval-batch-size", 4, "--save-every", 1, "--no-progress",
+            "--system-prompt", settings.system_prompt]  # fmt: skip
+    argv = [str(a) for a in argv]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "w2s_jax.cli", *argv], stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (out / "round-1" / "model" / "config.json").is_file() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    assert main(argv) == 0
+    report = json.loads((out / "rounds.json").read_text())
+    assert report["per_round"] == report_a["per_round"]
+    for round_ in (1, 2):
+        predictions = f"round-{round_}/eval/predictions.jsonl"
+        assert (out / predictions).read_bytes() == (out_a / predictions).read_bytes()
+    assert not list(out.rglob(".*.tmp"))

@@ -152,6 +152,27 @@ def test_bad_data_is_refused_before_anything_is_written(tmp_path, tiny_qwen2_dir
     assert not (tmp_path / "out").exists()
 
 
+def test_a_max_length_beyond_the_context_is_refused(tmp_path, tiny_qwen2_dir):
+    settings = small(tmp_path, tiny_qwen2_dir, tiny_qwen2_dir, max_length=513)
+    with pytest.raises(ValueError, match=r"--max-length 513 is longer than .*context of 512"):
+        weak_to_strong(settings)
+    assert not (tmp_path / "out").exists()
+
+
+def test_records_longer_than_max_length_are_cut_visibly(tmp_path, tiny_qwen2_dir):
+    from w2s_jax.classify import encode_examples
+
+    records = [{"id": "a", "text": "apples " * 40}, {"id": "b", "text": "pens"}]
+    full, _, none_cut = encode_examples(
+        tiny_qwen2_dir, records, style="plain", system_prompt="", max_length=512
+    )
+    rows, _, cut = encode_examples(
+        tiny_qwen2_dir, records, style="plain", system_prompt="", max_length=8
+    )
+    assert (none_cut, cut) == (0, 1) and len(full[0]) > 8
+    assert rows == [full[0][-8:], full[1]]  # the end is kept: the class is read there
+
+
 def test_pair_without_a_shared_data_format(tmp_path, tiny_qwen2_dir, tiny_qwen2_amateur_dir):
     plain = tmp_path / "weak_no_chat"
     shutil.copytree(tiny_qwen2_amateur_dir, plain)

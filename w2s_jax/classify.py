@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import time
 import types
@@ -61,14 +62,25 @@ def read_examples(path: str | Path, num_classes: int) -> list[dict]:
 
 def encode_examples(
     model_dir: str | Path, records: list[dict], *, style: str, system_prompt: str, max_length: int
-) -> tuple[list[list[int]], int]:
-    """(token ids per record, pad id) with `model_dir`'s tokenizer; a model that cannot
-    format the records (no chat template for prompt/completion records) is a ValueError."""
+) -> tuple[list[list[int]], int, int]:
+    """(token ids per record, pad id, how many records were cut) with `model_dir`'s
+    tokenizer. A record longer than `max_length` keeps its last `max_length` tokens (the
+    class is read at the last one). A `max_length` beyond the model's context is a
+    ValueError, and so is a model that cannot format the records (no chat template for
+    prompt/completion records)."""
     from w2s_jax.models import load_tokenizer
     from w2s_jax.prompts import prompt_ids
 
+    context = json.loads((Path(model_dir) / "config.json").read_text()).get(
+        "max_position_embeddings"
+    )
+    if context and max_length > context:
+        raise ValueError(
+            f"--max-length {max_length} is longer than {model_dir}'s context of {context} "
+            "positions (max_position_embeddings); lower it"
+        )
     tokenizer = load_tokenizer(model_dir)
-    encoded = []
+    encoded, cut = [], 0
     for record in records:
         if "text" in record:
             ids = list(tokenizer(record["text"])["input_ids"])
@@ -86,8 +98,9 @@ def encode_examples(
             ids += tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
         if not ids:
             raise DataError(f"record {record['id']}: encodes to no tokens")
+        cut += len(ids) > max_length
         encoded.append(ids[-max_length:])
-    return encoded, int(tokenizer.pad_token_id or 0)
+    return encoded, int(tokenizer.pad_token_id or 0), cut
 
 
 def one_hot_labels(records: list[dict], num_classes: int) -> np.ndarray:

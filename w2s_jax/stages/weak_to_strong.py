@@ -85,8 +85,9 @@ def _digest(records: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _encode(settings: WeakToStrongSettings, folder: Path, train, test) -> dict:
-    """One model's token rows of the train and test records (ValueError if it cannot)."""
+def _encode(settings: WeakToStrongSettings, folder: Path, train, test, log) -> dict:
+    """One model's token rows of the train and test records (ValueError if it cannot);
+    says how many records were cut to --max-length."""
     from w2s_jax.classify import encode_examples
     from w2s_jax.prompts import EVAL_SYSTEM_PROMPT
 
@@ -99,7 +100,12 @@ def _encode(settings: WeakToStrongSettings, folder: Path, train, test) -> dict:
         else settings.system_prompt,
         "max_length": settings.max_length,
     }
-    rows, pad_id = encode_examples(folder, train + test, **options)
+    rows, pad_id, cut = encode_examples(folder, train + test, **options)
+    if cut:
+        log(
+            f"note: {cut} of {len(rows)} records are longer than --max-length "
+            f"{settings.max_length} tokens for {folder}: each keeps its last {settings.max_length}"
+        )
     ids = [r["id"] for r in train]
     return {
         "train": dict(zip(ids, rows[: len(train)], strict=True)),
@@ -398,7 +404,7 @@ def weak_to_strong(settings: WeakToStrongSettings, *, log=print) -> dict:
     out = Path(settings.out)
     train, test = load_data(settings)
     encoded = {
-        role: _encode(settings, folder, train, test)
+        role: _encode(settings, folder, train, test, log)
         for role, folder in (("weak", settings.weak_dir), ("strong", settings.strong_dir))
     }
     document = {

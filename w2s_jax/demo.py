@@ -201,9 +201,12 @@ def _run_seed(config: DemoSettings, models: Models, seed: int, out: Path, eval_s
 def _sampled(config, models: Models, seed_dir: Path, timer, log, *, cross: bool = False) -> Path:
     """The seed's every-position samples (once): against the world's amateur in `samples`,
     or with `cross` against the amateur of another tokenizer in `samples-cross`."""
-    amateur = models.cross_amateur if cross else models.amateur
-    name = "sample-cross" if cross else "sample"
-    sampled = seed_dir / (name.replace("sample", "samples"))
+    amateur, name, folder = (
+        (models.cross_amateur, "sample-cross", "samples-cross")
+        if cross
+        else (models.amateur, "sample", "samples")
+    )
+    sampled = seed_dir / folder
     if not (sampled / "summary.json").is_file():
         start = time.perf_counter()
         _sample(config, models.expert, amateur, seed_dir / "questions.jsonl", sampled)

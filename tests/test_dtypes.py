@@ -21,6 +21,21 @@ def test_explicit_names_are_kept_and_checked():
         dtypes.resolve_dtype("fp8")
 
 
+def test_dtype_objects_stand_for_their_names(tiny_qwen2_dir):
+    import jax.numpy as jnp
+    import numpy as np
+
+    for given in (jnp.float32, np.float32, np.dtype("float32"), jnp.dtype("float32")):
+        assert dtypes.resolve_dtype(given) == "float32"
+    assert dtypes.resolve_dtype(jnp.bfloat16) == "bfloat16"
+    assert dtypes.resolve_dtype(np.float16) == "float16"
+    with pytest.raises(ConfigError, match="'int8' is not supported"):
+        dtypes.resolve_dtype(jnp.int8)
+    model = load_pretrained(tiny_qwen2_dir, dtype=jnp.float32)  # as JAX users write it
+    assert model.config.dtype == "float32"
+    assert model.model.embed_tokens.embedding[...].dtype == jnp.float32
+
+
 def test_auto_loads_float32_on_this_cpu(tiny_qwen2_dir):
     model = load_pretrained(tiny_qwen2_dir, dtype="auto")
     assert model.config.dtype == "float32"

@@ -119,6 +119,8 @@ def _train_export(
                 grad_accum=1,
                 dtype="float32",
                 layer_stack=config.layer_stack,
+                remat=config.remat,
+                loss_chunk_size=config.loss_chunk_size,
                 length_bucket=config.length_bucket,
                 seed=seed,
                 save_every=config.steps,
@@ -163,7 +165,13 @@ def _run_seed(config: DemoSettings, models: Models, seed: int, out: Path, eval_s
     questions = seed_dir / "questions.jsonl"
     if not questions.is_file():  # unlabeled for every arm but sft; a new draw per seed
         write_problems(
-            config.world, models.expert, questions, "train", config.questions, seed=1000 + seed
+            config.world,
+            models.expert,
+            questions,
+            "train",
+            config.questions,
+            seed=1000 + seed,
+            scale=config.scale,
         )
     golds = {r["id"]: r["answer"].rsplit("####", 1)[1].strip() for _, r in read_jsonl(questions)}
     sampled = _sampled(config, models, seed_dir, timer, log)
@@ -286,6 +294,7 @@ def run_demo(config: DemoSettings, *, log=print) -> dict:
                 config.eval_questions,
                 seed=0,
                 phrasing=phrasing,
+                scale=config.scale,
             )
     base_timer = _Timer(out / "times.json")
     base = {}

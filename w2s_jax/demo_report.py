@@ -47,8 +47,18 @@ COLORS = {  # the ablations share their method's colour family
 WORLD_TITLES = {
     "toy": "toy world",
     "real-lm": "real LM (SmolLM2-135M-Instruct)",
-    "qwen": "Qwen2.5-Coder 1.5B expert, 0.5B amateur",
+    "qwen": "Qwen2.5-Coder",
 }
+
+
+def world_title(report: dict) -> str:
+    """The report's world; in the Qwen world, with the expert and amateur it ran."""
+    world = report.get("world", "toy")
+    title = WORLD_TITLES.get(world, world)
+    settings = report.get("settings", {})
+    if world == "qwen" and settings.get("expert") and settings.get("amateur"):
+        title = f"{title}: {settings['expert']} expert, {settings['amateur']} amateur"
+    return title
 
 
 def correct_by_id(eval_dir: Path) -> dict[str, bool]:
@@ -209,7 +219,7 @@ def save_bar_chart(report: dict, path: Path) -> None:
     ax_acc.set_yticks(y, [a["label"] for a in arms], fontsize=8)
     ax_acc.set_xlabel(f"{report['split']} accuracy (%), {what}", fontsize=8)
     _difference_panel(ax_diff, arms, y)
-    world = WORLD_TITLES.get(report.get("world", "toy"), report.get("world"))
+    world = world_title(report)
     fig.suptitle(f"{world}: {report['eval_questions']} {report['split']} problems", fontsize=9)
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=110)
@@ -237,7 +247,7 @@ def _difference_panel(ax, arms: list[dict], y) -> None:
 
 def report_markdown(report: dict) -> str:
     s = report["settings"]
-    world = WORLD_TITLES.get(report.get("world", "toy"), report.get("world"))
+    world = world_title(report)
     held_out = (
         f"The same test problems in the held-out phrasing (templates no training question "
         f"uses):\n\n{report['table_held_out']}\n\n"

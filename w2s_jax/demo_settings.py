@@ -1,5 +1,5 @@
 """`w2s demo`'s settings: one declaration per field, with defaults that depend on the world
-(`WORLD_PRESETS`) and, in the Qwen world, on the scale (`--scale cpu|paper`)."""
+(`WORLD_PRESETS`) and, in the Qwen world, on the scale (`--scale cpu|full|paper`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import math
 
 from w2s_jax.demo_report import ARMS
-from w2s_jax.demo_worlds import QWEN_SCALES, REAL_LM_AMATEURS, REAL_LM_PRESETS, WORLDS
+from w2s_jax.demo_worlds import QWEN_SCALES, REAL_LM_AMATEURS, REAL_LM_PRESETS, SMOLLM2, WORLDS
 from w2s_jax.settings import (
     at_least,
     check,
@@ -17,6 +17,7 @@ from w2s_jax.settings import (
     layer_stack_setting,
     number_in,
     record,
+    remat_setting,
     setting,
 )
 from w2s_jax.stages.sample_settings import SampleSettings
@@ -27,6 +28,27 @@ REAL_LM_ARMS = tuple(
     arm for arm in ARMS if arm not in ("no_select", "no_contrast", "lightreasoner_cross")
 )
 QWEN_ARMS = ("base", "lightreasoner", "sft", "contrastive_decoding", "lightreasoner_cross")
+# With SmolLM2 as the amateur (`--scale cpu`), LightReasoner is already the cross-tokenizer
+# arm, and contrastive decoding needs an amateur of the expert's tokenizer.
+QWEN_CPU_ARMS = ("base", "lightreasoner", "sft")
+
+
+def qwen_presets(scale: str) -> dict:
+    """The Qwen world's defaults at `scale` (QWEN_SCALES; the paper's learning rate at
+    `paper`)."""
+    sizes = {k: v for k, v in QWEN_SCALES[scale].items() if k != "task"}
+    arms = QWEN_CPU_ARMS if sizes["amateur"] == SMOLLM2 else QWEN_ARMS
+    learning_rate = 5e-5 if scale == "paper" else 5e-4
+    return {
+        "beta": 0.4,
+        "learning_rate": learning_rate,
+        "arms": arms,
+        "remat": "full",
+        "loss_chunk_size": 256,
+        **sizes,
+    }
+
+
 # Defaults that depend on the world: the toy world's are the tuned ones (10 minutes
 # on 2 cores); the real-LM world's fit a 135M model on a CPU.
 WORLD_PRESETS = {
@@ -41,10 +63,8 @@ WORLD_PRESETS = {
     },
     # the real LM's sparse ablations cost 6 of its 17 minutes: `--arms` adds them back
     "real-lm": {**REAL_LM_PRESETS, "arms": REAL_LM_ARMS},
-    "qwen": {**QWEN_SCALES["cpu"], "arms": QWEN_ARMS, "beta": 0.4},
+    "qwen": qwen_presets("cpu"),
 }
-# The Qwen world's `--scale paper`: the paper's sizes and learning rate, for a GPU or TPU.
-PAPER_PRESETS = {**WORLD_PRESETS["qwen"], **QWEN_SCALES["paper"], "learning_rate": 5e-5}
 
 
 def _preset(name: str, help: str):  # noqa: A002 (argparse's name)
@@ -57,6 +77,20 @@ def _known_arms(arms) -> str | None:
     if arms and set(arms) <= set(ARMS) and arms[0] == "base":
         return None
     return f"must start with base and be among {', '.join(ARMS)}"
+
+
+def _check_smollm2_amateur(arms) -> None:
+    """The arms that cannot run with SmolLM2 (another tokenizer) as the world's amateur."""
+    if "contrastive_decoding" in arms:
+        raise ValueError(
+            "--arms contrastive_decoding needs an amateur of the expert's tokenizer, and "
+            f"{SMOLLM2}'s is not Qwen's: drop the arm, or use --scale full"
+        )
+    if "lightreasoner_cross" in arms:
+        raise ValueError(
+            f"--arms lightreasoner_cross: the amateur is already {SMOLLM2}, so the "
+            "lightreasoner arm is the cross-tokenizer one"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +135,9 @@ class DemoSettings:
     )
     scale: str = setting(
         "cpu",
-        "qwen world: cpu (sized for 2 CPU cores) or paper (the paper's sizes, for a GPU/TPU).",
+        "qwen world: cpu (0.5B expert, SmolLM2 amateur: 90 minutes on 2 CPU cores), full (the "
+        "paper's 1.5B/0.5B pair at the CPU sizes) or paper (that pair at the paper's sizes, "
+        "for a GPU/TPU).",
         choices=tuple(QWEN_SCALES),
     )
     lora_rank: int = setting(8, "LoRA rank of every trained arm.", check=at_least(1))
@@ -122,7 +158,8 @@ class DemoSettings:
     arms: tuple[str, ...] = setting(
         None,
         "Comma-separated arms to run (base first; default: toy: "
-        f"{','.join(TOY_ARMS)}; real-lm: {','.join(REAL_LM_ARMS)}; qwen: {','.join(QWEN_ARMS)}; "
+        f"{','.join(TOY_ARMS)}; real-lm: {','.join(REAL_LM_ARMS)}; qwen: "
+        f"{','.join(QWEN_CPU_ARMS)}, at full/paper {','.join(QWEN_ARMS)}; "
         f"all: {','.join(ARMS)}).",
         check=_known_arms,
     )
@@ -137,14 +174,24 @@ class DemoSettings:
         choices=REAL_LM_AMATEURS,
     )
     layer_stack: str = layer_stack_setting()
+    remat: str = remat_setting(None, "qwen: full, else none")
+    loss_chunk_size: int = setting(
+        None,
+        "Supervised positions projected onto the vocabulary at a time in training (0: all; "
+        "default: qwen: 256, else 0).",
+        check=at_least(0),
+        parse=int,
+        free=True,
+    )
     progress: bool = setting(
         False, "Progress bars of training and evaluation.", flags=("--progress",), free=True
     )
 
     def __post_init__(self):
-        presets = {"beta": 0.2, "learning_rate": 5e-4, **WORLD_PRESETS.get(self.world, {})}
-        if (self.world, self.scale) == ("qwen", "paper"):
-            presets = PAPER_PRESETS
+        presets = {"beta": 0.2, "learning_rate": 5e-4, "remat": "none", "loss_chunk_size": 0}
+        presets |= WORLD_PRESETS.get(self.world, {})
+        if self.world == "qwen":
+            presets = qwen_presets(self.scale)
         for name, value in presets.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -153,6 +200,8 @@ class DemoSettings:
         check(self)
         if "lightreasoner_cross" in self.arms and self.world != "qwen":
             raise ValueError("--arms lightreasoner_cross runs in --world qwen only")
+        if self.world == "qwen" and self.amateur == SMOLLM2:
+            _check_smollm2_amateur(self.arms)
 
     def settings(self) -> dict:
         """The recorded settings (the free ones left out)."""

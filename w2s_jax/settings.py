@@ -122,13 +122,15 @@ def layer_stack_setting() -> Any:
     )
 
 
-def remat_setting() -> Any:
-    """`--remat`: what each decoder layer recomputes in the backward pass (REMAT_POLICIES)."""
+def remat_setting(default: str | None = "none", shown_default: str = "") -> Any:
+    """`--remat`: what each decoder layer recomputes in the backward pass (REMAT_POLICIES);
+    `default` None lets a preset fill it (`shown_default` says which)."""
     return setting(
-        "none",
+        default,
         "Activations each decoder layer recomputes in the backward pass (jax.checkpoint "
         "policy), one of w2s_jax.models.config.REMAT_POLICIES: none keeps them all, full "
-        "recomputes everything. Less memory, same results; a resumed run may change it.",
+        "recomputes everything. Less memory, same results; a resumed run may change it"
+        + (f" (default: {shown_default})." if shown_default else "."),
         choices=_model_choices("REMAT_POLICIES"),
         free=True,
     )

@@ -29,6 +29,18 @@ CANDIDATES = {
     "real-lm": TaskConfig(
         min_steps=2, max_steps=3, digits=1, max_value=20, operations=("add", "sub")
     ),
+    "easy": TaskConfig(
+        min_steps=2, max_steps=3, digits=2, operand_digits=1, operations=("add", "sub")
+    ),
+    "addsub3": TaskConfig(
+        min_steps=3, max_steps=4, digits=2, operand_digits=1, operations=("add", "sub")
+    ),
+    "addsub4": TaskConfig(
+        min_steps=4, max_steps=5, digits=2, operand_digits=1, operations=("add", "sub")
+    ),
+    "addsub3-3d": TaskConfig(
+        min_steps=3, max_steps=4, digits=3, operand_digits=2, operations=("add", "sub")
+    ),
     "mid": TaskConfig(min_steps=2, max_steps=3, digits=2, operand_digits=1),
     "hard2": TaskConfig(min_steps=3, max_steps=4, digits=2, operand_digits=2),
     "hard3": TaskConfig(min_steps=3, max_steps=5, digits=3, operand_digits=2),

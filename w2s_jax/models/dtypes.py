@@ -43,11 +43,12 @@ _warned = False
 def resolve_dtype(dtype: str | None, backend: str | None = None) -> str | None:
     """`auto` -> bfloat16 on gpu/tpu, float32 on cpu; other names are checked and kept.
 
-    None stays None (the checkpoint's own dtype). `backend` defaults to JAX's.
+    A dtype object (`jnp.float32`, `np.float32`, `np.dtype("bfloat16")`) stands for its
+    name. None stays None (the checkpoint's own dtype). `backend` defaults to JAX's.
     """
     if dtype is None:
         return None
-    name = str(dtype)
+    name = dtype if isinstance(dtype, str) else _dtype_name(dtype)
     if name == AUTO:
         backend = backend or jax.default_backend()
         return CPU_DTYPE if backend == "cpu" else ACCELERATOR_DTYPE
@@ -56,6 +57,16 @@ def resolve_dtype(dtype: str | None, backend: str | None = None) -> str | None:
             f"dtype {name!r} is not supported (supported: {AUTO}, {', '.join(DTYPES)})"
         )
     return name
+
+
+def _dtype_name(dtype) -> str:
+    """The name of a dtype object (`jnp.bfloat16` included), or its str when it is none."""
+    import numpy as np
+
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
 
 
 def default_param_dtype(dtype: str, *, master_weights: bool = False) -> str:

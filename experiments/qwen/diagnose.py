@@ -8,6 +8,9 @@ reads a `w2s demo --world qwen` run folder and measures instead:
   aligned to (another tokenizer), the share of positions with KL > beta, and at those
   positions how often the target's top token differs from the token the expert wrote,
   split by whether the rollout's final answer is right;
+- at the selected positions where the target's top token differs from the expert's, what
+  kind of token the expert wrote: a number (where arithmetic goes right or wrong), LaTeX
+  or markup, a word, or whitespace and punctuation;
 - on the test problems, per arm and phrasing: problems the arm corrects (base wrong, arm
   right) and misleads (base right, arm wrong), with McNemar's exact p.
 
@@ -41,10 +44,18 @@ def target_statistics(seed_dir: Path, beta: float, tokenizer) -> dict:
         for _, r in read_jsonl(seed_dir / "questions.jsonl")
     }
     groups = {"right": _Counts(), "wrong": _Counts()}
+    kinds: dict[str, int] = {}
+    examples: dict[str, list] = {}
     for record in read_samples(seed_dir / "samples"):
         text = tokenizer.decode(record["completion_ids"], skip_special_tokens=True)
         right = is_equiv(extract_answer(text), golds[record["id"]])
         groups["right" if right else "wrong"].add(record, beta)
+        for wrote, target in _differing(record, beta):
+            kind = _kind(tokenizer.decode([wrote]))
+            kinds[kind] = kinds.get(kind, 0) + 1
+            shown = examples.setdefault(kind, [])
+            if len(shown) < 8:
+                shown.append([tokenizer.decode([wrote]), tokenizer.decode([target])])
     total = _Counts.total(groups.values())
     manifest = read_manifest(seed_dir / "samples")
     return {
@@ -52,8 +63,31 @@ def target_statistics(seed_dir: Path, beta: float, tokenizer) -> dict:
         "all": total.summary(),
         "rollouts_right": groups["right"].summary(),
         "rollouts_wrong": groups["wrong"].summary(),
+        "differing_top_token_by_kind": kinds,
+        "differing_examples_wrote_vs_target": examples,
         "cross_tokenizer": manifest.get("cross_tokenizer"),
     }
+
+
+def _differing(record: dict, beta: float):
+    """(token the expert wrote, the target's top token) at selected positions where they
+    differ."""
+    kl = record["kl"]
+    for j, t in enumerate(record["positions"]):
+        top = record["target_ids"][j][0]
+        if kl[t] > beta and top != record["completion_ids"][t]:
+            yield record["completion_ids"][t], top
+
+
+def _kind(text: str) -> str:
+    stripped = text.strip()
+    if any(c.isdigit() for c in stripped):
+        return "number"
+    if any(c in "\\$[]{}()*#" for c in stripped):
+        return "latex_or_markup"
+    if any(c.isalpha() for c in stripped):
+        return "word"
+    return "space_or_punctuation"
 
 
 class _Counts:
@@ -147,13 +181,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     run = Path(args.run)
     settings = json.loads((run / "demo_config.json").read_text())
-    report = json.loads((run / "report.json").read_text())
-    tokenizer = load_tokenizer(report["expert"])
+    seed_dir = run / f"seed-{args.seed}"
+    tokenizer = load_tokenizer(read_manifest(seed_dir / "samples")["expert"])
     result = {
         "run": str(run),
         "expert": settings["expert"],
         "amateur": settings["amateur"],
-        "targets": target_statistics(run / f"seed-{args.seed}", settings["beta"], tokenizer),
+        "targets": target_statistics(seed_dir, settings["beta"], tokenizer),
         "problems": corrected_and_misled(run, [a for a in settings["arms"] if a != "base"]),
     }
     print(json.dumps(result, indent=1))

@@ -140,6 +140,17 @@ class TrainSettings:
     kd_scores: str | None = setting(
         None, "SALT_DS: a `w2s score` --out folder (or its scores.jsonl).", metavar="PATH"
     )
+    anchor_kl: float = setting(
+        0.0,
+        "KL anchor weight W (contrastive, sft): add W x KL to the base (the model with its "
+        "LoRA adapters off) at the supervised positions; 0 = none.",
+        check=number_in(0.0, math.inf),
+    )
+    anchor_direction: str = setting(
+        "reverse",
+        "KL anchor's direction: reverse KL(trained||base) or forward KL(base||trained).",
+        choices=("reverse", "forward"),
+    )
     lora_rank: int = setting(8, "LoRA rank; 0 = full fine-tuning.")  # checked by LoRAConfig
     lora_alpha: float = setting(16.0, "LoRA alpha (scale alpha/rank).")
     lora_targets: tuple[str, ...] = setting(
@@ -212,6 +223,10 @@ class TrainSettings:
             ),
             (self.warmup_steps < self.steps, "warmup steps must be in [0, steps)"),
             (
+                not self.anchor_kl or self.objective in ("contrastive", "sft"),
+                "--anchor-kl applies to the contrastive and sft objectives",
+            ),
+            (
                 self.grad_accum >= 1 and self.batch_positions % self.grad_accum == 0,
                 f"batch positions ({self.batch_positions}) must be a positive multiple of "
                 f"grad accumulation ({self.grad_accum})",
@@ -237,11 +252,14 @@ class TrainSettings:
         return _selection_share(self.kd_data_selection) if self.kd_data_selection else None
 
     def settings(self) -> dict:
-        """The JSON-able settings: `lora_targets` as a list, input paths made absolute."""
+        """The JSON-able settings: `lora_targets` as a list, input paths made absolute; the
+        anchor only when it is on (runs recorded before it existed read the same)."""
         values = record(self)
         for key in ("samples", "expert", "model_config", "tokenizer", "teacher", "kd_scores"):
             if values[key]:
                 values[key] = str(Path(values[key]).absolute())
+        if not self.anchor_kl:
+            del values["anchor_kl"], values["anchor_direction"]
         return values
 
 

@@ -303,10 +303,9 @@ def generate(
     compiled program. On a model sharded over a mesh, the batch is split over ("data",
     "fsdp") when it divides. return_hidden_states: also the hidden state behind every
     generated token (`GenerationResult`), to score the rollout without a second pass.
-    share_prefix: the leading tokens all prompts share run once, their keys/values copied
-    to every row (equal up to float rounding). prefill_groups: prompts sorted by length
-    are prefilled in this many groups, each padded to its own longest (single-device
-    models; 1 turns it off).
+    share_prefix: the prefix all prompts share runs once (rows equal up to rounding).
+    prefill_groups: prompts sorted by length are prefilled in this many groups, each
+    padded to its own longest (single-device models; 1 turns it off).
     """
     models = (model,) if amateur is None else (model, amateur)
     vocab = min(m.config.vocab_size for m in models)

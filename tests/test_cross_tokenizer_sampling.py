@@ -2,7 +2,7 @@
 
 The reference scores the amateur on its OWN tokens (its chat prompt + the completion's
 text in its tokens) and moves its distribution onto expert ids by hand, then applies
-METHOD.md §1 in numpy; positions are matched by the alignment (tested by hand in
+docs/METHOD.md §1 in numpy; positions are matched by the alignment (tested by hand in
 tests/test_token_alignment.py).
 """
 
@@ -103,7 +103,7 @@ def scored(tiny_qwen2_dir, amateur_dir):
 
 
 def _reference_rows(expert_lp, amateur_lp, a2e, mode):
-    """KL, targets, mapped mass, has-target by METHOD.md §1 over expert ids, float64;
+    """KL, targets, mapped mass, has-target by docs/METHOD.md §1 over expert ids, float64;
     the amateur's distribution moved onto expert ids by a loop over its ids."""
     pa = np.exp(amateur_lp)
     moved = np.zeros(expert_lp.shape[-1])

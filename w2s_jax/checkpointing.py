@@ -152,6 +152,13 @@ class TrainCheckpoints:
         )
         return params, opt_state, meta
 
+    def wait(self) -> None:
+        """Wait for an asynchronous save to finish (CheckpointSaveError when it failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise self._save_failure(exc) from exc
+
     def reached_preemption(self, step: int) -> bool:
         """Orbax's multi-host preemption check (all processes agree on the step)."""
         return self._manager.reached_preemption(step)

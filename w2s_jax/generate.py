@@ -300,15 +300,12 @@ def generate(
     emitting any id in `eos_ids`.
     Prompt length is padded up to a bucket (`w2s_jax.shape_buckets`: multiples of
     `pad_to_multiple`, at most 4 widths per doubling) so that nearby lengths share one
-    compiled program. On a model sharded over a mesh, the batch
-    is split over ("data", "fsdp") when it divides. return_hidden_states also returns
-    the hidden state behind every generated token (see `GenerationResult`), e.g. to
-    score the rollout without a second pass of the same model. share_prefix: the
-    leading tokens every prompt shares (a system prompt, a chat template) are run once
-    and their keys/values copied to every row, instead of once per row; the rows' results
-    are the same up to float rounding. prefill_groups: prompts are sorted by length
-    and prefilled in this many groups, each padded to its own longest prompt only
-    (single-device models; 1 turns it off).
+    compiled program. On a model sharded over a mesh, the batch is split over ("data",
+    "fsdp") when it divides. return_hidden_states: also the hidden state behind every
+    generated token (`GenerationResult`), to score the rollout without a second pass.
+    share_prefix: the prefix all prompts share runs once (rows equal up to rounding).
+    prefill_groups: prompts sorted by length are prefilled in this many groups, each
+    padded to its own longest (single-device models; 1 turns it off).
     """
     models = (model,) if amateur is None else (model, amateur)
     vocab = min(m.config.vocab_size for m in models)

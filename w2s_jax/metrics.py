@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from w2s_jax.files import atomic_save_figure, atomic_write_jsonl
@@ -76,3 +77,35 @@ class MetricsLog:
         fig.tight_layout()
         atomic_save_figure(fig, path)
         plt.close(fig)
+
+
+class StepMeter:
+    """Averages step metrics between log steps and measures positions/s and tokens/s.
+
+    The steps not logged yet travel in each checkpoint (`pending`), so a resumed run logs
+    the same averages as an uninterrupted one."""
+
+    def __init__(self, pending: list[dict] = ()):
+        self.reset()
+        self.metrics = [dict(m) for m in pending]
+
+    def reset(self):
+        self.metrics, self.tokens, self.positions = [], 0, 0
+        self.tick = time.perf_counter()
+
+    def add(self, metrics, *, tokens: int, positions: int):
+        import jax
+
+        self.metrics.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+        self.tokens += tokens
+        self.positions += positions
+
+    def values(self, lr: float) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.tick
+        values = {k: math.fsum(m[k] for m in self.metrics) / len(self.metrics)
+                  for k in self.metrics[0]}  # fmt: skip
+        values.update(
+            lr=lr, positions_per_s=self.positions / elapsed, tokens_per_s=self.tokens / elapsed
+        )
+        self.reset()
+        return values

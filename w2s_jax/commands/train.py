@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         shown.append(f"KL {final.get('kl', float('nan')):.4f}")
         shown.append(f"agreement {final.get('agreement', 0):.1%}")
+        if "anchor_kl" in final:
+            shown.append(f"KL to the base {final['anchor_kl']:.4f}")
     print(f"step {summary['steps']}: {', '.join(shown)} -> {summary['checkpoint']}")
     if summary["stopped"]:
         print(f"stopped early; re-run the same command to resume from step {summary['steps']}")

@@ -16,7 +16,7 @@ Two ways to treat mass without a counterpart (``mode``):
   ids plus the bucket. An amateur that maps every id has r_A = 0: its bucket is floored
   at the smallest normal float32 (log ≈ −87.3) so the KL stays finite.
 
-The contrastive target (METHOD.md §1): the plausible set A = {a : πE(a) ≥ α·max πE} is
+The contrastive target (docs/METHOD.md §1): the plausible set A = {a : πE(a) ≥ α·max πE} is
 taken over the expert's FULL vocabulary; weights softmax(log πE − log πA) over A, the
 top k kept and renormalized. A plausible expert id without an amateur counterpart is
 dropped from the target in ``"renormalize"`` mode (where πA gives it no number) and

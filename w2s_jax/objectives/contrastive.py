@@ -9,16 +9,46 @@ Packing: one forward pass per trajectory (prompt + rollout ids) gives the hidden
 states of all its positions; the loss gathers the selected ones, projects only
 those onto the vocabulary, and averages. Metrics: kl (KL(v_C ‖ πθ)) and agreement
 (argmax of πθ == the target's top token).
+
+A KL anchor to the base (`Anchor`, `w2s train --anchor-kl W`) adds
+W · mean over the selected positions of KL(πθ ‖ π_base) (or the forward direction), where
+π_base is the same network with its LoRA adapters off: no second model is loaded, and
+the base's forward pass runs in the same jitted step without gradients. Both models'
+hidden states are projected by the fused kernel, so [P, V] logits are never held
+beyond a chunk. W = 0 is the plain objective, exactly. Metric: anchor_kl.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from w2s_jax.divergence import contrastive_loss, fused_contrastive_loss
-from w2s_jax.objectives.base import LossContext, Objective
+from w2s_jax.divergence import contrastive_loss, fused_contrastive_loss, fused_distillation
+from w2s_jax.objectives.base import LossContext, Objective, positions_hidden
 from w2s_jax.records import TARGET_FIELDS, TOKEN_FIELDS, SampleRecord
+
+ANCHOR_DIRECTIONS = ("reverse", "forward")  # KL(πθ‖π_base), KL(π_base‖πθ)
+
+
+@dataclasses.dataclass(frozen=True)
+class Anchor:
+    """W · KL between the trained model and its base at the supervised positions."""
+
+    weight: float = 0.0
+    direction: str = "reverse"
+
+    @classmethod
+    def from_settings(cls, settings) -> Anchor:
+        """The anchor of a run's `TrainSettings` (--anchor-kl, --anchor-direction)."""
+        if settings.anchor_kl > 0 and settings.lora_rank == 0:
+            raise ValueError(
+                "--anchor-kl needs LoRA (--lora-rank >= 1): the base it anchors to is the "
+                "model with its adapters off"
+            )
+        return cls(settings.anchor_kl, settings.anchor_direction)
 
 
 def contrastive_targets(record: dict, where: str, completion: list[int], vocab_size: int | None):
@@ -29,15 +59,16 @@ def contrastive_targets(record: dict, where: str, completion: list[int], vocab_s
     return sample.positions, list(zip(sample.target_ids, sample.target_weights, strict=True))
 
 
-def selected_logits_loss(model, micro: dict, *, loss_chunk_size: int = 0):
+def selected_logits_loss(model, micro: dict, *, loss_chunk_size: int = 0, hidden_pd=None):
     """Packed loss of one micro-batch: (mean soft CE over its positions, aux metrics).
 
     micro: input_ids/attention_mask [R, T], flat_index [P] (row * T + t),
     target_ids/target_weights [P, K]. aux: agree (count of argmax == top target),
-    entropy (Σ over positions of H(target)).
+    entropy (Σ over positions of H(target)). `hidden_pd`: the positions' hidden states,
+    when the caller has them already.
     """
-    hidden_rtd = model.hidden_states(micro["input_ids"], micro["attention_mask"])
-    hidden_pd = jnp.take(hidden_rtd.reshape(-1, hidden_rtd.shape[-1]), micro["flat_index"], 0)
+    if hidden_pd is None:
+        hidden_pd = positions_hidden(model, micro)
     ids_pk, weights_pk = micro["target_ids"], micro["target_weights"]
     selected_p = jnp.ones(ids_pk.shape[:1], bool)
     if loss_chunk_size:
@@ -80,22 +111,70 @@ def _chunked_argmax(hidden_pd, head, layout: str, token_count: int, chunk_size: 
     return jax.lax.map(argmax, hidden_pd, batch_size=chunk_size)
 
 
-def soft_target_loss(model, micro: dict, ctx: LossContext):
-    """The objective's loss: `selected_logits_loss` with the step's chunk size."""
-    return selected_logits_loss(model, micro, loss_chunk_size=ctx.loss_chunk_size)
+def anchor_kl(model, micro: dict, hidden_pd, anchor: Anchor, loss_chunk_size: int = 0):
+    """Mean over the micro-batch's positions of KL(πθ‖π_base) (`anchor.direction`
+    "reverse") or KL(π_base‖πθ) ("forward"); gradients reach πθ only."""
+    from w2s_jax.lora import without_adapters
+
+    base = without_adapters(model)
+    head, layout = model.lm_head_matrix()
+    base_head, base_layout = base.lm_head_matrix()
+    top_ids_p = micro["target_ids"][:, 0]  # unused by the KL; fused_distillation's CE wants ids
+    _, kl_p, _ = fused_distillation(
+        hidden_pd,
+        head,
+        positions_hidden(base, micro),
+        base_head,
+        top_ids_p,
+        chunk_size=loss_chunk_size or top_ids_p.shape[0],
+        direction=anchor.direction,
+        vocab_size=model.token_count,
+        student_head_layout=layout,
+        teacher_head_layout=base_layout,
+    )
+    return jnp.mean(kl_p)
 
 
-def soft_target_metrics(mean_loss, aux: dict, batch: dict) -> dict:
-    """kl = loss - mean target entropy; agreement = share of positions whose argmax is the
-    top target. `batch`: the step's arrays, [A, P, K] targets."""
-    positions = batch["target_ids"].shape[0] * batch["target_ids"].shape[1]
-    return {"kl": mean_loss - aux["entropy"] / positions, "agreement": aux["agree"] / positions}
+def soft_target_loss(model, micro: dict, ctx: LossContext, *, anchor: Anchor = Anchor()):
+    """The objective's loss: `selected_logits_loss` with the step's chunk size, plus
+    W · `anchor_kl` when the anchor's weight W is not 0."""
+    if not anchor.weight:
+        return selected_logits_loss(model, micro, loss_chunk_size=ctx.loss_chunk_size)
+    hidden_pd = positions_hidden(model, micro)
+    loss, aux = selected_logits_loss(
+        model, micro, loss_chunk_size=ctx.loss_chunk_size, hidden_pd=hidden_pd
+    )
+    kl = anchor_kl(model, micro, hidden_pd, anchor, ctx.loss_chunk_size)
+    return loss + anchor.weight * kl, {**aux, "anchor_kl": kl}
 
 
-OBJECTIVE = Objective(
-    name="contrastive",
-    record_targets=contrastive_targets,
-    loss=soft_target_loss,
-    metrics=soft_target_metrics,
-    requires_manifest=True,
-)
+def soft_target_metrics(mean_loss, aux: dict, batch: dict, *, anchor: Anchor = Anchor()) -> dict:
+    """kl = the soft CE part of the loss minus the mean target entropy; agreement = share
+    of positions whose argmax is the top target; anchor_kl (with an anchor) its mean.
+    `batch`: the step's arrays, [A, P, K] targets."""
+    micro_batches = batch["target_ids"].shape[0]
+    positions = micro_batches * batch["target_ids"].shape[1]
+    metrics = {"agreement": aux["agree"] / positions}
+    if not anchor.weight:
+        return {"kl": mean_loss - aux["entropy"] / positions, **metrics}
+    mean_anchor = aux["anchor_kl"] / micro_batches
+    soft_ce = mean_loss - anchor.weight * mean_anchor
+    return {"kl": soft_ce - aux["entropy"] / positions, **metrics, "anchor_kl": mean_anchor}
+
+
+def soft_target_objective(name: str, record_targets, *, anchor: Anchor = Anchor(), **fields):
+    """The soft-target objective `name` (contrastive, sft) with `anchor`; its `configure`
+    binds a run's --anchor-kl and --anchor-direction."""
+    return Objective(
+        name=name,
+        record_targets=record_targets,
+        loss=functools.partial(soft_target_loss, anchor=anchor),
+        metrics=functools.partial(soft_target_metrics, anchor=anchor),
+        configure=lambda settings: soft_target_objective(
+            name, record_targets, anchor=Anchor.from_settings(settings), **fields
+        ),
+        **fields,
+    )
+
+
+OBJECTIVE = soft_target_objective("contrastive", contrastive_targets, requires_manifest=True)

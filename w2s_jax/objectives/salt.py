@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from w2s_jax.divergence import fused_contrastive_loss, fused_distillation
-from w2s_jax.objectives.base import LossContext, Objective
+from w2s_jax.objectives.base import LossContext, Objective, positions_hidden
 from w2s_jax.objectives.sft import completion_targets
 
 
@@ -67,19 +67,13 @@ class KDSchedule:
         )
 
 
-def _positions_hidden(model, micro: dict):
-    """Hidden states [P, D] of the micro-batch's supervised positions."""
-    hidden_rtd = model.hidden_states(micro["input_ids"], micro["attention_mask"])
-    return jnp.take(hidden_rtd.reshape(-1, hidden_rtd.shape[-1]), micro["flat_index"], 0)
-
-
 def salt_loss(model, micro: dict, ctx: LossContext, *, schedule: KDSchedule):
     """(1 − ω)·mean CE + ω·mean KD over the micro-batch's positions, with aux sums.
 
     aux: ce, kd (means), agree (count of positions where the top-1 ids agree), omega.
     """
     omega = schedule.omega(ctx.step)
-    hidden_pd = _positions_hidden(model, micro)
+    hidden_pd = positions_hidden(model, micro)
     head, layout = model.lm_head_matrix()
     ids_pk, weights_pk = micro["target_ids"], micro["target_weights"]
     positions = ids_pk.shape[0]
@@ -91,7 +85,7 @@ def salt_loss(model, micro: dict, ctx: LossContext, *, schedule: KDSchedule):
         ce, kd, agree = fused_distillation(
             hidden_pd,
             head,
-            _positions_hidden(ctx.teacher, micro),
+            positions_hidden(ctx.teacher, micro),
             teacher_head,
             ids_pk[:, 0],
             chunk_size=chunk,

@@ -7,8 +7,7 @@ and `completion_ids` (`w2s_jax.data.sft_records` writes them).
 
 from __future__ import annotations
 
-from w2s_jax.objectives.base import Objective
-from w2s_jax.objectives.contrastive import soft_target_loss, soft_target_metrics
+from w2s_jax.objectives.contrastive import soft_target_objective
 
 
 def completion_targets(record: dict, where: str, completion: list[int], vocab_size: int | None):
@@ -16,9 +15,4 @@ def completion_targets(record: dict, where: str, completion: list[int], vocab_si
     return list(range(len(completion))), [([t], [1.0]) for t in completion]
 
 
-OBJECTIVE = Objective(
-    name="sft",
-    record_targets=completion_targets,
-    loss=soft_target_loss,
-    metrics=soft_target_metrics,
-)
+OBJECTIVE = soft_target_objective("sft", completion_targets)

@@ -84,7 +84,7 @@ class RoundsSettings:
     eval_max_questions: int | None = setting(
         None, "Score the first N held-out questions only.", parse=int, check=at_least(1)
     )
-    # sampling (LightReasoner's defaults, METHOD.md §1)
+    # sampling (LightReasoner's defaults, docs/METHOD.md §1)
     alpha: float = setting(
         _sample("alpha"), "Plausibility ratio α.", check=number_in(0, 1, open_low=True)
     )

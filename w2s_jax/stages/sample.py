@@ -100,7 +100,7 @@ def plan(settings: SampleSettings) -> SamplePlan:
     from w2s_jax.data.tfds_source import TFDS_PREFIX
     from w2s_jax.models import ModelConfig
     from w2s_jax.models.dtypes import resolve_dtypes
-    from w2s_jax.prompts import encode_prompts, prompt_example, stop_ids
+    from w2s_jax.prompts import prompt_example, stop_ids
     from w2s_jax.sample_store import FORMAT
 
     settings = resolve_dtypes(settings)
@@ -117,16 +117,7 @@ def plan(settings: SampleSettings) -> SamplePlan:
         names = {"expert": str(expert), "amateur": str(amateur)}
         cross = plan_cross(tokenizer, amateur_tokenizer, questions, settings=settings, **names)
     expert_config = ModelConfig.from_hf_json(expert / "config.json")
-    prompts = encode_prompts(
-        tokenizer,
-        questions,
-        style=settings.prompt_style,
-        system_prompt=settings.system_prompt,
-        context=min(
-            ModelConfig.from_hf_json(folder / "config.json").max_position_embeddings
-            for folder in (expert, amateur)
-        ),
-    )
+    prompts = _encoded_prompts(settings, tokenizer, questions, (expert, amateur))
     model_eos = expert_config.eos_token_ids
     eos_ids = stop_ids(tokenizer, expert, model_eos, settings.eos_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -175,6 +166,25 @@ def plan(settings: SampleSettings) -> SamplePlan:
         manifest,
         sources,
         cross,
+    )
+
+
+def _encoded_prompts(settings: SampleSettings, tokenizer, questions, folders) -> list[list[int]]:
+    """Every question's prompt ids, each checked to fit the shorter context of the two
+    models (`folders`: the expert's and the amateur's)."""
+    from w2s_jax.models import ModelConfig
+    from w2s_jax.prompts import encode_prompts
+
+    context = min(
+        ModelConfig.from_hf_json(folder / "config.json").max_position_embeddings
+        for folder in folders
+    )
+    return encode_prompts(
+        tokenizer,
+        questions,
+        style=settings.prompt_style,
+        system_prompt=settings.system_prompt,
+        context=context,
     )
 
 

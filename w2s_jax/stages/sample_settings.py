@@ -1,4 +1,4 @@
-"""Settings of the sampling stage (`w2s sample`): LightReasoner's defaults (METHOD.md §1)."""
+"""Settings of the sampling stage (`w2s sample`): LightReasoner's defaults (docs/METHOD.md §1)."""
 
 from __future__ import annotations
 

@@ -112,12 +112,15 @@ def test_free_fields_are_the_ones_that_do_not_change_results():
         "layer_stack",  # same results in either layout; checkpoints are converted on restore
         "remat",
         "attention",
+        "eval_batch_size",  # validation batches: the same greedy answers
     }
     assert set(settings_module.free_fields(stages.DemoSettings)) == {
         "out",
         "seeds",
         "progress",
         "layer_stack",  # passed to the stages, where it is free too
+        "remat",  # the same results with less memory
+        "loss_chunk_size",  # the same loss, fewer logits held at once
     }
     eval_free = set(settings_module.free_fields(stages.EvalSettings))
     assert {"batch_size", "max_questions", "mesh", "progress"} <= eval_free

@@ -8,6 +8,7 @@ atomically at every write, and mirrors each scalar to TensorBoard
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -27,11 +28,12 @@ class MetricsLog:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / METRICS_FILE
         self.records = [r for r in self._read() if r["step"] <= resume_step]
-        self._tb = (
-            SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=resume_step + 1)
-            if tensorboard
-            else None
-        )
+        self._tb = None
+        if tensorboard:
+            with self._naming_errors():
+                self._tb = SummaryWriter(
+                    str(self.out_dir / "tensorboard"), purge_step=resume_step + 1
+                )
 
     def _read(self) -> list[dict]:
         if not self.path.is_file():
@@ -44,13 +46,24 @@ class MetricsLog:
         self.records.append(record)
         atomic_write_jsonl(self.path, self.records)
         if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(f"train/{key}", float(value), int(step))
-            self._tb.flush()
+            with self._naming_errors():
+                for key, value in metrics.items():
+                    self._tb.add_scalar(f"train/{key}", float(value), int(step))
+                self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
+            with self._naming_errors():
+                self._tb.close()
+
+    @contextlib.contextmanager
+    def _naming_errors(self):
+        """An OSError of the TensorBoard writer (a full disk, say) names its folder."""
+        try:
+            yield
+        except OSError as exc:
+            folder = self.out_dir / "tensorboard"
+            raise OSError(exc.errno, f"cannot write {folder}/: {exc.strerror or exc}") from exc
 
     def plot(self, path: str | Path, keys: tuple[str, ...] = ("loss", "kl")) -> None:
         """Write a PNG of `keys` against step (atomically); nothing before the first record."""

@@ -171,9 +171,12 @@ def locked(out: str | Path, *, command: str = "w2s", process_index: int | None =
             "command": command,
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        handle.truncate(0)
-        handle.write(json.dumps(holder))
-        handle.flush()
+        try:
+            handle.truncate(0)
+            handle.write(json.dumps(holder))
+            handle.flush()
+        except OSError as exc:  # a full disk: name the folder the user gave
+            raise OSError(exc.errno, f"cannot write {out}/: {exc.strerror}") from None
         if index == 0:
             remove_stale_temp_files(out)
         yield path

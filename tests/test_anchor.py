@@ -17,8 +17,7 @@ from w2s_jax.files import atomic_write_jsonl
 from w2s_jax.lora import LoRAConfig, apply_lora, without_adapters
 from w2s_jax.models import load_pretrained
 from w2s_jax.objectives import LossContext
-from w2s_jax.objectives.base import positions_hidden
-from w2s_jax.objectives.contrastive import Anchor, anchor_kl, soft_target_loss
+from w2s_jax.objectives.contrastive import Anchor, anchor_kl, positions_hidden, soft_target_loss
 from w2s_jax.train_config import TrainSettings
 
 

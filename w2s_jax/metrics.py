@@ -14,6 +14,8 @@ import math
 import time
 from pathlib import Path
 
+import jax
+
 from w2s_jax.files import atomic_save_figure, atomic_write_jsonl
 
 METRICS_FILE = "metrics.jsonl"
@@ -107,8 +109,6 @@ class StepMeter:
         self.tick = time.perf_counter()
 
     def add(self, metrics, *, tokens: int, positions: int):
-        import jax
-
         self.metrics.append({k: float(v) for k, v in jax.device_get(metrics).items()})
         self.tokens += tokens
         self.positions += positions

@@ -35,7 +35,7 @@ from w2s_jax.data.kd_selection import kd_selection, step_stream
 from w2s_jax.data.packing import check_samples_match, load_training_data  # noqa: F401 (public)
 from w2s_jax.files import DataError, atomic_write_json
 from w2s_jax.lora import apply_lora, trainable_filter
-from w2s_jax.metrics import StepMeter
+from w2s_jax.metrics import MetricsLog, StepMeter
 from w2s_jax.objectives import LossContext, Objective, get_objective
 from w2s_jax.objectives.base import PACKED_LAYOUT, ROWS
 from w2s_jax.run_folder import claim
@@ -371,7 +371,6 @@ def train(
     process 0 alone writes the files other than the checkpoints (which all write).
     """
     from w2s_jax.checkpointing import StopSignal, TrainCheckpoints
-    from w2s_jax.metrics import MetricsLog
     from w2s_jax.models.dtypes import resolve_dtypes, warn_if_slow
 
     config = resolve_dtypes(config, master_weights=config.full_finetuning)
@@ -421,11 +420,7 @@ def _validator(config: TrainSettings, out: Path, is_leader: bool):
         return None
     from w2s_jax.validation import Validator
 
-    return Validator(config, out, is_leader=is_leader, log=print if is_leader else _quiet)
-
-
-def _quiet(_line: str) -> None:
-    """The log of a process that is not the leader."""
+    return Validator(config, out, is_leader=is_leader, log=print if is_leader else lambda _: None)
 
 
 def _close_all(*closers) -> list[Exception]:

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from w2s_jax.files import atomic_folder, atomic_write_jsonl
+from w2s_jax.sharding import barrier
 
 VALIDATION_FILE = "validation.jsonl"
 VALIDATION_DIR = "validation"
@@ -64,7 +65,7 @@ class Validator:
             atomic_write_jsonl(self.out / VALIDATION_FILE, self.records)
             if self.best() is not best_before:
                 _keep_best(checkpoints.directory / str(step), self.out / BEST_DIR)
-        _barrier()
+        barrier("validation")
         shown = f"{100 * record['accuracy']:.1f}% ({record['correct']}/{record['total']})"
         self.log(f"step {step}: validation {shown}; best: step {self.best()['step']}")
         return record
@@ -101,9 +102,3 @@ def _keep_best(checkpoint: Path, best: Path) -> None:
     for earlier in best.iterdir():
         if earlier.name.isdigit() and int(earlier.name) < int(checkpoint.name):
             shutil.rmtree(earlier)
-
-
-def _barrier() -> None:
-    from w2s_jax.sharding import barrier
-
-    barrier("validation")

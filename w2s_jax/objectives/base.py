@@ -55,15 +55,6 @@ RecordTargets = Callable[
 ]
 
 
-def positions_hidden(model, micro: dict):
-    """Final hidden states [P, D] of a packed micro-batch's supervised positions (one
-    forward pass over its token rows, then a gather at `flat_index`)."""
-    import jax.numpy as jnp
-
-    hidden_rtd = model.hidden_states(micro["input_ids"], micro["attention_mask"])
-    return jnp.take(hidden_rtd.reshape(-1, hidden_rtd.shape[-1]), micro["flat_index"], 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class LossContext:
     """What the step hands a loss besides the model and the micro-batch.

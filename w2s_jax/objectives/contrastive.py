@@ -27,10 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from w2s_jax.divergence import contrastive_loss, fused_contrastive_loss, fused_distillation
-from w2s_jax.objectives.base import LossContext, Objective, positions_hidden
+from w2s_jax.objectives.base import LossContext, Objective
 from w2s_jax.records import TARGET_FIELDS, TOKEN_FIELDS, SampleRecord
-
-ANCHOR_DIRECTIONS = ("reverse", "forward")  # KL(πθ‖π_base), KL(π_base‖πθ)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +57,20 @@ def contrastive_targets(record: dict, where: str, completion: list[int], vocab_s
     return sample.positions, list(zip(sample.target_ids, sample.target_weights, strict=True))
 
 
-def selected_logits_loss(model, micro: dict, *, loss_chunk_size: int = 0, hidden_pd=None):
+def positions_hidden(model, micro: dict):
+    """Final hidden states [P, D] of a packed micro-batch's supervised positions (one
+    forward pass over its token rows, then a gather at `flat_index`)."""
+    hidden_rtd = model.hidden_states(micro["input_ids"], micro["attention_mask"])
+    return jnp.take(hidden_rtd.reshape(-1, hidden_rtd.shape[-1]), micro["flat_index"], 0)
+
+
+def selected_logits_loss(model, micro: dict, hidden_pd, *, loss_chunk_size: int = 0):
     """Packed loss of one micro-batch: (mean soft CE over its positions, aux metrics).
 
     micro: input_ids/attention_mask [R, T], flat_index [P] (row * T + t),
-    target_ids/target_weights [P, K]. aux: agree (count of argmax == top target),
-    entropy (Σ over positions of H(target)). `hidden_pd`: the positions' hidden states,
-    when the caller has them already.
+    target_ids/target_weights [P, K]; hidden_pd: `positions_hidden(model, micro)`.
+    aux: agree (count of argmax == top target), entropy (Σ over positions of H(target)).
     """
-    if hidden_pd is None:
-        hidden_pd = positions_hidden(model, micro)
     ids_pk, weights_pk = micro["target_ids"], micro["target_weights"]
     selected_p = jnp.ones(ids_pk.shape[:1], bool)
     if loss_chunk_size:
@@ -138,12 +140,10 @@ def anchor_kl(model, micro: dict, hidden_pd, anchor: Anchor, loss_chunk_size: in
 def soft_target_loss(model, micro: dict, ctx: LossContext, *, anchor: Anchor = Anchor()):
     """The objective's loss: `selected_logits_loss` with the step's chunk size, plus
     W · `anchor_kl` when the anchor's weight W is not 0."""
-    if not anchor.weight:
-        return selected_logits_loss(model, micro, loss_chunk_size=ctx.loss_chunk_size)
     hidden_pd = positions_hidden(model, micro)
-    loss, aux = selected_logits_loss(
-        model, micro, loss_chunk_size=ctx.loss_chunk_size, hidden_pd=hidden_pd
-    )
+    loss, aux = selected_logits_loss(model, micro, hidden_pd, loss_chunk_size=ctx.loss_chunk_size)
+    if not anchor.weight:
+        return loss, aux
     kl = anchor_kl(model, micro, hidden_pd, anchor, ctx.loss_chunk_size)
     return loss + anchor.weight * kl, {**aux, "anchor_kl": kl}
 

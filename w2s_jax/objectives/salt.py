@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from w2s_jax.divergence import fused_contrastive_loss, fused_distillation
-from w2s_jax.objectives.base import LossContext, Objective, positions_hidden
+from w2s_jax.objectives.base import LossContext, Objective
+from w2s_jax.objectives.contrastive import positions_hidden
 from w2s_jax.objectives.sft import completion_targets
 
 
